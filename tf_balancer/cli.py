@@ -1,0 +1,111 @@
+"""The ``tf-balancer`` command line (absl).
+
+Usage::
+
+    tf-balancer inspect PATH [--json] [--batch_size N]
+    tf-balancer demo [--output DIR]
+
+Exit codes: 0 success, 1 verification or optimization failed, 2 usage or input error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+_JSON = flags.DEFINE_boolean("json", False, "inspect: print JSON instead of a table.")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "inspect: batch size for FLOPs/activations.", lower_bound=1)
+_OUTPUT = flags.DEFINE_string("output", None, "optimize/demo: output directory.")
+_EPOCHS = flags.DEFINE_integer("epochs", 1, "demo: training epochs.", lower_bound=1)
+
+USAGE_ERROR = 2
+FAILED = 1
+
+_COMMANDS = {
+    "inspect": ("PATH", "Print a per-layer table (params, FLOPs, activation bytes, channel group, prunable) of a SavedModel or Keras file.", ["json", "batch_size"]),
+    "demo": ("", "Train a small CNN on scikit-learn's digits and inspect it.", ["output", "epochs"]),
+}
+
+
+class UsageError(Exception):
+    """Bad command line; printed in one line, exit code 2."""
+
+
+def _usage() -> str:
+    lines = ["usage: tf-balancer COMMAND [ARGS] [--flags]", "", "commands:"]
+    lines += [f"  {name:<8} {doc}" for name, (_, doc, _) in _COMMANDS.items()]
+    lines.append("\n`tf-balancer COMMAND --help` describes one command.")
+    return "\n".join(lines)
+
+
+def _command_help(name: str) -> str:
+    args, doc, flag_names = _COMMANDS[name]
+    lines = [f"usage: tf-balancer {name} {args}".rstrip(), "", doc, "", "flags:"]
+    for flag_name in flag_names:
+        flag = flags.FLAGS[flag_name]
+        lines.append(f"  --{flag_name}: {flag.help} (default: {flag.default!r})")
+    return "\n".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing that reports errors in one line with exit code 2."""
+    args = argv[1:]
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        sys.exit(0 if args else USAGE_ERROR)
+    if args[0] in _COMMANDS and any(a in ("-h", "--help", "--helpfull") for a in args[1:]):
+        print(_command_help(args[0]))
+        sys.exit(0)
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"tf-balancer: error: {err}", file=sys.stderr)
+        sys.exit(USAGE_ERROR)
+
+
+def _cmd_inspect(args: list[str]) -> int:
+    from tf_balancer.analysis import inspect
+
+    if len(args) != 1:
+        raise UsageError("inspect takes exactly one PATH (a SavedModel directory or a .keras/.h5 file)")
+    result = inspect(args[0], batch_size=_BATCH_SIZE.value)
+    print(result.to_json() if _JSON.value else result.table())
+    return 0
+
+
+def _cmd_demo(args: list[str]) -> int:
+    if args:
+        raise UsageError(f"demo takes no positional arguments, got {args}")
+    from tf_balancer.demo import run_demo
+
+    run_demo(_OUTPUT.value or "demo_out", epochs=_EPOCHS.value)
+    return 0
+
+
+_HANDLERS = {"inspect": _cmd_inspect, "demo": _cmd_demo}
+
+
+def main(argv: list[str]) -> int:
+    from tf_balancer.errors import TFBalancerError, VerificationError
+
+    command, args = argv[1], argv[2:]
+    handler = _HANDLERS.get(command)
+    try:
+        if handler is None:
+            raise UsageError(f"unknown command {command!r}; choose one of {sorted(_HANDLERS)}")
+        return handler(args)
+    except (VerificationError,) as err:
+        print(f"tf-balancer: failed: {err}", file=sys.stderr)
+        return FAILED
+    except (UsageError, TFBalancerError) as err:
+        print(f"tf-balancer: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main, flags_parser=parse_flags)

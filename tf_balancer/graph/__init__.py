@@ -1,0 +1,1 @@
+"""Model graph analysis: tracing, the layer graph, channel groups and costs."""

@@ -1,0 +1,347 @@
+"""The layer graph: layers, producer -> consumer edges, and channel groups.
+
+A **channel group** is a set of channels that must be pruned together: the
+output channels of one or more producers (Conv/Dense) plus everything that
+carries them (BatchNorm, activations, depthwise convs, pooling) up to the input
+side of the consumers. Residual ``Add``-like merges join the groups of their
+inputs; ``Concatenate`` lays groups side by side (each at an offset); ``Flatten``
+repeats a group's channels once per spatial position for the following Dense.
+
+A group is **prunable** only if every layer touching it is understood, it does
+not reach a model output or come from a model input. Otherwise it carries the
+reasons, e.g. ``"consumed by 'reshape' (Reshape), which tf_balancer does not
+understand"`` - analysis never crashes on an unknown layer.
+
+Example:
+    >>> from tf_balancer._compat import keras
+    >>> inp = keras.Input((8, 8, 3))
+    >>> x = keras.layers.Conv2D(4, 3, name="a")(inp)
+    >>> y = keras.layers.Conv2D(4, 1, name="b")(x)
+    >>> x = keras.layers.Add(name="add")([x, y])
+    >>> out = keras.layers.Dense(2, name="head")(keras.layers.Flatten()(x))
+    >>> graph = LayerGraph.from_model(keras.Model(inp, out))
+    >>> graph.group_of("a") == graph.group_of("b")
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+from typing import Any
+
+from tf_balancer.graph.layer_specs import LayerSpec, couples_channels, spec_for
+from tf_balancer.graph.walk import Call, Walk, walk_model
+
+__all__ = ["Segment", "Layout", "Member", "ChannelGroup", "LayerNode", "LayerGraph"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Segment:
+    """``size`` consecutive channels of group ``group`` along the last axis."""
+
+    group: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Which group each channel of a tensor belongs to.
+
+    ``spatial > 1`` for a flattened tensor: feature ``s * width + offset + c``
+    is channel ``c`` of the segment at ``offset``, for each position ``s``.
+    """
+
+    segments: tuple[Segment, ...]
+    spatial: int = 1
+
+    @property
+    def width(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def with_offsets(self) -> Iterator[tuple[Segment, int]]:
+        offset = 0
+        for segment in self.segments:
+            yield segment, offset
+            offset += segment.size
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """A layer's part in a group.
+
+    ``role`` is ``producer`` (slice output channels), ``passthrough`` (slice
+    per-channel weights) or ``consumer`` (slice input channels). ``offset``,
+    ``width`` and ``spatial`` locate the group's channels in the member's
+    input (consumer) or input/output (passthrough) channel axis.
+    """
+
+    node: str
+    role: str
+    offset: int = 0
+    width: int = 0
+    spatial: int = 1
+
+    def indices(self, channels: Any) -> Any:
+        """Feature indices, on this member's axis, of the given group channels."""
+        import numpy as np
+
+        channels = np.asarray(channels, dtype=np.int64)
+        blocks = [s * self.width + self.offset + channels for s in range(self.spatial)]
+        return np.concatenate(blocks) if blocks else channels
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that are pruned together; see the module docstring."""
+
+    id: int
+    size: int
+    members: tuple[Member, ...]
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons
+
+    def nodes(self, role: str) -> list[str]:
+        return [m.node for m in self.members if m.role == role]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerNode:
+    """One layer call in the graph."""
+
+    name: str
+    class_name: str
+    role: str
+    layer: Any
+    inputs: tuple[str, ...]
+    input_shapes: tuple[tuple, ...]
+    output_shape: tuple
+    out_layout: Layout | None
+    in_layouts: tuple[Layout | None, ...]
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+
+    def new(self) -> int:
+        self.parent.append(len(self.parent))
+        return len(self.parent) - 1
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+class _Builder:
+    """Propagates channel layouts through the calls of a :class:`Walk`."""
+
+    def __init__(self, walk: Walk) -> None:
+        self.walk = walk
+        self.uf = _UnionFind()
+        self.sizes: dict[int, int] = {}
+        self.members: list[tuple[int, Member]] = []
+        self.reasons: list[tuple[int, str]] = []
+        self.layouts: dict[str, Layout | None] = {}
+        self.producer_of: dict[str, str] = {}
+        self.nodes: list[LayerNode] = []
+
+    def new_group(self, size: int, reason: str | bool | None = None) -> Layout:
+        gid = self.uf.new()
+        self.sizes[gid] = size
+        if reason:
+            self.reasons.append((gid, reason))
+        return Layout((Segment(gid, size),))
+
+    def block(self, layout: Layout | None, reason: str) -> None:
+        for segment in layout.segments if layout else ():
+            self.reasons.append((segment.group, reason))
+
+    def run(self) -> None:
+        walk = self.walk
+        for key in walk.input_keys:
+            self.layouts[key] = self.new_group(_channels(walk.shapes[key]), "model input")
+        for call in walk.calls:
+            self.visit(call)
+        for key in walk.output_keys:
+            self.block(self.layouts.get(key), "reaches a model output")
+
+    def visit(self, call: Call) -> None:
+        shapes = self.walk.shapes
+        in_layouts = tuple(self.layouts.get(k) for k in call.inputs)
+        out_shape = shapes[call.outputs[0]]
+        rank = len(shapes[call.inputs[0]]) if call.inputs else None
+        spec = spec_for(call.layer, rank)
+        if call.shared or len(call.outputs) != 1 or not call.inputs:
+            spec = LayerSpec("opaque")
+        out = self.propagate(call, spec, in_layouts, out_shape)
+        if out is not None and out.width * out.spatial != _channels(out_shape):
+            self.block(out, f"channel bookkeeping disagrees with {call.name!r}'s shape")
+            out = None
+        if out is None:
+            why = self.opaque_why(call)
+            for layout in in_layouts:
+                self.block(layout, f"consumed by {call.name!r} ({call.class_name}), {why}")
+            out = self.new_group(_channels(out_shape), f"produced by {call.name!r}, {why}")
+        for key in call.outputs:
+            self.layouts[key] = out
+            self.producer_of[key] = call.name
+        self.nodes.append(
+            LayerNode(
+                name=call.name,
+                class_name=call.class_name,
+                role=spec.role if out is not None else "opaque",
+                layer=call.layer,
+                inputs=tuple(self.producer_of.get(k, k) for k in call.inputs),
+                input_shapes=tuple(shapes[k] for k in call.inputs),
+                output_shape=out_shape,
+                out_layout=out,
+                in_layouts=in_layouts,
+            )
+        )
+
+    @staticmethod
+    def opaque_why(call: Call) -> str:
+        if call.shared:
+            return "a layer shared by several calls"
+        return "which tf_balancer does not understand"
+
+    def propagate(
+        self, call: Call, spec: LayerSpec, ins: tuple[Layout | None, ...], out_shape: tuple
+    ) -> Layout | None:
+        """The output layout of ``call``; None means opaque."""
+        if any(layout is None for layout in ins):
+            return None
+        first = ins[0]
+        if spec.role == "producer":
+            if len(ins) != 1:
+                return None
+            self.add_members(call.name, "consumer", first)
+            coupled = couples_channels(call.layer)
+            layout = self.new_group(_channels(out_shape), coupled and "softmax output")
+            self.add_members(call.name, "producer", layout)
+            return layout
+        if spec.role in ("passthrough", "reduce"):
+            if len(ins) != 1 or (first.spatial > 1 and spec.ch_axes):
+                return None
+            self.add_members(call.name, "passthrough", first)
+            return first
+        if spec.role == "flatten":
+            spatial = math.prod(self.walk.shapes[call.inputs[0]][1:-1])
+            return Layout(first.segments, first.spatial * spatial)
+        if spec.role == "concat":
+            if any(layout.spatial > 1 for layout in ins):
+                return None
+            return Layout(tuple(s for layout in ins for s in layout.segments))
+        if spec.role == "merge":
+            return self.merge(call, ins)
+        return None
+
+    def merge(self, call: Call, ins: tuple[Layout, ...]) -> Layout:
+        if all(len(x.segments) == 1 and x.spatial == 1 for x in ins):
+            sizes = {x.segments[0].size for x in ins}
+            if len(sizes) == 1:
+                for layout in ins[1:]:
+                    self.uf.union(ins[0].segments[0].group, layout.segments[0].group)
+                return ins[0]
+        for layout in ins:
+            self.block(layout, f"merged by {call.name!r} with a differently laid-out tensor")
+        return ins[0]
+
+    def add_members(self, node: str, role: str, layout: Layout) -> None:
+        for segment, offset in layout.with_offsets():
+            member = Member(node, role, offset, layout.width, layout.spatial)
+            self.members.append((segment.group, member))
+
+    def groups(self) -> tuple[dict[int, int], tuple[ChannelGroup, ...]]:
+        roots: dict[int, int] = {}
+        for gid in range(len(self.uf.parent)):
+            roots.setdefault(self.uf.find(gid), len(roots))
+        renumber = {gid: roots[self.uf.find(gid)] for gid in range(len(self.uf.parent))}
+        members: dict[int, list[Member]] = {g: [] for g in roots.values()}
+        reasons: dict[int, list[str]] = {g: [] for g in roots.values()}
+        sizes = {renumber[g]: size for g, size in self.sizes.items()}
+        for gid, member in self.members:
+            members[renumber[gid]].append(member)
+        for gid, reason in self.reasons:
+            if reason not in reasons[renumber[gid]]:
+                reasons[renumber[gid]].append(reason)
+        groups = tuple(
+            ChannelGroup(g, sizes[g], tuple(members[g]), tuple(reasons[g]))
+            for g in sorted(roots.values())
+        )
+        return renumber, groups
+
+
+def _channels(shape: tuple) -> int:
+    return int(shape[-1]) if len(shape) > 1 and shape[-1] is not None else 1
+
+
+def _renumber_layout(layout: Layout | None, renumber: dict[int, int]) -> Layout | None:
+    if layout is None:
+        return None
+    segments = tuple(Segment(renumber[s.group], s.size) for s in layout.segments)
+    return Layout(segments, layout.spatial)
+
+
+class LayerGraph:
+    """Layers, edges and channel groups of a tf_keras model.
+
+    Build it with :meth:`from_model`. Nodes are in topological order; nested
+    models are flattened (their layers are named ``outer/inner``).
+
+    Attributes:
+        walk: the flattened call sequence the graph was built from.
+        nodes: ``name -> LayerNode`` in topological order.
+        groups: all channel groups, prunable or not, by id.
+    """
+
+    def __init__(self, walk: Walk, nodes: list[LayerNode], groups: tuple[ChannelGroup, ...]):
+        self.walk = walk
+        self.nodes = {node.name: node for node in nodes}
+        self.groups = {group.id: group for group in groups}
+
+    @classmethod
+    def from_model(cls, model: Any) -> LayerGraph:
+        """Analyse a functional or Sequential tf_keras model (not modified)."""
+        builder = _Builder(walk_model(model))
+        builder.run()
+        renumber, groups = builder.groups()
+        nodes = [
+            dataclasses.replace(
+                node,
+                out_layout=_renumber_layout(node.out_layout, renumber),
+                in_layouts=tuple(_renumber_layout(x, renumber) for x in node.in_layouts),
+            )
+            for node in builder.nodes
+        ]
+        return cls(builder.walk, nodes, groups)
+
+    @property
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups.values() if g.prunable and g.nodes("producer")]
+
+    def group_of(self, node: str) -> int | None:
+        """The group of a node's output channels (None for a multi-group output)."""
+        layout = self.nodes[node].out_layout
+        if layout is None or len(layout.segments) != 1:
+            return None
+        return layout.segments[0].group
+
+    def consumers(self, node: str) -> list[str]:
+        return [n.name for n in self.nodes.values() if node in n.inputs]
+
+    def edges(self) -> list[tuple[str, str]]:
+        """Producer -> consumer pairs between layer calls."""
+        return [(src, n.name) for n in self.nodes.values() for src in n.inputs if src in self.nodes]

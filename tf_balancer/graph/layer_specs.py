@@ -1,0 +1,165 @@
+"""How each Keras layer type relates to channels (the last axis).
+
+A :class:`LayerSpec` says what a layer does to the channel axis and which axis of
+each of its weights indexes input channels, output channels or pass-through
+channels. The layer graph uses it to build channel groups; masking and the
+``prune_channels`` pass use the same axes to zero or slice weights, and the cost
+model to count parameters under a plan. One table, three users.
+
+Roles:
+    ``producer``     creates new output channels (Conv, Dense, SeparableConv).
+    ``passthrough``  output channel ``c`` depends only on input channel ``c``
+                     (BatchNorm, activations, pooling, DepthwiseConv2D, Dropout).
+    ``merge``        element-wise merge of same-shaped inputs (Add, Multiply, ...).
+    ``concat``       concatenation along the channel axis.
+    ``flatten``      channels become ``spatial x channels`` features.
+    ``reduce``       global pooling: spatial axes go, channels stay.
+    ``opaque``       anything else: groups it touches are not prunable.
+
+Example:
+    >>> spec_for(keras.layers.Conv2D(8, 3)).role
+    'producer'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tf_balancer._compat import keras
+
+__all__ = ["LayerSpec", "spec_for", "opaque_reason", "couples_channels"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """Channel semantics of one layer type.
+
+    Attributes:
+        role: see the module docstring.
+        out_axes: weight attribute -> axis indexing output channels (producers).
+        in_axes: weight attribute -> axis indexing input channels (consumers).
+        ch_axes: weight attribute -> axis indexing pass-through channels.
+    """
+
+    role: str
+    out_axes: dict[str, int] = dataclasses.field(default_factory=dict)
+    in_axes: dict[str, int] = dataclasses.field(default_factory=dict)
+    ch_axes: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+_CONV = LayerSpec("producer", out_axes={"kernel": -1, "bias": 0}, in_axes={"kernel": -2})
+_SEPARABLE = LayerSpec(
+    "producer",
+    out_axes={"pointwise_kernel": -1, "bias": 0},
+    in_axes={"depthwise_kernel": -2, "pointwise_kernel": -2},
+)
+_DEPTHWISE = LayerSpec("passthrough", ch_axes={"depthwise_kernel": -2, "bias": 0})
+_BATCHNORM = LayerSpec(
+    "passthrough",
+    ch_axes={"gamma": 0, "beta": 0, "moving_mean": 0, "moving_variance": 0},
+)
+_PASS = LayerSpec("passthrough")
+
+_SPECS: dict[str, LayerSpec] = {
+    "Conv1D": _CONV,
+    "Conv2D": _CONV,
+    "Conv3D": _CONV,
+    "Dense": _CONV,
+    "SeparableConv1D": _SEPARABLE,
+    "SeparableConv2D": _SEPARABLE,
+    "DepthwiseConv1D": _DEPTHWISE,
+    "DepthwiseConv2D": _DEPTHWISE,
+    "BatchNormalization": _BATCHNORM,
+    "Flatten": LayerSpec("flatten"),
+    "Concatenate": LayerSpec("concat"),
+    **{
+        name: LayerSpec("merge")
+        for name in ("Add", "Multiply", "Subtract", "Average", "Maximum", "Minimum")
+    },
+    **{
+        name: LayerSpec("reduce")
+        for name in (
+            "GlobalAveragePooling1D",
+            "GlobalAveragePooling2D",
+            "GlobalMaxPooling1D",
+            "GlobalMaxPooling2D",
+        )
+    },
+    **{
+        name: _PASS
+        for name in (
+            "Activation",
+            "ReLU",
+            "LeakyReLU",
+            "ELU",
+            "ThresholdedReLU",
+            "Dropout",
+            "SpatialDropout1D",
+            "SpatialDropout2D",
+            "GaussianNoise",
+            "GaussianDropout",
+            "AlphaDropout",
+            "ActivityRegularization",
+            "MaxPooling1D",
+            "MaxPooling2D",
+            "AveragePooling1D",
+            "AveragePooling2D",
+            "ZeroPadding1D",
+            "ZeroPadding2D",
+            "Cropping1D",
+            "Cropping2D",
+            "UpSampling1D",
+            "UpSampling2D",
+        )
+    },
+}
+
+_CHANNEL_COUPLING_ACTIVATIONS = ("softmax", "log_softmax")
+
+
+def opaque_reason(layer: Any, rank: int | None = None) -> str | None:
+    """Why a layer with a known role must still be treated as opaque, or None.
+
+    Args:
+        layer: the Keras layer.
+        rank: rank of its (first) input tensor, batch axis included.
+    """
+    config = layer.get_config()
+    if config.get("data_format") == "channels_first":
+        return "channels_first data format (only channels_last is supported)"
+    if config.get("groups", 1) != 1:
+        return "grouped convolution"
+    if config.get("depth_multiplier", 1) != 1:
+        return "depth_multiplier != 1"
+    if couples_channels(layer) and _SPECS.get(type(layer).__name__) != _CONV:
+        return f"activation {config['activation']!r} couples channels"
+    axis = config.get("axis")
+    if type(layer).__name__ in ("Concatenate", "BatchNormalization") and not _is_last_axis(
+        axis, rank
+    ):
+        return f"works along axis {axis} (not the channel axis)"
+    return None
+
+
+def couples_channels(layer: Any) -> bool:
+    """True when the layer's activation mixes its output channels (softmax)."""
+    return layer.get_config().get("activation") in _CHANNEL_COUPLING_ACTIVATIONS
+
+
+def _is_last_axis(axis: Any, rank: int | None) -> bool:
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            return False
+        axis = axis[0]
+    return axis == -1 or (rank is not None and axis == rank - 1)
+
+
+def spec_for(layer: Any, rank: int | None = None) -> LayerSpec:
+    """The :class:`LayerSpec` of a layer (``opaque`` for unknown types)."""
+    if isinstance(layer, keras.layers.InputLayer):
+        return LayerSpec("input")
+    spec = _SPECS.get(type(layer).__name__)
+    if spec is None or opaque_reason(layer, rank) is not None:
+        return LayerSpec("opaque")
+    return spec

@@ -1,0 +1,217 @@
+"""Trace a model into a frozen GraphDef and map its ops to Keras layers.
+
+Accepts a tf_keras model (Sequential or Functional, nested models included), a
+``tf.function`` with an input signature, a ``ConcreteFunction``, or a SavedModel
+directory. Variables are frozen into constants so that TF's own FLOPs
+statistics (the ones ``tf.compat.v1.profiler`` reports as ``float_ops``) can be
+read per op.
+
+Example:
+    >>> from tf_balancer._compat import keras
+    >>> inp = keras.Input((4,))
+    >>> model = keras.Model(inp, keras.layers.Dense(2, name="d")(inp))
+    >>> traced = trace(model)
+    >>> sorted({layer for layer in traced.op_to_layer.values()})
+    ['d']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.framework import ops as tf_ops
+from tensorflow.python.framework.convert_to_constants import (
+    convert_variables_to_constants_v2,
+)
+
+from tf_balancer._compat import ensure_keras2_model, is_keras3_object, is_keras_model
+from tf_balancer.errors import ModelLoadError, UnsupportedModelError
+
+__all__ = ["TracedGraph", "trace", "trace_keras", "load_saved_model", "freeze", "op_flops"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedGraph:
+    """A frozen inference graph.
+
+    Attributes:
+        graph_def: the frozen ``GraphDef`` (variables are constants).
+        function: the frozen concrete function (callable on tensors).
+        op_to_layer: op name -> owning layer name, for every op that belongs
+            to a layer (Keras models), or to a name scope (other graphs).
+        batch_size: the fixed batch dimension the graph was traced with.
+    """
+
+    graph_def: Any
+    function: Any
+    op_to_layer: dict[str, str]
+    batch_size: int
+
+    @property
+    def graph(self) -> tf.Graph:
+        return self.function.graph
+
+    def op_types(self) -> dict[str, int]:
+        """Histogram of op types (``{"Conv2D": 3, ...}``)."""
+        counts: dict[str, int] = {}
+        for node in self.graph_def.node:
+            counts[node.op] = counts.get(node.op, 0) + 1
+        return counts
+
+
+def freeze(concrete_function: Any) -> tuple[Any, Any]:
+    """Freeze variables into constants; returns ``(graph_def, frozen_function)``."""
+    frozen = convert_variables_to_constants_v2(concrete_function)
+    return frozen.graph.as_graph_def(), frozen
+
+
+def op_flops(graph: tf.Graph) -> dict[str, int]:
+    """FLOPs of every op as TF's profiler counts them (0 for unregistered ops)."""
+    flops = {}
+    for op in graph.get_operations():
+        try:
+            value = tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value
+        except (ValueError, LookupError):
+            value = None
+        flops[op.name] = int(value or 0)
+    return flops
+
+
+def _fixed_specs(specs: Iterable[Any], batch_size: int) -> list[tf.TensorSpec]:
+    fixed = []
+    for spec in specs:
+        shape = list(spec.shape)
+        if shape and shape[0] is None:
+            shape[0] = batch_size
+        if any(d is None for d in shape):
+            raise UnsupportedModelError(
+                f"input {spec.name!r} has unknown dimensions {tuple(spec.shape)}; "
+                "give the model a fixed input shape (other than the batch axis)."
+            )
+        fixed.append(tf.TensorSpec(shape, spec.dtype, name=spec.name))
+    return fixed
+
+
+def trace_keras(model: Any, batch_size: int = 1) -> TracedGraph:
+    """Trace a tf_keras model in inference mode at a fixed batch size."""
+    model = ensure_keras2_model(model)
+    specs = _fixed_specs(
+        [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs],
+        batch_size,
+    )
+
+    @tf.function
+    def forward(*xs):
+        return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+
+    graph_def, frozen = freeze(forward.get_concrete_function(*specs))
+    from tf_balancer.graph.walk import walk_model
+
+    names = {call.name for call in walk_model(model).calls}
+    return TracedGraph(graph_def, frozen, _map_ops(graph_def, names, model.name), batch_size)
+
+
+def load_saved_model(path: str | os.PathLike) -> Any:
+    """Load a SavedModel with ``tf.saved_model.load``, or raise a one-line error."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"{path}: no such file or directory")
+    if not tf.saved_model.contains_saved_model(path):
+        raise ModelLoadError(f"{path}: not a SavedModel directory (no saved_model.pb inside)")
+    try:
+        return tf.saved_model.load(path)
+    except Exception as err:  # corrupt protos surface as many TF error types
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"{path}: could not load the SavedModel ({first})") from err
+
+
+def serving_function(loaded: Any, signature: str | None = None) -> Any:
+    """The named (default ``serving_default``, else the first) signature function."""
+    signatures = dict(getattr(loaded, "signatures", {}) or {})
+    if not signatures:
+        raise ModelLoadError("the SavedModel has no serving signatures to trace")
+    name = signature or ("serving_default" if "serving_default" in signatures else None)
+    if name is None:
+        name = sorted(signatures)[0]
+    if name not in signatures:
+        raise ModelLoadError(f"no signature {name!r}; available: {sorted(signatures)}")
+    return signatures[name]
+
+
+def trace_function(fn: Any, batch_size: int = 1) -> TracedGraph:
+    """Trace a ``tf.function`` (with input signature), ConcreteFunction or signature."""
+    if isinstance(fn, tf.types.experimental.PolymorphicFunction):
+        fn = fn.get_concrete_function()
+    _, kwspecs = fn.structured_input_signature
+    if kwspecs:
+        specs = dict(zip(kwspecs, _fixed_specs(kwspecs.values(), batch_size), strict=True))
+        fixed = tf.function(lambda **kw: fn(**kw)).get_concrete_function(**specs)
+    else:
+        args = fn.structured_input_signature[0]
+        fixed = tf.function(lambda *xs: fn(*xs)).get_concrete_function(
+            *_fixed_specs(args, batch_size)
+        )
+    graph_def, frozen = freeze(fixed)
+    return TracedGraph(graph_def, frozen, _map_scopes(graph_def), batch_size)
+
+
+def trace(obj: Any, batch_size: int = 1) -> TracedGraph:
+    """Trace a Keras model, tf.function, ConcreteFunction or SavedModel path.
+
+    Raises:
+        UnsupportedModelError: Keras 3 model or an untraceable object.
+        ModelLoadError: a path that is missing or not a SavedModel.
+    """
+    if is_keras_model(obj) or is_keras3_object(obj):
+        return trace_keras(obj, batch_size)
+    if isinstance(obj, (str, os.PathLike)):
+        loaded = load_saved_model(obj)  # keep alive while tracing: it owns the variables
+        return trace_function(serving_function(loaded), batch_size)
+    if isinstance(
+        obj, (tf.types.experimental.PolymorphicFunction, tf.types.experimental.ConcreteFunction)
+    ):
+        return trace_function(obj, batch_size)
+    raise UnsupportedModelError(
+        f"cannot trace a {type(obj).__name__}; pass a tf_keras model, a tf.function with an "
+        "input_signature, a ConcreteFunction or a SavedModel directory."
+    )
+
+
+def _map_ops(graph_def: Any, layer_names: set[str], model_name: str) -> dict[str, str]:
+    """Map op names like ``model/inner/conv/Conv2D`` to the layer ``inner/conv``."""
+    mapping = {}
+    for node in graph_def.node:
+        parts = node.name.split("/")
+        start = parts.index(model_name) + 1 if model_name in parts[:-1] else 0
+        for end in range(len(parts) - 1, start, -1):
+            candidate = "/".join(parts[start:end])
+            if candidate in layer_names:
+                mapping[node.name] = candidate
+                break
+    return mapping
+
+
+_PLUMBING_OPS = frozenset({"Const", "Identity", "NoOp", "Placeholder"})
+_CALL_SCOPES = frozenset({"StatefulPartitionedCall", "PartitionedCall"})
+
+
+def _map_scopes(graph_def: Any) -> dict[str, str]:
+    """Without Keras metadata an op's 'layer' is its name scope.
+
+    Function-call wrappers (``StatefulPartitionedCall/...``) are dropped from the
+    scope; plumbing ops (constants, identities) are not attributed.
+    """
+    mapping = {}
+    for node in graph_def.node:
+        if node.op in _PLUMBING_OPS or node.name.startswith("Func/"):
+            continue
+        parts = node.name.split("/")[:-1]
+        while parts and parts[0] in _CALL_SCOPES:
+            parts = parts[1:]
+        if parts:
+            mapping[node.name] = "/".join(parts)
+    return mapping
