@@ -15,13 +15,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any
 
 from tf_balancer._compat import is_keras3_object, is_keras_model, keras
 from tf_balancer.errors import ModelLoadError, UnsupportedModelError
-from tf_balancer.graph.cost import CostReport, measured_layer_flops, model_cost
+from tf_balancer.graph.cost import CostReport, PlanCoster, measured_layer_flops, model_cost
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.trace import TracedGraph, op_flops, trace, trace_keras
 
@@ -43,6 +44,11 @@ class ModelAnalysis:
         return model_cost(
             self.graph, batch_size=self.cost.batch_size, keep=keep, measured=self.measured_flops
         )
+
+    @functools.cached_property
+    def coster(self) -> PlanCoster:
+        """Fast evaluator of total FLOPs/params under many plans."""
+        return PlanCoster(self.graph, self.measured_flops, self.cost.batch_size)
 
 
 def analyze(model: Any, batch_size: int = 1) -> ModelAnalysis:

@@ -18,7 +18,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import app, flags  # noqa: E402
 
 _JSON = flags.DEFINE_boolean("json", False, "inspect: print JSON instead of a table.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 1, "inspect: batch size for FLOPs/activations.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 1, "inspect: batch size for FLOPs/activations.", lower_bound=1
+)
 _OUTPUT = flags.DEFINE_string("output", None, "optimize/demo: output directory.")
 _EPOCHS = flags.DEFINE_integer("epochs", 1, "demo: training epochs.", lower_bound=1)
 
@@ -26,8 +28,16 @@ USAGE_ERROR = 2
 FAILED = 1
 
 _COMMANDS = {
-    "inspect": ("PATH", "Print a per-layer table (params, FLOPs, activation bytes, channel group, prunable) of a SavedModel or Keras file.", ["json", "batch_size"]),
-    "demo": ("", "Train a small CNN on scikit-learn's digits and inspect it.", ["output", "epochs"]),
+    "inspect": (
+        "PATH",
+        "Print a per-layer table (params, FLOPs, activation bytes, channel group, prunable) of a SavedModel or Keras file.",
+        ["json", "batch_size"],
+    ),
+    "demo": (
+        "",
+        "Train a small CNN on scikit-learn's digits and inspect it.",
+        ["output", "epochs"],
+    ),
 }
 
 
@@ -71,7 +81,9 @@ def _cmd_inspect(args: list[str]) -> int:
     from tf_balancer.analysis import inspect
 
     if len(args) != 1:
-        raise UsageError("inspect takes exactly one PATH (a SavedModel directory or a .keras/.h5 file)")
+        raise UsageError(
+            "inspect takes exactly one PATH (a SavedModel directory or a .keras/.h5 file)"
+        )
     result = inspect(args[0], batch_size=_BATCH_SIZE.value)
     print(result.to_json() if _JSON.value else result.table())
     return 0
@@ -98,7 +110,7 @@ def main(argv: list[str]) -> int:
         if handler is None:
             raise UsageError(f"unknown command {command!r}; choose one of {sorted(_HANDLERS)}")
         return handler(args)
-    except (VerificationError,) as err:
+    except VerificationError as err:
         print(f"tf-balancer: failed: {err}", file=sys.stderr)
         return FAILED
     except (UsageError, TFBalancerError) as err:

@@ -33,11 +33,18 @@ from typing import Any
 
 import numpy as np
 
-from tf_balancer.graph.layer_graph import LayerGraph, LayerNode, Layout
+from tf_balancer.graph.layer_graph import LayerGraph, LayerNode
 from tf_balancer.graph.layer_specs import spec_for
 from tf_balancer.graph.trace import TracedGraph, op_flops, trace_keras
 
-__all__ = ["LayerCost", "CostReport", "model_cost", "core_flops", "measured_layer_flops"]
+__all__ = [
+    "LayerCost",
+    "CostReport",
+    "PlanCoster",
+    "model_cost",
+    "core_flops",
+    "measured_layer_flops",
+]
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "int8": 1, "uint8": 1}
 
@@ -72,31 +79,113 @@ class CostReport:
         return sum(c.activation_bytes for c in self.layers.values())
 
 
-def kept_width(layout: Layout | None, keep: Mapping[int, int], full: int) -> int:
-    """Channels (features, for flattened tensors) left in a tensor under ``keep``."""
-    if layout is None:
-        return full
-    return layout.spatial * sum(keep.get(s.group, s.size) for s in layout.segments)
-
-
-def core_flops(node: LayerNode, batch: int, cin: int, cout: int) -> int:
-    """Analytic conv/matmul/bias FLOPs of a producer or depthwise layer, else 0."""
+def core_coefficients(node: LayerNode, batch: int) -> tuple[int, int, int]:
+    """``(a, b, c)`` with core FLOPs ``a*cin*cout + b*cin + c*cout`` (all 0 if no core)."""
     config = node.layer.get_config()
     cls = node.class_name
     in_shape, out_shape = node.input_shapes[0], node.output_shape
     positions = batch * math.prod(int(d) for d in out_shape[1:-1])
-    bias = positions * cout if config.get("use_bias", False) else 0
+    bias = positions if config.get("use_bias", False) else 0
+    kernel = math.prod(config.get("kernel_size", (1,)))
     if cls == "Dense":
         rows = batch * math.prod(int(d) for d in in_shape[1:-1])
-        return 2 * rows * cin * cout + (rows * cout if config.get("use_bias") else 0)
-    kernel = math.prod(config.get("kernel_size", (1,)))
+        return 2 * rows, 0, rows if config.get("use_bias") else 0
     if cls in ("Conv1D", "Conv2D", "Conv3D"):
-        return 2 * positions * kernel * cin * cout + bias
+        return 2 * positions * kernel, 0, bias
     if cls in ("SeparableConv1D", "SeparableConv2D"):
-        return 2 * positions * kernel * cin + 2 * positions * cin * cout + bias
+        return 2 * positions, 2 * positions * kernel, bias
     if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
-        return 2 * positions * kernel * cout + bias
-    return 0
+        return 0, 0, 2 * positions * kernel + bias
+    return 0, 0, 0
+
+
+def core_flops(node: LayerNode, batch: int, cin: int, cout: int) -> int:
+    """Analytic conv/matmul/bias FLOPs of a producer or depthwise layer, else 0."""
+    a, b, c = core_coefficients(node, batch)
+    return a * cin * cout + b * cin + c * cout
+
+
+def _param_coefficients(node: LayerNode) -> tuple[int, int, int, int]:
+    """``(p_io, p_i, p_o, p_1)``: params = p_io*fin*fout + p_i*fin + p_o*fout + p_1."""
+    spec = spec_for(node.layer, len(node.input_shapes[0]) if node.input_shapes else None)
+    coef = [0, 0, 0, node.layer.count_params()]
+    for attr in {*spec.out_axes, *spec.in_axes, *spec.ch_axes}:
+        weight = getattr(node.layer, attr, None)
+        if weight is None:
+            continue
+        size = int(np.prod(weight.shape))
+        has_in = attr in spec.in_axes
+        has_out = attr in spec.out_axes or attr in spec.ch_axes
+        coef[3] -= size
+        coef[(0 if has_out else 1) if has_in else 2] += size
+    return tuple(coef)
+
+
+class PlanCoster:
+    """Vectorized cost of a model under many pruning plans (the balancer's inner loop).
+
+    Each layer's FLOPs are ``a*cin*cout + b*cin + c*cout + rest*cout/full_out``
+    and its params ``p_io*fin*fout + p_i*fin + p_o*fout + p_1``, where ``cin`` /
+    ``cout`` are linear in the kept channels of each group. Evaluating a plan
+    is a couple of matrix-vector products.
+
+    Example:
+        >>> coster = PlanCoster(graph, measured, batch_size=1)  # doctest: +SKIP
+        >>> coster.total({3: 16}, "flops")                      # doctest: +SKIP
+    """
+
+    def __init__(self, graph: LayerGraph, measured: Mapping[str, int], batch_size: int = 1):
+        self.graph = graph
+        self.batch_size = batch_size
+        self.names = list(graph.nodes)
+        self.group_ids = sorted(graph.groups)
+        self.sizes = np.array([graph.groups[g].size for g in self.group_ids], dtype=np.float64)
+        index = {g: i for i, g in enumerate(self.group_ids)}
+        n, m = len(self.names), len(self.group_ids)
+        self.m_in, self.m_out = np.zeros((n, m)), np.zeros((n, m))
+        coef = np.zeros((n, 8))
+        for row, node in enumerate(graph.nodes.values()):
+            layout_in = node.in_layouts[0] if node.in_layouts else None
+            for matrix, layout in ((self.m_in, layout_in), (self.m_out, node.out_layout)):
+                for segment in layout.segments if layout else ():
+                    matrix[row, index[segment.group]] += layout.spatial
+            full_in, full_out = self.m_in[row] @ self.sizes, self.m_out[row] @ self.sizes
+            a, b, c = core_coefficients(node, batch_size)
+            rest = max(
+                measured.get(node.name, 0) - (a * full_in * full_out + b * full_in + c * full_out),
+                0,
+            )
+            coef[row, :4] = a, b, c, rest / max(full_out, 1)
+            coef[row, 4:] = _param_coefficients(node)
+            coef[row, 4:7] /= (max(full_in * full_out, 1), max(full_in, 1), max(full_out, 1))
+        self.coef = coef
+        elements = [
+            batch_size * math.prod(int(d) for d in node.output_shape[1:-1])
+            for node in graph.nodes.values()
+        ]
+        self.elements = np.array(elements, dtype=np.float64)
+
+    def keep_vector(self, keep: Mapping[int, int] | None) -> np.ndarray:
+        vector = self.sizes.copy()
+        for i, gid in enumerate(self.group_ids):
+            if keep and gid in keep:
+                vector[i] = keep[gid]
+        return vector
+
+    def per_layer(
+        self, keep: Mapping[int, int] | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(flops, params, activation elements)`` per layer under ``keep``."""
+        k = self.keep_vector(keep)
+        cin, cout = self.m_in @ k, self.m_out @ k
+        a, b, c, r, p_io, p_i, p_o, p_1 = self.coef.T
+        flops = a * cin * cout + b * cin + c * cout + r * cout
+        params = p_io * cin * cout + p_i * cin + p_o * cout + p_1
+        return flops, params, self.elements * cout
+
+    def total(self, keep: Mapping[int, int] | None, metric: str = "flops") -> float:
+        flops, params, _ = self.per_layer(keep)
+        return float(np.sum(flops if metric == "flops" else params))
 
 
 def measured_layer_flops(traced: TracedGraph) -> dict[str, int]:
@@ -107,33 +196,6 @@ def measured_layer_flops(traced: TracedGraph) -> dict[str, int]:
         if layer is not None and flops:
             per_layer[layer] = per_layer.get(layer, 0) + flops
     return per_layer
-
-
-def _params(node: LayerNode, fin: float, fout: float) -> int:
-    spec = spec_for(node.layer, len(node.input_shapes[0]) if node.input_shapes else None)
-    total = node.layer.count_params()
-    for axes, frac in ((spec.out_axes, fout), (spec.in_axes, fin), (spec.ch_axes, fout)):
-        for attr in axes:
-            weight = getattr(node.layer, attr, None)
-            if weight is not None:
-                size = int(np.prod(weight.shape))
-                total -= size - round(size * frac)
-    return total
-
-
-def _node_cost(
-    node: LayerNode, keep: Mapping[int, int], batch: int, measured: int, dtype_bytes: int
-) -> LayerCost:
-    full_in = int(node.input_shapes[0][-1]) if node.input_shapes else 1
-    full_out = int(node.output_shape[-1]) if len(node.output_shape) > 1 else 1
-    cin = kept_width(node.in_layouts[0] if node.in_layouts else None, keep, full_in)
-    cout = kept_width(node.out_layout, keep, full_out)
-    fin, fout = cin / max(full_in, 1), cout / max(full_out, 1)
-    core_full = core_flops(node, batch, full_in, full_out)
-    rest = max(measured - core_full, 0) * fout
-    flops = core_flops(node, batch, cin, cout) + round(rest)
-    elements = batch * math.prod(int(d) for d in node.output_shape[1:-1]) * cout
-    return LayerCost(node.name, flops, _params(node, fin, fout), elements * dtype_bytes)
 
 
 def model_cost(
@@ -157,20 +219,14 @@ def model_cost(
     Returns:
         A :class:`CostReport`.
     """
-    keep = keep or {}
     if measured is None:
         measured = measured_layer_flops(trace_keras(model, batch_size)) if model else {}
-    layers = {}
-    for node in graph.nodes.values():
-        dtype = graph.walk.dtypes.get(_output_key(graph, node), "float32")
-        layers[node.name] = _node_cost(
-            node, keep, batch_size, measured.get(node.name, 0), _DTYPE_BYTES.get(dtype, 4)
-        )
+    flops, params, elements = PlanCoster(graph, measured, batch_size).per_layer(keep)
+    dtypes = {
+        call.name: graph.walk.dtypes.get(call.outputs[0], "float32") for call in graph.walk.calls
+    }
+    layers = {
+        name: LayerCost(name, round(f), round(p), round(e) * _DTYPE_BYTES.get(dtypes[name], 4))
+        for name, f, p, e in zip(graph.nodes, flops, params, elements, strict=True)
+    }
     return CostReport(layers, batch_size)
-
-
-def _output_key(graph: LayerGraph, node: LayerNode) -> str:
-    for call in graph.walk.calls:
-        if call.name == node.name:
-            return call.outputs[0]
-    return ""

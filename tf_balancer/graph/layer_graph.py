@@ -302,12 +302,20 @@ class LayerGraph:
     models are flattened (their layers are named ``outer/inner``).
 
     Attributes:
+        model: the model the graph describes (not modified).
         walk: the flattened call sequence the graph was built from.
         nodes: ``name -> LayerNode`` in topological order.
         groups: all channel groups, prunable or not, by id.
     """
 
-    def __init__(self, walk: Walk, nodes: list[LayerNode], groups: tuple[ChannelGroup, ...]):
+    def __init__(
+        self,
+        walk: Walk,
+        nodes: list[LayerNode],
+        groups: tuple[ChannelGroup, ...],
+        model: Any = None,
+    ):
+        self.model = model
         self.walk = walk
         self.nodes = {node.name: node for node in nodes}
         self.groups = {group.id: group for group in groups}
@@ -326,7 +334,7 @@ class LayerGraph:
             )
             for node in builder.nodes
         ]
-        return cls(builder.walk, nodes, groups)
+        return cls(builder.walk, nodes, groups, model)
 
     @property
     def prunable_groups(self) -> list[ChannelGroup]:

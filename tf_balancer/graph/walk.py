@@ -24,7 +24,7 @@ import tensorflow as tf
 from tf_balancer._compat import ensure_keras2_model, keras
 from tf_balancer.errors import UnsupportedModelError
 
-__all__ = ["Call", "Walk", "walk_model", "rebuild", "IDENTITY"]
+__all__ = ["Call", "Walk", "walk_model", "rebuild", "clone_flat", "clone_layer", "IDENTITY"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,13 +170,15 @@ def rebuild(
     walk: Walk,
     make_layer: Callable[[Call], Any],
     name: str | None = None,
+    outputs: Sequence[str] | None = None,
 ) -> keras.Model:
     """Build a new functional model that calls ``make_layer(call)`` for each call.
 
     ``make_layer`` returns a (new) layer to call with the original arguments, or
     :data:`IDENTITY` to drop the call. Weights are the factory's business: it
     usually returns a fresh layer and sets weights after building, see
-    :func:`tf_balancer.graph.walk.clone_layer`.
+    :func:`clone_flat`. ``outputs`` (tensor keys) defaults to the model's outputs;
+    pass more keys to expose intermediate tensors.
     """
     new_inputs = [
         keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name.split(":")[0])
@@ -189,10 +191,10 @@ def rebuild(
             tensors[call.outputs[0]] = tensors[call.inputs[0]]
             continue
         args, kwargs = _map_arguments(call, walk, tensors)
-        outputs = tf.nest.flatten(new_layer(*args, **kwargs))
-        tensors.update(zip(call.outputs, outputs, strict=True))
-    outputs = [tensors[k] for k in walk.output_keys]
-    return keras.Model(new_inputs, outputs if len(outputs) > 1 else outputs[0], name=name)
+        produced = tf.nest.flatten(new_layer(*args, **kwargs))
+        tensors.update(zip(call.outputs, produced, strict=True))
+    result = [tensors[k] for k in (walk.output_keys if outputs is None else outputs)]
+    return keras.Model(new_inputs, result if len(result) > 1 else result[0], name=name)
 
 
 def _map_arguments(call: Call, walk: Walk, tensors: dict[str, Any]) -> tuple[list, dict]:
@@ -213,3 +215,25 @@ def clone_layer(layer: Any, **config_overrides: Any) -> Any:
     config = layer.get_config()
     config.update(config_overrides)
     return type(layer).from_config(config)
+
+
+def clone_flat(walk: Walk, name: str | None = None) -> tuple[keras.Model, dict[str, Any]]:
+    """An independent copy of the walked model (nested models flattened).
+
+    Returns:
+        ``(model, layers)`` where ``layers`` maps each call name to its new layer.
+        Weights are copied; the original model is not touched.
+    """
+    layers: dict[str, Any] = {}
+    by_id: dict[int, Any] = {}  # a shared layer stays shared in the copy
+
+    def make(call: Call) -> Any:
+        if id(call.layer) not in by_id:
+            by_id[id(call.layer)] = clone_layer(call.layer)
+        layers[call.name] = by_id[id(call.layer)]
+        return layers[call.name]
+
+    model = rebuild(walk, make, name=name or walk.model_name)
+    for call in walk.calls:
+        layers[call.name].set_weights(call.layer.get_weights())
+    return model, layers

@@ -1,0 +1,56 @@
+"""Shared fixtures: small real models, built once per test session (per xdist worker)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tf_balancer._compat import keras  # noqa: E402
+
+
+def randomize_batchnorm(model, seed: int = 0):
+    """Give every BatchNormalization non-trivial statistics (in place; test models only)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        inner = getattr(layer, "layers", None)
+        if inner:
+            randomize_batchnorm(layer, seed + 1)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            weights = []
+            for w in layer.weights:
+                name = w.name.split("/")[-1]
+                shape = w.shape
+                if "moving_variance" in name:
+                    weights.append(rng.uniform(0.5, 2.0, shape).astype("float32"))
+                elif "gamma" in name:
+                    weights.append(rng.uniform(0.5, 1.5, shape).astype("float32"))
+                else:
+                    weights.append(rng.normal(0.0, 0.2, shape).astype("float32"))
+            layer.set_weights(weights)
+    return model
+
+
+@pytest.fixture(scope="session")
+def resnet50():
+    """tf_keras ResNet50, weights=None, random BN statistics (do not mutate)."""
+    keras.utils.set_random_seed(0)
+    return randomize_batchnorm(keras.applications.ResNet50(weights=None))
+
+
+@pytest.fixture(scope="session")
+def mobilenet_v2():
+    """tf_keras MobileNetV2(alpha=0.35, 96x96), weights=None, random BN statistics."""
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None)
+    return randomize_batchnorm(model)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from tf_balancer.demo import load_digits_data
+
+    return load_digits_data(seed=0)

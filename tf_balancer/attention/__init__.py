@@ -1,0 +1,1 @@
+"""Importance criteria, attention weights and the cost-aware balancer."""

@@ -1,0 +1,291 @@
+"""Channel importance criteria behind a registry, and layer attention weights.
+
+A criterion is a callable ``(graph, probe) -> {node name: scores}`` giving one
+score per output channel of every producer layer (Conv/Dense/SeparableConv);
+:func:`group_scores` sums the scores of a channel group's producers. Criteria
+are interchangeable and can be combined with weights (each is first divided by
+its mean over all prunable channels so the weights mean what they say).
+
+Built-in criteria:
+    ``magnitude``   L1 norm of the channel's output-side weights (``p=2`` for L2).
+    ``taylor``      first-order Taylor: ``|sum(w * dL/dw)|`` over the channel's
+                    weights, accumulated over probe batches (needs labels).
+    ``activation``  mean ``|a|`` of the channel's output over probe batches
+                    (APoZ, the fraction of zeros, is reported alongside).
+    ``bn_scale``    ``|gamma|`` of the BatchNormalization layers in the group.
+
+Example:
+    >>> scores = group_scores(graph, ProbeData(x), "magnitude")  # doctest: +SKIP
+    >>> weights = attention_weights(scores)                      # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer.errors import BalanceError, ConfigError
+from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.graph.layer_specs import spec_for
+from tf_balancer.graph.walk import rebuild
+
+__all__ = [
+    "ProbeData",
+    "register_importance",
+    "registered_importances",
+    "get_importance",
+    "group_scores",
+    "attention_weights",
+    "balance_score",
+]
+
+Criterion = Callable[[LayerGraph, "ProbeData"], dict[str, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeData:
+    """Probe batches for data-driven criteria; nothing is downloaded.
+
+    Attributes:
+        x: model inputs (array or list of arrays), split into ``batch_size`` batches.
+        y: labels, needed by ``taylor``.
+        loss: ``loss(y_true, y_pred) -> scalar``; defaults to the model's compiled loss.
+        batch_size: probe batch size.
+        max_batches: at most this many batches are used.
+    """
+
+    x: Any
+    y: Any = None
+    loss: Callable[[Any, Any], Any] | None = None
+    batch_size: int = 64
+    max_batches: int = 4
+
+    def batches(self) -> list[tuple[Any, Any]]:
+        n = len(self.x[0] if isinstance(self.x, (list, tuple)) else self.x)
+        out = []
+        for start in range(0, n, self.batch_size)[: self.max_batches]:
+            sl = slice(start, start + self.batch_size)
+            xb = [a[sl] for a in self.x] if isinstance(self.x, (list, tuple)) else self.x[sl]
+            out.append((xb, None if self.y is None else self.y[sl]))
+        return out
+
+
+_REGISTRY: dict[str, Criterion] = {}
+
+
+def register_importance(name: str) -> Callable[[Criterion], Criterion]:
+    """Decorator registering a criterion under ``name`` (a duplicate raises)."""
+
+    def decorate(fn: Criterion) -> Criterion:
+        if name in _REGISTRY:
+            raise ValueError(f"importance criterion {name!r} is already registered")
+        _REGISTRY[name] = fn
+        return fn
+
+    return decorate
+
+
+def registered_importances() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_importance(name: str) -> Criterion:
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"unknown importance criterion {name!r}; choose one of {registered_importances()}"
+        )
+    return _REGISTRY[name]
+
+
+def _producers(graph: LayerGraph):
+    for group in graph.prunable_groups:
+        for name in group.nodes("producer"):
+            yield name, graph.nodes[name]
+
+
+def _out_axis_reduce(node, fn: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
+    """Apply ``fn(weight, out_axis)`` to each output-side weight and sum."""
+    spec = spec_for(node.layer, len(node.input_shapes[0]))
+    total = 0.0
+    for attr, axis in spec.out_axes.items():
+        weight = getattr(node.layer, attr, None)
+        if weight is not None:
+            total = total + fn(np.asarray(weight), axis % len(weight.shape))
+    return np.asarray(total, dtype=np.float64)
+
+
+def _sum_except(array: np.ndarray, axis: int) -> np.ndarray:
+    return array.sum(axis=tuple(i for i in range(array.ndim) if i != axis))
+
+
+@register_importance("magnitude")
+def magnitude(graph: LayerGraph, probe: ProbeData | None, p: int = 1) -> dict[str, np.ndarray]:
+    """L1 (``p=1``) or L2 norm of each output channel's weights."""
+    return {
+        name: _out_axis_reduce(node, lambda w, ax: _sum_except(np.abs(w) ** p, ax)) ** (1 / p)
+        for name, node in _producers(graph)
+    }
+
+
+@register_importance("bn_scale")
+def bn_scale(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
+    """|gamma| of the group's BatchNorm layers, given to each producer (1 if none)."""
+    scores = {}
+    for group in graph.prunable_groups:
+        gammas = [
+            np.abs(graph.nodes[m.node].layer.gamma.numpy()[m.offset : m.offset + group.size])
+            for m in group.members
+            if m.role == "passthrough"
+            and graph.nodes[m.node].class_name == "BatchNormalization"
+            and graph.nodes[m.node].layer.gamma is not None
+        ]
+        value = np.sum(gammas, axis=0) if gammas else np.ones(group.size)
+        producers = group.nodes("producer")
+        for name in producers:
+            scores[name] = value / len(producers)
+    return scores
+
+
+def _require_probe(probe: ProbeData | None, criterion: str, labels: bool = False) -> ProbeData:
+    if probe is None or (labels and probe.y is None):
+        need = "inputs and labels" if labels else "inputs"
+        raise ConfigError(
+            f"importance {criterion!r} needs probe data ({need}); pass probe_data=(x, y) "
+            "or choose importance='magnitude' or 'bn_scale'."
+        )
+    return probe
+
+
+@register_importance("taylor")
+def taylor(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
+    """First-order Taylor ``|sum_w w * dL/dw|`` per output channel, over probe batches."""
+    probe = _require_probe(probe, "taylor", labels=True)
+    model = rebuild(graph.walk, lambda call: call.layer)  # shares the original weights
+    loss_fn = probe.loss or _default_loss(graph)
+    producers = dict(_producers(graph))
+    variables, owners = [], []
+    for name, node in producers.items():
+        spec = spec_for(node.layer, len(node.input_shapes[0]))
+        for attr, axis in spec.out_axes.items():
+            weight = getattr(node.layer, attr, None)
+            if weight is not None:
+                variables.append(weight)
+                owners.append((name, axis % len(weight.shape)))
+    scores = {name: 0.0 for name in producers}
+    for xb, yb in probe.batches():
+        with tf.GradientTape() as tape:
+            loss = loss_fn(tf.convert_to_tensor(yb), model(xb, training=False))
+        grads = tape.gradient(loss, variables)
+        per_channel: dict[str, Any] = {}
+        for (name, axis), var, grad in zip(owners, variables, grads, strict=True):
+            if grad is not None:
+                contrib = _sum_except(var.numpy() * np.asarray(grad), axis)
+                per_channel[name] = per_channel.get(name, 0.0) + contrib
+        for name, value in per_channel.items():
+            scores[name] = scores[name] + np.abs(value)
+    return {name: np.asarray(v, dtype=np.float64) for name, v in scores.items()}
+
+
+def _default_loss(graph: LayerGraph) -> Callable[[Any, Any], Any]:
+    model = getattr(graph, "model", None)
+    compiled = getattr(model, "compiled_loss", None)
+    if compiled is None:
+        raise ConfigError(
+            "taylor importance needs a loss: compile the model or pass ProbeData(loss=...)"
+        )
+    return lambda y, p: compiled(y, p)
+
+
+@register_importance("activation")
+def activation(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
+    """Mean |activation| of each producer's output channels over probe batches."""
+    probe = _require_probe(probe, "activation")
+    producers = dict(_producers(graph))
+    keys = [_output_key(graph, name) for name in producers]
+    model = rebuild(graph.walk, lambda call: call.layer, outputs=keys)
+    sums = {name: 0.0 for name in producers}
+    count = 0
+    for xb, _ in probe.batches():
+        outs = model(xb, training=False)
+        outs = outs if isinstance(outs, (list, tuple)) else [outs]
+        for name, out in zip(producers, outs, strict=True):
+            a = np.abs(np.asarray(out))
+            sums[name] = sums[name] + a.reshape(-1, a.shape[-1]).mean(axis=0)
+        count += 1
+    return {name: np.asarray(v / max(count, 1), dtype=np.float64) for name, v in sums.items()}
+
+
+def _output_key(graph: LayerGraph, node_name: str) -> str:
+    for call in graph.walk.calls:
+        if call.name == node_name:
+            return call.outputs[0]
+    raise KeyError(node_name)
+
+
+def _criteria(importance: str | Mapping[str, float]) -> dict[str, float]:
+    weights = {importance: 1.0} if isinstance(importance, str) else dict(importance)
+    if not weights or any(w < 0 or not math.isfinite(w) for w in weights.values()):
+        raise ConfigError(f"importance weights must be finite and >= 0, got {weights}")
+    if sum(weights.values()) <= 0:
+        raise ConfigError("importance weights must not all be 0")
+    return weights
+
+
+def group_scores(
+    graph: LayerGraph, probe: ProbeData | None, importance: str | Mapping[str, float] = "magnitude"
+) -> dict[int, np.ndarray]:
+    """Per-channel importance of every prunable group (one score per channel).
+
+    Args:
+        graph: the layer graph (``graph.model`` is used for the default loss).
+        probe: probe batches (``taylor`` and ``activation`` need them).
+        importance: a criterion name, or ``{name: weight}`` to combine several.
+
+    Returns:
+        group id -> non-negative float64 array of the group's size.
+
+    Raises:
+        ConfigError: unknown criterion, bad weights, or missing probe data.
+        BalanceError: the model has no prunable channel group.
+    """
+    groups = graph.prunable_groups
+    if not groups:
+        raise BalanceError(
+            "the model has no prunable channel group (every group reaches a model output, an "
+            "input, or a layer tf_balancer does not understand); see `tf-balancer inspect`."
+        )
+    combined = {g.id: np.zeros(g.size) for g in groups}
+    for name, weight in _criteria(importance).items():
+        per_node = get_importance(name)(graph, probe)
+        per_group = {
+            g.id: np.sum([per_node[p] for p in g.nodes("producer")], axis=0) for g in groups
+        }
+        scale = np.mean(np.concatenate(list(per_group.values()))) or 1.0
+        for gid, scores in per_group.items():
+            combined[gid] += weight * scores / scale
+    for gid, scores in combined.items():
+        if not np.all(np.isfinite(scores)) or np.any(scores < 0):
+            raise BalanceError(f"importance scores of group {gid} are negative or not finite")
+    return combined
+
+
+def attention_weights(scores: Mapping[int, np.ndarray]) -> dict[int, float]:
+    """Each group's share of the total importance (sums to 1 over the groups)."""
+    totals = {gid: float(np.sum(s)) for gid, s in scores.items()}
+    total = sum(totals.values())
+    if total <= 0:
+        return {gid: 1.0 / len(totals) for gid in totals}
+    return {gid: t / total for gid, t in totals.items()}
+
+
+def balance_score(weights: Mapping[int, float]) -> float:
+    """Normalized entropy of the attention distribution: 1 = perfectly even."""
+    p = np.asarray([w for w in weights.values() if w > 0], dtype=np.float64)
+    if len(weights) <= 1:
+        return 1.0
+    return float(-(p * np.log(p)).sum() / math.log(len(weights)))

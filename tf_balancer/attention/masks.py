@@ -1,0 +1,81 @@
+"""Apply an allocation as channel masks: pruned channels become exact zeros.
+
+For every pruned channel of a group this zeroes the producers' output-side
+weights (kernel columns, bias), the per-channel weights of the layers in
+between (BatchNorm gamma/beta, depthwise kernels) and the consumers'
+input-side weights (kernel rows, at each flattened position for a Dense after
+Flatten). Zeroing the consumers' inputs is what makes the masked model compute
+exactly what the compacted model (``prune_channels``) computes.
+
+Example:
+    >>> masked = masked_copy(graph, plan)      # the user's model is untouched
+    >>> apply_masks(graph, plan)                # doctest: +SKIP  (in place, for training)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.graph.layer_specs import spec_for
+from tf_balancer.graph.walk import clone_flat
+
+__all__ = ["channel_masks", "apply_masks", "masked_copy"]
+
+_ROLE_AXES = {"producer": "out_axes", "passthrough": "ch_axes", "consumer": "in_axes"}
+
+
+def channel_masks(graph: LayerGraph, plan: Any) -> dict[tuple[str, str], np.ndarray]:
+    """``(node name, weight attribute) -> 0/1 mask`` for every weight the plan touches."""
+    masks: dict[tuple[str, str], np.ndarray] = {}
+    for gid in plan.keep:
+        pruned = plan.pruned(gid)
+        if not len(pruned):
+            continue
+        for member in graph.groups[gid].members:
+            node = graph.nodes[member.node]
+            spec = spec_for(node.layer, len(node.input_shapes[0]))
+            for attr, axis in getattr(spec, _ROLE_AXES[member.role]).items():
+                weight = getattr(node.layer, attr, None)
+                if weight is None:
+                    continue
+                key = (member.node, attr)
+                mask = masks.setdefault(
+                    key, np.ones(weight.shape, dtype=weight.dtype.as_numpy_dtype)
+                )
+                index = [slice(None)] * len(weight.shape)
+                index[axis] = member.indices(pruned)
+                mask[tuple(index)] = 0
+    return masks
+
+
+def apply_masks(
+    graph: LayerGraph,
+    plan: Any,
+    layers: Mapping[str, Any] | None = None,
+    masks: Mapping[tuple[str, str], np.ndarray] | None = None,
+) -> None:
+    """Multiply the weights by the plan's masks, in place.
+
+    Args:
+        graph: the layer graph the plan was made for.
+        plan: an :class:`~tf_balancer.attention.balance.Allocation`.
+        layers: node name -> layer to mask; defaults to the graph's own layers
+            (i.e. the model being trained).
+        masks: precomputed :func:`channel_masks` (recomputed when omitted).
+    """
+    masks = channel_masks(graph, plan) if masks is None else masks
+    for (name, attr), mask in masks.items():
+        layer = layers[name] if layers is not None else graph.nodes[name].layer
+        weight = getattr(layer, attr)
+        weight.assign(weight.numpy() * mask)
+
+
+def masked_copy(graph: LayerGraph, plan: Any) -> Any:
+    """A masked, independent copy of the graph's model (nested models flattened)."""
+    model, layers = clone_flat(graph.walk)
+    apply_masks(graph, plan, layers)
+    return model

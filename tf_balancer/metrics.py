@@ -1,0 +1,382 @@
+"""Macro-averaged recall and F1: Keras metrics and a numpy function for reports.
+
+Both metrics accumulate a ``num_classes x num_classes`` confusion matrix (rows: true
+class, columns: predicted class) across ``update_state`` calls, so the value after an
+epoch is the macro score over the whole epoch, not an average of per-batch scores.
+Macro means the unweighted mean over *all* ``num_classes`` classes; a class that is
+undefined (recall: no true samples; F1: no true samples and no predictions) counts as 0.
+This is ``sklearn.metrics.recall_score`` / ``f1_score`` with ``average="macro"``,
+``zero_division=0`` and ``labels=range(num_classes)``.
+
+Accepted shapes (``C = num_classes``):
+
+* ``y_pred`` of shape ``(..., C)``: scores, probabilities or logits; the prediction is
+  the argmax over the last axis.
+* ``y_pred`` of shape ``(..., 1)`` or ``(batch,)`` with ``num_classes=2``: one binary
+  output; the prediction is 1 where ``y_pred > 0.5`` (``> 0`` with ``from_logits=True``).
+* ``y_true`` sparse (integer class ids, shape ``(...)`` or ``(..., 1)``) or one-hot
+  (shape ``(..., C)``; argmax over the last axis, so smoothed labels work too).
+  ``label_mode="auto"`` treats ``y_true`` as one-hot when it has the rank of ``y_pred``
+  (at least 2) and a last dimension of ``C``; otherwise as sparse.
+
+The accumulator is float64 so that counts stay exact far beyond float32's 2**24.
+
+Example:
+    >>> import numpy as np
+    >>> from tf_balancer._compat import keras
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    >>> model.compile(loss="sparse_categorical_crossentropy",
+    ...               metrics=[MacroRecall(num_classes=3), MacroF1(num_classes=3)])
+    >>> macro_scores([0, 1, 2, 2], [0, 2, 2, 2], num_classes=3)["recall"]
+    0.6666666666666666
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer._compat import keras
+
+__all__ = ["LABEL_MODES", "MacroRecall", "MacroF1", "macro_scores"]
+
+LABEL_MODES = ("auto", "sparse", "one_hot")
+
+
+def _validate_num_classes(num_classes: Any) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise ValueError(
+            f"num_classes must be an int >= 2, got {num_classes!r} "
+            f"({type(num_classes).__name__}); pass the number of output classes, "
+            "e.g. num_classes=10 (use num_classes=2 for a single sigmoid output)."
+        )
+    if num_classes < 2:
+        raise ValueError(
+            f"num_classes must be >= 2, got {num_classes}; a binary classifier has "
+            "num_classes=2 even when the model has one sigmoid output."
+        )
+    return int(num_classes)
+
+
+def _branch(static: bool | None, dynamic: Callable[[], tf.Tensor], true_fn, false_fn):
+    """``true_fn()`` / ``false_fn()`` when ``static`` is known, else a ``tf.cond``."""
+    if static is None:
+        return tf.cond(dynamic(), true_fn, false_fn)
+    return true_fn() if static else false_fn()
+
+
+class _ConfusionMatrixMetric(keras.metrics.Metric):
+    """Accumulates a confusion matrix; subclasses turn it into a score in ``result``."""
+
+    def __init__(
+        self,
+        num_classes: int,
+        label_mode: str = "auto",
+        from_logits: bool = False,
+        name: str | None = None,
+        dtype: Any = None,
+    ) -> None:
+        num_classes = _validate_num_classes(num_classes)
+        if label_mode not in LABEL_MODES:
+            raise ValueError(
+                f"label_mode must be one of {LABEL_MODES}, got {label_mode!r}; use 'sparse' "
+                "for integer class ids, 'one_hot' for (batch, num_classes) labels, or 'auto'."
+            )
+        if not isinstance(from_logits, bool | np.bool_):
+            raise ValueError(f"from_logits must be True or False, got {from_logits!r}.")
+        super().__init__(name=name, dtype=dtype)
+        self.num_classes = num_classes
+        self.label_mode = label_mode
+        self.from_logits = bool(from_logits)
+        self.confusion_matrix = self.add_weight(
+            name="confusion_matrix",
+            shape=(num_classes, num_classes),
+            initializer="zeros",
+            dtype=tf.float64,
+        )
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        """Add one batch to the confusion matrix.
+
+        Args:
+            y_true: Sparse class ids or one-hot labels (see the module docstring).
+            y_pred: Model outputs: ``(..., num_classes)`` scores, or one binary output
+                when ``num_classes=2``.
+            sample_weight: Optional weights, broadcastable to the per-sample shape
+                (e.g. ``(batch,)`` or ``(batch, 1)``).
+
+        Returns:
+            The update op in graph mode; ``None`` when executing eagerly.
+        """
+        y_pred = tf.convert_to_tensor(y_pred)
+        y_true = tf.convert_to_tensor(y_true)
+        predicted = self._predicted_labels(y_pred)
+        labels = tf.reshape(self._true_labels(y_true, y_pred), [-1])
+        weights = None
+        if sample_weight is not None:
+            weights = tf.cast(tf.convert_to_tensor(sample_weight), tf.float64)
+            rank = predicted.shape.rank
+            if weights.shape.rank is not None and weights.shape.rank == rank + 1:
+                weights = tf.squeeze(weights, axis=-1)
+            weights = tf.reshape(tf.broadcast_to(weights, tf.shape(predicted)), [-1])
+        batch = tf.math.confusion_matrix(
+            labels,
+            tf.reshape(predicted, [-1]),
+            num_classes=self.num_classes,
+            weights=weights,
+            dtype=tf.float64,
+        )
+        return tf.group(self.confusion_matrix.assign_add(batch))
+
+    def _predicted_labels(self, y_pred: tf.Tensor) -> tf.Tensor:
+        """Per-sample predicted class ids, shape ``y_pred.shape[:-1]`` (or ``(batch,)``)."""
+        rank = y_pred.shape.rank
+        if rank is None:
+            raise ValueError("y_pred must have a known rank; give the model output a shape.")
+        if rank == 1:
+            if self.num_classes != 2:
+                raise ValueError(
+                    f"y_pred has shape {y_pred.shape} (one score per sample) but "
+                    f"num_classes={self.num_classes}; one score per sample is only valid "
+                    "for num_classes=2, otherwise y_pred must be (batch, num_classes)."
+                )
+            return self._threshold(y_pred)
+        last = y_pred.shape[-1]
+        if last == 1 and self.num_classes != 2:
+            raise ValueError(
+                f"y_pred has one column but num_classes={self.num_classes}; a single "
+                "output is only valid for num_classes=2 (binary)."
+            )
+        if last is not None and last not in (1, self.num_classes):
+            raise ValueError(
+                f"y_pred has {last} columns but num_classes={self.num_classes}; "
+                "set num_classes to the model's number of outputs."
+            )
+        argmax = lambda: tf.argmax(y_pred, axis=-1, output_type=tf.int32)  # noqa: E731
+        if self.num_classes != 2:
+            return argmax()
+        return _branch(
+            None if last is None else last == 1,
+            lambda: tf.equal(tf.shape(y_pred)[-1], 1),
+            lambda: self._threshold(tf.squeeze(y_pred, axis=-1)),
+            argmax,
+        )
+
+    def _threshold(self, scores: tf.Tensor) -> tf.Tensor:
+        threshold = 0.0 if self.from_logits else 0.5
+        return tf.cast(tf.cast(scores, tf.float32) > threshold, tf.int32)
+
+    def _true_labels(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        """Per-sample true class ids (any shape with the right number of elements)."""
+
+        def sparse():
+            if y_true.dtype.is_floating:  # Keras casts labels to y_pred's dtype.
+                return tf.cast(tf.round(y_true), tf.int32)
+            return tf.cast(y_true, tf.int32)
+
+        def one_hot():
+            return tf.argmax(y_true, axis=-1, output_type=tf.int32)
+
+        if self.label_mode == "sparse":
+            return sparse()
+        if self.label_mode == "one_hot":
+            return one_hot()
+        rank_true, rank_pred = y_true.shape.rank, y_pred.shape.rank
+        if rank_true is None or rank_true < 2 or rank_true != rank_pred:
+            return sparse()
+        last = y_true.shape[-1]
+        return _branch(
+            None if last is None else last == self.num_classes,
+            lambda: tf.equal(tf.shape(y_true)[-1], self.num_classes),
+            one_hot,
+            lambda: tf.reshape(sparse(), [-1]),
+        )
+
+    def reset_state(self) -> None:
+        """Zero the confusion matrix (Keras calls this at the start of each epoch)."""
+        self.confusion_matrix.assign(tf.zeros_like(self.confusion_matrix))
+
+    def _per_class(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """True positives, true counts (row sums), predicted counts (column sums)."""
+        cm = self.confusion_matrix
+        return tf.linalg.diag_part(cm), tf.reduce_sum(cm, axis=1), tf.reduce_sum(cm, axis=0)
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments, so that ``type(m).from_config(m.get_config())`` works."""
+        config = {
+            "num_classes": self.num_classes,
+            "label_mode": self.label_mode,
+            "from_logits": self.from_logits,
+        }
+        return {**super().get_config(), **config}
+
+
+@keras.utils.register_keras_serializable(package="tf_balancer")
+class MacroRecall(_ConfusionMatrixMetric):
+    """Macro-averaged recall (balanced accuracy over all ``num_classes`` classes).
+
+    The mean over classes of ``TP_c / (number of samples of class c)``, with 0 for a
+    class that has no samples; equals ``sklearn.metrics.recall_score(y, p,
+    labels=range(num_classes), average="macro", zero_division=0)``.
+
+    Args:
+        num_classes: Number of classes, >= 2. Use 2 for a single sigmoid/logit output.
+        label_mode: ``"sparse"`` (integer class ids), ``"one_hot"`` (``(..., C)``
+            labels) or ``"auto"`` (decided from the shapes). Defaults to ``"auto"``.
+        from_logits: Only for one binary output: threshold at 0 instead of 0.5.
+            Defaults to ``False``.
+        name: Metric name (the Keras log key). Defaults to ``"macro_recall"``.
+        dtype: Dtype of ``result()``. Defaults to ``float32``.
+
+    Raises:
+        ValueError: if ``num_classes`` < 2 or ``label_mode`` is unknown.
+
+    Example:
+        >>> m = MacroRecall(num_classes=3)
+        >>> m.update_state([0, 1, 2, 2], [[1, 0, 0], [0, 0, 1], [0, 0, 1], [0, 0, 1]])
+        >>> round(float(m.result()), 4)
+        0.6667
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        label_mode: str = "auto",
+        from_logits: bool = False,
+        name: str = "macro_recall",
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_classes, label_mode, from_logits, name=name, dtype=dtype)
+
+    def result(self) -> tf.Tensor:
+        """The macro recall of everything accumulated since the last reset."""
+        tp, true_count, _ = self._per_class()
+        return tf.cast(tf.reduce_mean(tf.math.divide_no_nan(tp, true_count)), self.dtype)
+
+
+@keras.utils.register_keras_serializable(package="tf_balancer")
+class MacroF1(_ConfusionMatrixMetric):
+    """Macro-averaged F1 over all ``num_classes`` classes.
+
+    The mean over classes of ``2 TP_c / (true count_c + predicted count_c)``, with 0
+    for a class that is neither present nor predicted; equals
+    ``sklearn.metrics.f1_score(y, p, labels=range(num_classes), average="macro",
+    zero_division=0)``.
+
+    Args:
+        num_classes: Number of classes, >= 2. Use 2 for a single sigmoid/logit output.
+        label_mode: ``"sparse"``, ``"one_hot"`` or ``"auto"``. Defaults to ``"auto"``.
+        from_logits: Only for one binary output: threshold at 0 instead of 0.5.
+            Defaults to ``False``.
+        name: Metric name (the Keras log key). Defaults to ``"macro_f1"``.
+        dtype: Dtype of ``result()``. Defaults to ``float32``.
+
+    Raises:
+        ValueError: if ``num_classes`` < 2 or ``label_mode`` is unknown.
+
+    Example:
+        >>> m = MacroF1(num_classes=2, from_logits=True)
+        >>> m.update_state([0, 1, 1, 0], [[-2.0], [3.0], [-1.0], [-0.5]])
+        >>> round(float(m.result()), 4)
+        0.7333
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        label_mode: str = "auto",
+        from_logits: bool = False,
+        name: str = "macro_f1",
+        dtype: Any = None,
+    ) -> None:
+        super().__init__(num_classes, label_mode, from_logits, name=name, dtype=dtype)
+
+    def result(self) -> tf.Tensor:
+        """The macro F1 of everything accumulated since the last reset."""
+        tp, true_count, pred_count = self._per_class()
+        f1 = tf.math.divide_no_nan(2.0 * tp, true_count + pred_count)
+        return tf.cast(tf.reduce_mean(f1), self.dtype)
+
+
+def _as_class_ids(values: Any, num_classes: int, what: str) -> np.ndarray:
+    """1-D int array of class ids from ids, ``(n, 1)`` ids or ``(n, C)`` one-hot rows."""
+    array = np.asarray(values)
+    if array.ndim == 2 and array.shape[1] == num_classes:
+        array = array.argmax(axis=1)
+    elif array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1:
+        raise ValueError(
+            f"{what} must be class ids of shape (n,) or (n, 1), or one-hot of shape "
+            f"(n, {num_classes}); got shape {array.shape}."
+        )
+    ids = np.rint(array).astype(np.int64) if array.dtype.kind == "f" else array.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= num_classes):
+        raise ValueError(
+            f"{what} holds class ids outside [0, {num_classes}) "
+            f"(min {ids.min()}, max {ids.max()}); check num_classes."
+        )
+    return ids
+
+
+def macro_scores(
+    y_true: Any,
+    y_pred_labels: Any,
+    num_classes: int,
+    sample_weight: Any = None,
+) -> dict[str, float]:
+    """Accuracy, macro recall and macro F1 of predicted class ids, in numpy.
+
+    Same definitions as :class:`MacroRecall` and :class:`MacroF1` (all classes in
+    ``range(num_classes)`` count; undefined per-class scores are 0). Empty input gives
+    0 for every score.
+
+    Args:
+        y_true: True class ids, shape ``(n,)`` or ``(n, 1)``, or one-hot ``(n, C)``.
+        y_pred_labels: Predicted class ids, same accepted shapes (e.g.
+            ``model.predict(x).argmax(-1)``).
+        num_classes: Number of classes, >= 2.
+        sample_weight: Optional per-sample weights of shape ``(n,)``.
+
+    Returns:
+        ``{"accuracy": float, "recall": float, "f1": float}``.
+
+    Raises:
+        ValueError: for mismatched lengths, bad shapes, ids outside
+            ``[0, num_classes)`` or ``num_classes`` < 2.
+
+    Example:
+        >>> scores = macro_scores([0, 0, 1, 2], [0, 1, 1, 1], num_classes=3)
+        >>> {k: round(v, 3) for k, v in scores.items()}
+        {'accuracy': 0.5, 'recall': 0.5, 'f1': 0.389}
+    """
+    num_classes = _validate_num_classes(num_classes)
+    truth = _as_class_ids(y_true, num_classes, "y_true")
+    pred = _as_class_ids(y_pred_labels, num_classes, "y_pred_labels")
+    if truth.shape != pred.shape:
+        raise ValueError(
+            f"y_true has {truth.size} samples but y_pred_labels has {pred.size}; "
+            "pass one prediction per label."
+        )
+    weights = np.ones(truth.shape) if sample_weight is None else np.asarray(sample_weight)
+    weights = weights.astype(np.float64).reshape(-1)
+    if weights.shape != truth.shape:
+        raise ValueError(
+            f"sample_weight has {weights.size} entries but there are {truth.size} samples."
+        )
+    cm = np.zeros((num_classes, num_classes))
+    np.add.at(cm, (truth, pred), weights)
+    tp, true_count, pred_count = np.diag(cm), cm.sum(axis=1), cm.sum(axis=0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = np.where(true_count > 0, tp / true_count, 0.0)
+        denom = true_count + pred_count
+        f1 = np.where(denom > 0, 2.0 * tp / denom, 0.0)
+    total = cm.sum()
+    return {
+        "accuracy": float(tp.sum() / total) if total > 0 else 0.0,
+        "recall": float(recall.mean()),
+        "f1": float(f1.mean()),
+    }
