@@ -51,8 +51,8 @@ class PassContext:
 
     probe_inputs: Any = None
     plan: Any = None
-    sparsity: Mapping[str, float] = _EMPTY
-    options: Mapping[str, Mapping[str, Any]] = _EMPTY
+    sparsity: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
 
     def options_for(self, name: str) -> Mapping[str, Any]:
         return self.options.get(name, _EMPTY)
@@ -65,7 +65,7 @@ class PassResult:
     model: Any
     changed: bool
     message: str = ""
-    stats: Mapping[str, Any] = _EMPTY
+    stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class GraphPass(abc.ABC):

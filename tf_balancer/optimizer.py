@@ -1,0 +1,212 @@
+"""``MetaOptimizer``: run named passes in order, verify each, roll back failures.
+
+Grappler's meta-optimizer in Python. Each pass is looked up by name in the
+registry, run on the current model, then verified: a function-preserving pass
+must reproduce its reference's outputs on the probe batch (rtol/atol), every
+pass must keep the output shapes and dtypes. A pass that raises or fails
+verification is rolled back (the previous model stays current) and reported;
+with ``fail_on_error=True`` the optimizer raises instead. Per pass it records
+layers, params and FLOPs before/after, wall time and the verifier's outcome.
+
+Example:
+    >>> optimizer = MetaOptimizer(["strip_training_ops", "fold_batchnorm"])  # doctest: +SKIP
+    >>> new_model, report = optimizer.run(model)                              # doctest: +SKIP
+    >>> print(report.table())                                                 # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from tf_balancer._compat import is_keras_model
+from tf_balancer.errors import ConfigError, PassError, VerificationError
+from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.passes.base import GraphPass, PassContext, get_pass
+from tf_balancer.verify import Outcome, compare_outputs, compare_signature, random_inputs
+
+__all__ = ["PassRecord", "OptimizationReport", "MetaOptimizer", "model_stats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    """What one pass did. ``status``: applied, unchanged, rolled_back."""
+
+    name: str
+    status: str
+    message: str
+    seconds: float
+    before: dict[str, int]
+    after: dict[str, int]
+    max_abs_diff: float = 0.0
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizationReport:
+    """All pass records, in order."""
+
+    records: tuple[PassRecord, ...]
+
+    @property
+    def rolled_back(self) -> list[str]:
+        return [r.name for r in self.records if r.status == "rolled_back"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"passes": [dataclasses.asdict(r) for r in self.records]}
+
+    def table(self) -> str:
+        rows = [("pass", "status", "layers", "params", "FLOPs", "seconds", "message")]
+        for r in self.records:
+            rows.append(
+                (
+                    r.name,
+                    r.status,
+                    f"{r.before['layers']}->{r.after['layers']}",
+                    f"{r.before['params']:,}->{r.after['params']:,}",
+                    f"{r.before['flops']:,}->{r.after['flops']:,}",
+                    f"{r.seconds:.2f}",
+                    r.message,
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join(
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+        )
+
+
+def model_stats(model: Any) -> dict[str, int]:
+    """Layers, params and FLOPs (batch 1) of a Keras model or a concrete function."""
+    from tf_balancer.graph.trace import op_flops, trace_function
+
+    if is_keras_model(model):
+        from tf_balancer.analysis import analyze
+
+        analysis = analyze(model)
+        return {
+            "layers": len(analysis.graph.nodes),
+            "params": analysis.cost.params,
+            "flops": analysis.cost.flops,
+        }
+    traced = trace_function(model)
+    return {
+        "layers": len(traced.graph_def.node),
+        "params": 0,
+        "flops": sum(op_flops(traced.graph).values()),
+    }
+
+
+class MetaOptimizer:
+    """Runs passes by name, in order, with verification and rollback.
+
+    Args:
+        passes: pass names (or ``GraphPass`` instances), in the order to run.
+        rtol, atol: output tolerance for function-preserving passes.
+        fail_on_error: raise :class:`~tf_balancer.errors.PassError` /
+            :class:`~tf_balancer.errors.VerificationError` instead of rolling back.
+
+    Raises:
+        ConfigError: unknown pass name (the message lists the registered ones),
+            or a pass with non-Keras output (``grappler``) that is not last.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[str | GraphPass],
+        *,
+        rtol: float = 1e-4,
+        atol: float = 1e-5,
+        fail_on_error: bool = False,
+    ):
+        self.passes = [get_pass(p) if isinstance(p, str) else p for p in passes]
+        for p in self.passes[:-1]:
+            if not p.keras_output:
+                raise ConfigError(f"pass {p.name!r} does not return a Keras model; put it last")
+        self.rtol, self.atol, self.fail_on_error = rtol, atol, fail_on_error
+
+    def run(self, model: Any, ctx: PassContext | None = None) -> tuple[Any, OptimizationReport]:
+        """Optimize ``model`` (never modified); returns the new model and the report."""
+        ctx = ctx or PassContext()
+        probe = ctx.probe_inputs if ctx.probe_inputs is not None else random_inputs(model)
+        stats = model_stats(model)
+        records = []
+        for graph_pass in self.passes:
+            model, stats, record = self._run_one(graph_pass, model, stats, ctx, probe)
+            records.append(record)
+        return model, OptimizationReport(tuple(records))
+
+    def _run_one(
+        self, graph_pass: GraphPass, model: Any, stats: dict, ctx: PassContext, probe: Any
+    ):
+        name = graph_pass.name
+        start = time.perf_counter()
+        try:
+            graph = LayerGraph.from_model(model)
+            result = graph_pass.run(model, graph, ctx)
+            outcome = Outcome(True)
+            if result.changed:
+                outcome = self._verify(graph_pass, model, graph, ctx, result.model, probe)
+        except Exception as err:  # any failure of a pass is rolled back, by design
+            if self.fail_on_error:
+                raise PassError(f"pass {name!r} failed: {err}") from err
+            logger.warning("pass %s failed and was rolled back: %s", name, err)
+            return (
+                model,
+                stats,
+                PassRecord(
+                    name, "rolled_back", f"error: {err}", time.perf_counter() - start, stats, stats
+                ),
+            )
+        seconds = time.perf_counter() - start
+        if not outcome.ok:
+            if self.fail_on_error:
+                raise VerificationError(f"pass {name!r} failed verification: {outcome.reason}")
+            logger.warning(
+                "pass %s failed verification and was rolled back: %s", name, outcome.reason
+            )
+            message = f"verification failed: {outcome.reason}"
+            return (
+                model,
+                stats,
+                PassRecord(
+                    name, "rolled_back", message, seconds, stats, stats, outcome.max_abs_diff
+                ),
+            )
+        if not result.changed:
+            return (
+                model,
+                stats,
+                PassRecord(
+                    name,
+                    "unchanged",
+                    result.message,
+                    seconds,
+                    stats,
+                    stats,
+                    0.0,
+                    dict(result.stats),
+                ),
+            )
+        after = model_stats(result.model)
+        record = PassRecord(
+            name,
+            "applied",
+            result.message,
+            seconds,
+            stats,
+            after,
+            outcome.max_abs_diff,
+            dict(result.stats),
+        )
+        return result.model, after, record
+
+    def _verify(self, graph_pass, model, graph, ctx, new_model, probe) -> Outcome:
+        if graph_pass.preserves_function:
+            reference = graph_pass.reference(model, graph, ctx)
+            return compare_outputs(reference, new_model, probe, self.rtol, self.atol)
+        return compare_signature(model, new_model, probe)

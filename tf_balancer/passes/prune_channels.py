@@ -1,0 +1,153 @@
+"""``prune_channels``: physically remove pruned channels (structured compaction).
+
+Every member of each pruned group is rewritten: producers lose output channels
+(``filters``/``units`` shrink; kernel columns and biases are sliced), per-channel
+layers lose those channels (BatchNorm statistics, depthwise kernels), and
+consumers lose the matching input rows (at every spatial position for a Dense
+after Flatten; at the right offset after a Concatenate). The result is a fresh
+tf_keras model whose outputs equal the **masked** model's, where pruned
+channels are zero (see :mod:`tf_balancer.attention.masks`).
+
+The channels come from ``ctx.plan`` (an Allocation) or, without a plan, from
+the model itself: a channel whose producers' output weights and consumers'
+input weights are all zero (what masking during training leaves) is removed.
+
+Example:
+    >>> result = PruneChannels().run(model, graph, PassContext(plan=plan))  # doctest: +SKIP
+    >>> result.model.count_params() < model.count_params()                   # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from tf_balancer.attention.masks import masked_copy
+from tf_balancer.graph.layer_graph import LayerGraph, Layout
+from tf_balancer.graph.layer_specs import spec_for
+from tf_balancer.graph.walk import clone_layer, rebuild
+from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
+
+__all__ = ["PruneChannels", "plan_from_masks", "KeepPlan"]
+
+_WIDTH_KEYS = ("filters", "units")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeepPlan:
+    """Minimal plan: group id -> kept channel indices (an Allocation also fits)."""
+
+    keep: dict[int, np.ndarray]
+    sizes: dict[int, int]
+
+    def pruned(self, gid: int) -> np.ndarray:
+        return np.setdiff1d(np.arange(self.sizes[gid]), self.keep[gid])
+
+
+def _zero_along(weight: Any, axis: int) -> np.ndarray:
+    array = np.asarray(weight)
+    axis %= array.ndim
+    return np.all(array == 0, axis=tuple(i for i in range(array.ndim) if i != axis))
+
+
+def plan_from_masks(graph: LayerGraph) -> KeepPlan:
+    """Channels already masked: producers' outputs and consumers' inputs all zero."""
+    keep, sizes = {}, {}
+    for group in graph.prunable_groups:
+        dead = np.ones(group.size, dtype=bool)
+        for member in group.members:
+            if member.role == "passthrough":
+                continue
+            node = graph.nodes[member.node]
+            spec = spec_for(node.layer, len(node.input_shapes[0]))
+            axes = spec.out_axes if member.role == "producer" else spec.in_axes
+            for attr, axis in axes.items():
+                weight = getattr(node.layer, attr, None)
+                if weight is not None:
+                    zero = _zero_along(weight, axis)
+                    dead &= (
+                        zero[member.indices(np.arange(group.size))].reshape(-1, group.size).all(0)
+                    )
+        keep[group.id], sizes[group.id] = np.flatnonzero(~dead), group.size
+    return KeepPlan(keep, sizes)
+
+
+def _kept_indices(layout: Layout | None, plan: Any, width: int) -> np.ndarray:
+    """Indices along a tensor's channel/feature axis that survive ``plan``."""
+    if layout is None:
+        return np.arange(width)
+    blocks = []
+    for s in range(layout.spatial):
+        for segment, offset in layout.with_offsets():
+            kept = plan.keep.get(segment.group, np.arange(segment.size))
+            blocks.append(s * layout.width + offset + np.asarray(kept, dtype=np.int64))
+    return np.concatenate(blocks)
+
+
+def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, int]]:
+    layer = node.layer
+    spec = spec_for(layer, len(node.input_shapes[0]))
+    in_width = int(node.input_shapes[0][-1])
+    out_width = int(node.output_shape[-1])
+    keep_in = _kept_indices(node.in_layouts[0], plan, in_width)
+    keep_out = _kept_indices(node.out_layout, plan, out_width)
+    by_var = {}
+    for axes, index in (
+        (spec.out_axes, keep_out),
+        (spec.in_axes, keep_in),
+        (spec.ch_axes, keep_out),
+    ):
+        for attr, axis in axes.items():
+            weight = getattr(layer, attr, None)
+            if weight is not None:
+                by_var.setdefault(id(weight), []).append((axis, index))
+    arrays = []
+    for weight in layer.weights:
+        array = weight.numpy()
+        for axis, index in by_var.get(id(weight), ()):
+            array = np.take(array, index, axis=axis)
+        arrays.append(array)
+    overrides = {}
+    if spec.role == "producer":
+        key = next(k for k in _WIDTH_KEYS if k in layer.get_config())
+        overrides[key] = len(keep_out)
+    return arrays, overrides
+
+
+@register_pass("prune_channels")
+class PruneChannels(GraphPass):
+    """Remove the channels of ``ctx.plan`` (or already-masked channels) physically."""
+
+    def _plan(self, graph: LayerGraph, ctx: PassContext) -> Any:
+        return ctx.plan if ctx.plan is not None else plan_from_masks(graph)
+
+    def reference(self, model: Any, graph: LayerGraph, ctx: PassContext) -> Any:
+        return masked_copy(graph, self._plan(graph, ctx))
+
+    def run(self, model: Any, graph: LayerGraph, ctx: PassContext) -> PassResult:
+        plan = self._plan(graph, ctx)
+        removed = {gid: len(plan.pruned(gid)) for gid in plan.keep if len(plan.pruned(gid))}
+        if not removed:
+            return PassResult(model, changed=False, message="no channel to remove")
+        weights: dict[str, list[np.ndarray]] = {}
+        new_layers: dict[str, Any] = {}
+
+        def make(call):
+            node = graph.nodes[call.name]
+            weights[call.name], overrides = _slice_weights(node, plan)
+            new_layers[call.name] = clone_layer(call.layer, **overrides)
+            return new_layers[call.name]
+
+        new_model = rebuild(graph.walk, make, name=model.name)
+        for name, layer in new_layers.items():
+            layer.set_weights(weights[name])
+        channels = sum(removed.values())
+        return PassResult(
+            new_model,
+            changed=True,
+            message=f"removed {channels} channels from {len(removed)} groups",
+            stats={"channels_removed": channels, "groups_pruned": len(removed)},
+        )
