@@ -44,7 +44,7 @@ import numpy as np
 
 from tf_balancer.errors import BalanceError, ConfigError
 
-__all__ = ["Bounds", "Allocation", "allocate", "STRATEGIES"]
+__all__ = ["Bounds", "KeepPlan", "Allocation", "allocate", "STRATEGIES"]
 
 STRATEGIES = ("balanced", "uniform", "global")
 METRICS = ("flops", "params")
@@ -79,7 +79,27 @@ class Bounds:
 
 
 @dataclasses.dataclass(frozen=True)
-class Allocation:
+class KeepPlan:
+    """The minimal plan interface: group id -> kept channel indices, and group sizes.
+
+    :class:`Allocation` extends it with how the plan was made; a ``KeepPlan``
+    also describes channels found already masked or restored from a checkpoint.
+    """
+
+    keep: Mapping[int, np.ndarray]
+    sizes: Mapping[int, int]
+
+    @property
+    def keep_counts(self) -> dict[int, int]:
+        return {g: len(idx) for g, idx in self.keep.items()}
+
+    def pruned(self, gid: int) -> np.ndarray:
+        """Indices of the channels removed from group ``gid``."""
+        return np.setdiff1d(np.arange(self.sizes[gid]), self.keep[gid])
+
+
+@dataclasses.dataclass(frozen=True)
+class Allocation(KeepPlan):
     """Channels to keep per group, and how the plan meets its target.
 
     Attributes:
@@ -90,21 +110,11 @@ class Allocation:
         threshold: the bisection variable (lambda, ratio or score threshold).
     """
 
-    keep: Mapping[int, np.ndarray]
-    sizes: Mapping[int, int]
-    strategy: str
-    target: float
-    target_metric: str
-    achieved: float
-    threshold: float
-
-    @property
-    def keep_counts(self) -> dict[int, int]:
-        return {g: len(idx) for g, idx in self.keep.items()}
-
-    def pruned(self, gid: int) -> np.ndarray:
-        """Indices of the channels removed from group ``gid``."""
-        return np.setdiff1d(np.arange(self.sizes[gid]), self.keep[gid])
+    strategy: str = "balanced"
+    target: float = 1.0
+    target_metric: str = "flops"
+    achieved: float = 1.0
+    threshold: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -81,13 +81,14 @@ def op_flops(graph: tf.Graph) -> dict[str, int]:
     return flops
 
 
-def _fixed_specs(specs: Iterable[Any], batch_size: int) -> list[tf.TensorSpec]:
+def _fixed_specs(specs: Iterable[Any], batch_size: int | None) -> list[tf.TensorSpec]:
+    """Input specs with the batch axis set to ``batch_size`` (None keeps it open)."""
     fixed = []
     for spec in specs:
         shape = list(spec.shape)
         if shape and shape[0] is None:
             shape[0] = batch_size
-        if any(d is None for d in shape):
+        if any(d is None for d in shape[1:]):
             raise UnsupportedModelError(
                 f"input {spec.name!r} has unknown dimensions {tuple(spec.shape)}; "
                 "give the model a fixed input shape (other than the batch axis)."
@@ -96,8 +97,12 @@ def _fixed_specs(specs: Iterable[Any], batch_size: int) -> list[tf.TensorSpec]:
     return fixed
 
 
-def trace_keras(model: Any, batch_size: int = 1) -> TracedGraph:
-    """Trace a tf_keras model in inference mode at a fixed batch size."""
+def trace_keras(model: Any, batch_size: int | None = 1) -> TracedGraph:
+    """Trace a tf_keras model in inference mode at a fixed batch size.
+
+    ``batch_size=None`` keeps the batch axis open (for deployment; TF's FLOPs
+    statistics need a fixed batch).
+    """
     model = ensure_keras2_model(model)
     specs = _fixed_specs(
         [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs],

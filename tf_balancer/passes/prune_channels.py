@@ -20,31 +20,20 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import numpy as np
 
+from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import masked_copy
 from tf_balancer.graph.layer_graph import LayerGraph, Layout
 from tf_balancer.graph.layer_specs import spec_for
 from tf_balancer.graph.walk import clone_layer, rebuild
 from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
 
-__all__ = ["PruneChannels", "plan_from_masks", "KeepPlan"]
+__all__ = ["PruneChannels", "plan_from_masks"]
 
 _WIDTH_KEYS = ("filters", "units")
-
-
-@dataclasses.dataclass(frozen=True)
-class KeepPlan:
-    """Minimal plan: group id -> kept channel indices (an Allocation also fits)."""
-
-    keep: dict[int, np.ndarray]
-    sizes: dict[int, int]
-
-    def pruned(self, gid: int) -> np.ndarray:
-        return np.setdiff1d(np.arange(self.sizes[gid]), self.keep[gid])
 
 
 def _zero_along(weight: Any, axis: int) -> np.ndarray:

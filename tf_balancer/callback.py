@@ -1,0 +1,371 @@
+"""``BalanceCallback``: cost-aware pruning while ``model.fit`` trains.
+
+Example:
+    >>> callback = BalanceCallback(target=0.5, probe_data=(x_train[:256], y_train[:256]),
+    ...                            validation_data=(x_val, y_val))      # doctest: +SKIP
+    >>> model.fit(x_train, y_train, epochs=8, callbacks=[callback])     # doctest: +SKIP
+    >>> callback.export("out/")                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer._compat import ensure_keras2_model, keras
+from tf_balancer.analysis import ModelAnalysis, analyze
+from tf_balancer.attention.balance import STRATEGIES, Bounds, KeepPlan, allocate
+from tf_balancer.attention.importance import (
+    ProbeData,
+    attention_weights,
+    balance_score,
+    group_scores,
+)
+from tf_balancer.errors import BalanceError, ConfigError
+from tf_balancer.finalize import Finalizer
+from tf_balancer.report import log_layer_summaries
+from tf_balancer.training_state import BalanceState, MaskApplier, polynomial_ramp
+
+__all__ = ["BalanceCallback"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("structured", "sparse")
+DATA_CRITERIA = ("taylor", "activation")
+
+
+def _as_probe(data: Any) -> ProbeData | None:
+    if data is None or isinstance(data, ProbeData):
+        return data
+    if isinstance(data, tuple) and len(data) == 2:
+        return ProbeData(data[0], data[1])
+    return ProbeData(data)
+
+
+class BalanceCallback(keras.callbacks.Callback):
+    """Balance pruning budgets against cost while training, then compact the model.
+
+    During ``fit``, every ``every_n_epochs`` epochs between ``begin_epoch`` and
+    ``end_epoch`` the callback recomputes channel importance on the probe batches,
+    allocates per-group keep counts for a target that ramps (polynomially, like
+    tfmot's ``PolynomialDecay``) from 1 down to ``target``, and masks the pruned
+    channels; masks are re-applied after every batch, so training continues on the
+    rebalanced network without recompiling. At the end of training the
+    :class:`~tf_balancer.optimizer.MetaOptimizer` removes the channels for real,
+    optionally fine-tunes, folds BatchNorm and fuses activations, and a report
+    compares the dense model (at the first rebalance) with the result.
+
+    Each epoch it adds to the Keras ``logs`` (so History, CSVLogger and
+    TensorBoard see them; list this callback before those):
+    ``balancer/attention_balance``, ``balancer/flops_ratio``,
+    ``balancer/params_ratio``, ``balancer/sparsity`` and, with validation data,
+    ``balancer/val_accuracy``, ``balancer/val_recall``, ``balancer/val_f1``.
+
+    Args:
+        target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
+        target_metric: ``"flops"`` or ``"params"``. Defaults to ``"flops"``.
+        mode: ``"structured"`` (channel masks, then compaction: real speed-ups) or
+            ``"sparse"`` (tfmot weight pruning; smaller compressed files only; the
+            model must be wrapped with ``tf_balancer.sparsity.wrap_for_pruning``
+            before compiling). Defaults to ``"structured"``.
+        importance: criterion name or ``{name: weight}``; see
+            :mod:`tf_balancer.attention.importance`. Defaults to ``"taylor"``.
+        strategy: ``"balanced"``, ``"uniform"`` or ``"global"``. Defaults to ``"balanced"``.
+        begin_epoch: first epoch (0-based) that rebalances. Defaults to 0.
+        end_epoch: last epoch that may rebalance; the final target is reached
+            there. Defaults to None: the last epoch of ``fit``.
+        every_n_epochs: rebalance period in epochs. Defaults to 1.
+        probe_data: ``(x, y)``, ``x`` or a ``ProbeData`` used for importance
+            (``taylor`` needs labels). Defaults to None.
+        validation_data: ``(x, y)`` for the ``balancer/val_*`` logs and the
+            before/after report. Defaults to None.
+        passes: passes run at the end of training. Defaults to None:
+            ``prune_channels, strip_training_ops, fold_batchnorm, fuse_activation``
+            (structured) or the last three (sparse).
+        finetune_epochs: epochs of fine-tuning after channel removal, with the
+            training optimizer's config at a tenth of its learning rate. Defaults to 0.
+        finetune_data: ``(x, y)`` or a ``tf.data.Dataset`` for fine-tuning.
+            Defaults to None.
+        log_dir: TensorBoard directory for per-layer attention and keep ratios.
+            Defaults to None (no summaries).
+        min_keep: channels always kept per group. Defaults to 4.
+        max_prune_fraction: most of a group that may be pruned. Defaults to 0.9.
+        round_to: keep counts are multiples of this. Defaults to 1.
+        power: exponent of the target ramp. Defaults to 3.
+        verbose: 0 silent, 1 one line per rebalance. Defaults to 1.
+
+    Raises:
+        ConfigError: invalid arguments (at construction), missing probe or
+            validation data (at ``on_train_begin``).
+        UnsupportedModelError: Keras 3, uncompiled or subclassed models
+            (at ``on_train_begin``).
+    """
+
+    def __init__(
+        self,
+        target: float = 0.5,
+        target_metric: str = "flops",
+        mode: str = "structured",
+        importance: Any = "taylor",
+        strategy: str = "balanced",
+        begin_epoch: int = 0,
+        end_epoch: int | None = None,
+        every_n_epochs: int = 1,
+        probe_data: Any = None,
+        validation_data: Any = None,
+        passes: Sequence[str] | None = None,
+        finetune_epochs: int = 0,
+        finetune_data: Any = None,
+        log_dir: str | None = None,
+        min_keep: int = 4,
+        max_prune_fraction: float = 0.9,
+        round_to: int = 1,
+        power: int = 3,
+        verbose: int = 1,
+    ):
+        super().__init__()
+        if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0 or math.isnan(target):
+            raise ConfigError(f"target must be in (0, 1], got {target!r}")
+        if target_metric not in ("flops", "params"):
+            raise ConfigError(f"target_metric must be 'flops' or 'params', got {target_metric!r}")
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        if strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if (
+            begin_epoch < 0
+            or every_n_epochs < 1
+            or (end_epoch is not None and end_epoch < begin_epoch)
+        ):
+            raise ConfigError(
+                "need 0 <= begin_epoch <= end_epoch and every_n_epochs >= 1, got "
+                f"begin_epoch={begin_epoch}, end_epoch={end_epoch}, every_n_epochs={every_n_epochs}"
+            )
+        if finetune_epochs < 0 or (finetune_epochs and finetune_data is None):
+            raise ConfigError("finetune_epochs > 0 needs finetune_data=(x, y) or a tf.data.Dataset")
+        self.target, self.target_metric, self.mode = float(target), target_metric, mode
+        self.importance, self.strategy = importance, strategy
+        self.begin_epoch, self.end_epoch, self.every_n_epochs = (
+            begin_epoch,
+            end_epoch,
+            every_n_epochs,
+        )
+        self.probe = _as_probe(probe_data)
+        self.validation_data = validation_data
+        self.passes = tuple(passes) if passes is not None else None
+        self.finetune_epochs, self.finetune_data = finetune_epochs, finetune_data
+        self.log_dir = log_dir
+        self.bounds = Bounds(min_keep, max_prune_fraction, round_to)
+        self.power, self.verbose = power, verbose
+        self._reset()
+
+    # ----------------------------------------------------------------- state
+    def _reset(self) -> None:
+        self.analysis: ModelAnalysis | None = None
+        self.state: BalanceState | None = None
+        self.applier: MaskApplier | None = None
+        self.optimized_model = None
+        self.report: dict[str, Any] | None = None
+        self.dense_snapshot = None
+        self.schedule: list[int] = []
+        self._prepare_error: Exception | None = None
+        self._synced = -1
+        self._diverged = False
+        self._attention: dict[int, float] = {}
+        self._writer = None
+
+    def set_model(self, model: Any) -> None:
+        """Analyse the model and attach fresh state before other callbacks restore it."""
+        super().set_model(model)
+        self._reset()
+        try:
+            self._prepare(model)
+        except Exception as err:  # re-raised in on_train_begin, where Keras users expect it
+            self._prepare_error = err
+
+    def _prepare(self, model: Any) -> None:
+        model = ensure_keras2_model(model)
+        if self.mode == "sparse":
+            from tf_balancer.sparse_mode import check_sparse_model
+
+            check_sparse_model(model)
+        self.analysis = analyze(model)
+        groups = self.analysis.graph.prunable_groups
+        if not groups:
+            raise BalanceError("the model has no prunable channel group; see `tf-balancer inspect`")
+        sizes = {g.id: g.size for g in groups}
+        self.state = BalanceState(sizes, max_rebalances=1024)
+        self.state.attach(model)
+        if self.mode == "structured":
+            self.applier = MaskApplier(self.analysis.graph)
+
+    def _check_ready(self) -> None:
+        if self._prepare_error is not None:
+            raise self._prepare_error
+        if getattr(self.model, "optimizer", None) is None:
+            raise ConfigError("the model is not compiled; call model.compile(...) before fit")
+        criteria = [self.importance] if isinstance(self.importance, str) else list(self.importance)
+        needs = [c for c in criteria if c in DATA_CRITERIA]
+        if needs and self.probe is None:
+            raise ConfigError(
+                f"importance {needs} needs probe_data=(x, y) (a few batches of training data); "
+                "or use importance='magnitude' or 'bn_scale'"
+            )
+        if "taylor" in needs and self.probe.y is None:
+            raise ConfigError("importance 'taylor' needs labels: pass probe_data=(x, y)")
+        if self.finetune_epochs and self.validation_data is None:
+            raise ConfigError(
+                "fine-tuning reports before/after metrics: pass validation_data=(x, y)"
+            )
+
+    def on_train_begin(self, logs=None) -> None:
+        self._check_ready()
+        epochs = int(self.params.get("epochs", 1)) if self.params else 1
+        end = self.end_epoch if self.end_epoch is not None else epochs - 1
+        self.schedule = list(range(self.begin_epoch, end + 1, self.every_n_epochs))
+        if self.log_dir:
+            self._writer = tf.summary.create_file_writer(self.log_dir)
+
+    # ------------------------------------------------------------- rebalance
+    def _sync_masks(self) -> None:
+        """Bring masks in line with the (possibly restored) state."""
+        done = int(self.state.rebalances.numpy())
+        if done and done != self._synced and self.applier is not None:
+            plan = KeepPlan(self.state.keep_indices(), self._sizes())
+            self.applier.set_plan(plan)
+            self.applier.apply()
+        self._synced = done
+
+    def _sizes(self) -> dict[int, int]:
+        return {g.id: g.size for g in self.analysis.graph.prunable_groups}
+
+    def target_at(self, epoch: int) -> float:
+        """The ramped target of the rebalance at ``epoch`` (1.0 before the first)."""
+        if epoch not in self.schedule:
+            return float(self.state.target.numpy()) if self.state else 1.0
+        r = self.schedule.index(epoch)
+        return polynomial_ramp(r, 0, len(self.schedule) - 1, self.target, self.power)
+
+    def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if self._diverged:
+            return
+        self._sync_masks()
+        if epoch in self.schedule and epoch > int(self.state.epoch.numpy()):
+            self._rebalance(epoch)
+
+    def _rebalance(self, epoch: int) -> None:
+        if self.dense_snapshot is None and int(self.state.rebalances.numpy()) == 0:
+            from tf_balancer.graph.walk import clone_flat
+
+            self.dense_snapshot = clone_flat(self.analysis.graph.walk)[0]
+        target = self.target_at(epoch)
+        scores = group_scores(self.analysis.graph, self.probe, self.importance)
+        self._attention = attention_weights(scores)
+        if self.mode == "structured":
+            plan = allocate(
+                self.analysis, scores, target, self.target_metric, self.strategy, self.bounds
+            )
+            self.applier.set_plan(plan)
+            self.applier.apply()
+            keep = plan.keep
+        else:
+            from tf_balancer.sparse_mode import rebalance_sparsity
+
+            keep = rebalance_sparsity(self, scores, target)
+        self.state.record(epoch, target, keep, self._attention)
+        self._synced = int(self.state.rebalances.numpy())
+        if self.verbose:
+            logger.info("epoch %d: rebalanced to target %.3f %s", epoch, target, self.target_metric)
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if self._diverged:
+            return
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._diverged = True
+            warnings.warn(
+                "loss is NaN/inf: BalanceCallback stops rebalancing and leaves the weights alone",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        if self.applier is not None:
+            self.applier.apply()
+
+    # ----------------------------------------------------------------- logs
+    def current_ratios(self) -> tuple[float, float, float]:
+        """``(flops_ratio, params_ratio, sparsity)`` of the current plan."""
+        if self.mode == "sparse":
+            from tf_balancer.sparse_mode import sparse_ratios
+
+            return sparse_ratios(self)
+        counts = {g: len(idx) for g, idx in self.state.keep_indices().items()}
+        coster = self.analysis.coster
+        flops = coster.total(counts, "flops") / coster.total(None, "flops")
+        params = coster.total(counts, "params") / coster.total(None, "params")
+        total = sum(self._sizes().values())
+        return flops, params, 1.0 - sum(counts.values()) / max(total, 1)
+
+    def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if logs is None or self.state is None:
+            return
+        flops, params, sparsity = self.current_ratios()
+        logs["balancer/attention_balance"] = (
+            balance_score(self._attention) if self._attention else 1.0
+        )
+        logs["balancer/flops_ratio"] = flops
+        logs["balancer/params_ratio"] = params
+        logs["balancer/sparsity"] = sparsity
+        if self.validation_data is not None:
+            from tf_balancer.metrics import macro_scores
+
+            x, y = self.validation_data[0], self.validation_data[1]
+            predicted = np.asarray(self.model.predict(x, verbose=0, batch_size=256)).argmax(-1)
+            scores = macro_scores(np.asarray(y).reshape(-1), predicted, self._num_classes())
+            logs.update({f"balancer/val_{k}": v for k, v in scores.items()})
+        if self._writer is not None:
+            self._write_summaries(epoch)
+
+    def _num_classes(self) -> int:
+        return int(self.model.output_shape[-1])
+
+    def _write_summaries(self, epoch: int) -> None:
+        graph = self.analysis.graph
+        keep = self.state.keep_indices()
+        names = {g.id: "+".join(g.nodes("producer")) for g in graph.prunable_groups}
+        values = {
+            "balancer_attention": {names[g]: a for g, a in self._attention.items()},
+            "balancer_keep_ratio": {names[g]: len(keep[g]) / graph.groups[g].size for g in keep},
+        }
+        log_layer_summaries(self._writer, epoch, values)
+
+    # ------------------------------------------------------------ train end
+    def on_train_end(self, logs=None) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._diverged:
+            logger.warning("training diverged; skipping compaction and the report")
+            return
+        finalizer = Finalizer(self)
+        self.optimized_model, self.report = finalizer.run()
+
+    def export(self, path: str, overwrite: bool = False) -> str:
+        """Write the optimized SavedModel, report.json, report.png and report.md atomically.
+
+        Raises:
+            ExportError: ``path`` exists and ``overwrite`` is False.
+            ConfigError: called before training finished.
+        """
+        if self.optimized_model is None or self.report is None:
+            raise ConfigError(
+                "nothing to export yet: call model.fit(..., callbacks=[callback]) first"
+            )
+        from tf_balancer.finalize import export_result
+
+        return export_result(path, self.optimized_model, self.report, overwrite)

@@ -1,0 +1,203 @@
+"""End of training: compact, fine-tune, optimize, evaluate and export.
+
+Used by :class:`~tf_balancer.callback.BalanceCallback`; kept apart so the
+callback stays about *when* things happen and this module about *what*.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Any
+
+from tf_balancer._compat import keras
+from tf_balancer.analysis import analyze
+from tf_balancer.attention.balance import KeepPlan
+from tf_balancer.optimizer import MetaOptimizer
+from tf_balancer.passes.base import PassContext
+from tf_balancer.report import (
+    atomic_directory,
+    evaluate_model,
+    markdown_table,
+    saved_model_size,
+    write_json,
+    write_report_png,
+)
+
+__all__ = ["Finalizer", "export_result", "summary_markdown"]
+
+logger = logging.getLogger(__name__)
+
+STRUCTURED_PASSES = ("prune_channels", "strip_training_ops", "fold_batchnorm", "fuse_activation")
+LOSSLESS_PASSES = ("strip_training_ops", "fold_batchnorm", "fuse_activation")
+FINETUNE_LR_SCALE = 0.1
+"""Fine-tuning uses the training optimizer's config at this fraction of its learning rate."""
+
+
+def _first(data: Any, n: int) -> Any:
+    return [a[:n] for a in data] if isinstance(data, (list, tuple)) else data[:n]
+
+
+class Finalizer:
+    """Turns a trained, masked model into the optimized model and its report."""
+
+    def __init__(self, callback: Any):
+        self.cb = callback
+        self.analysis = callback.analysis
+
+    def passes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(before fine-tuning, after fine-tuning): split right after prune_channels."""
+        names = self.cb.passes or (
+            STRUCTURED_PASSES if self.cb.mode == "structured" else LOSSLESS_PASSES
+        )
+        names = tuple(names)
+        if "prune_channels" in names:
+            cut = names.index("prune_channels") + 1
+            return names[:cut], names[cut:]
+        return (), names
+
+    def probe_inputs(self) -> Any:
+        source = self.cb.validation_data or (self.cb.probe.x, None)
+        return _first(source[0], 16)
+
+    def run(self) -> tuple[Any, dict[str, Any]]:
+        cb = self.cb
+        plan = KeepPlan(cb.state.keep_indices(), cb._sizes())
+        ctx = PassContext(
+            probe_inputs=self.probe_inputs(), plan=plan if cb.mode == "structured" else None
+        )
+        model = cb.model
+        if cb.mode == "sparse":
+            from tf_balancer.sparsity import strip
+
+            model = strip(model)
+        first, second = self.passes()
+        records = []
+        if first:
+            model, report = MetaOptimizer(first).run(model, ctx)
+            records += report.records
+        if cb.finetune_epochs:
+            model = self.finetune(model)
+        if second:
+            model, report = MetaOptimizer(second).run(model, dataclasses.replace(ctx, plan=None))
+            records += report.records
+        return model, self.build_report(model, plan, records)
+
+    def finetune(self, model: Any) -> Any:
+        cb = self.cb
+        config = cb.model.optimizer.get_config()
+        if isinstance(config.get("learning_rate"), float):
+            config["learning_rate"] *= FINETUNE_LR_SCALE  # fresh optimizer state: step gently
+        model.compile(optimizer=type(cb.model.optimizer).from_config(config), loss=cb.model.loss)
+        data = cb.finetune_data
+        kwargs = {"epochs": cb.finetune_epochs, "verbose": 0}
+        if isinstance(data, tuple):
+            model.fit(data[0], data[1], batch_size=32, **kwargs)
+        else:
+            model.fit(data, **kwargs)
+        return model
+
+    def summarize(self, model: Any) -> dict[str, Any]:
+        analysis = analyze(model)
+        summary: dict[str, Any] = {"flops": analysis.cost.flops, "params": analysis.cost.params}
+        if self.cb.validation_data is not None:
+            x, y = self.cb.validation_data[0], self.cb.validation_data[1]
+            summary.update(evaluate_model(model, x, y))
+        sizes = saved_model_size(model)
+        summary["saved_model_bytes"], summary["saved_model_gzip_bytes"] = (
+            sizes["bytes"],
+            sizes["gzip_bytes"],
+        )
+        return summary
+
+    def layer_rows(self, plan: KeepPlan) -> list[dict[str, Any]]:
+        graph = self.analysis.graph
+        before = self.analysis.cost.layers
+        after = self.analysis.cost_under(plan.keep_counts).layers
+        attention = self.cb._attention
+        rows = []
+        for group in graph.prunable_groups:
+            for name in group.nodes("producer"):
+                rows.append(
+                    {
+                        "layer": name,
+                        "group": group.id,
+                        "attention": attention.get(group.id, 0.0),
+                        "channels_before": group.size,
+                        "channels_after": len(plan.keep[group.id]),
+                        "keep_ratio": len(plan.keep[group.id]) / group.size,
+                        "flops_before": before[name].flops,
+                        "flops_after": after[name].flops,
+                    }
+                )
+        return rows
+
+    def build_report(self, model: Any, plan: KeepPlan, records: list) -> dict[str, Any]:
+        cb = self.cb
+        dense = cb.dense_snapshot if cb.dense_snapshot is not None else cb.model
+        report = {
+            "mode": cb.mode,
+            "target": cb.target,
+            "target_metric": cb.target_metric,
+            "strategy": cb.strategy,
+            "importance": cb.importance,
+            "finetune_epochs": cb.finetune_epochs,
+            "dense": self.summarize(dense),
+            "final": self.summarize(model),
+            "layers": self.layer_rows(plan),
+            "passes": [dataclasses.asdict(r) for r in records],
+            "attention_history": cb.state.attention_history().tolist(),
+        }
+        logger.info("\n%s", summary_markdown(report))
+        return report
+
+
+_SUMMARY_ROWS = (
+    ("accuracy", "accuracy"),
+    ("macro recall", "recall"),
+    ("macro F1", "f1"),
+    ("FLOPs", "flops"),
+    ("params", "params"),
+    ("latency ms (batch 1)", "latency_ms_b1"),
+    ("latency ms (batch 64)", "latency_ms_b64"),
+    ("SavedModel bytes", "saved_model_bytes"),
+    ("SavedModel gzip bytes", "saved_model_gzip_bytes"),
+)
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """Before/after markdown table of a callback report."""
+    rows = []
+    for label, key in _SUMMARY_ROWS:
+        before, after = report["dense"].get(key), report["final"].get(key)
+        if before is None or after is None:
+            continue
+        ratio = f"{after / before:.3f}x" if before else ""
+        rows.append({"metric": label, "dense": before, "optimized": after, "ratio": ratio})
+    return markdown_table(rows, ("metric", "dense", "optimized", "ratio"))
+
+
+def export_result(path: str, model: Any, report: dict[str, Any], overwrite: bool = False) -> str:
+    """Atomically write ``saved_model/``, ``report.json``, ``report.png``, ``report.md``."""
+    with atomic_directory(path, overwrite) as tmp:
+        if isinstance(model, keras.Model):
+            model.save(os.path.join(tmp, "saved_model"), include_optimizer=False)
+        write_json(os.path.join(tmp, "report.json"), report)
+        write_report_png(os.path.join(tmp, "report.png"), report.get("layers", []), "tf_balancer")
+        layers = markdown_table(
+            report.get("layers", []),
+            (
+                "layer",
+                "attention",
+                "channels_before",
+                "channels_after",
+                "flops_before",
+                "flops_after",
+            ),
+        )
+        with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as handle:
+            handle.write(
+                f"# tf_balancer report\n\n{summary_markdown(report)}\n\n## Layers\n\n{layers}\n"
+            )
+    return os.path.abspath(path)

@@ -1,0 +1,178 @@
+"""Shared helpers of the function-preserving passes: find layer pairs, rebuild with replacements.
+
+The passes ``strip_training_ops``, ``fold_batchnorm`` and ``fuse_activation``
+all do the same thing in the end: rebuild the model call by call, dropping some
+calls (:data:`~tf_balancer.graph.walk.IDENTITY`) and re-creating others from a
+changed config, and copy every other layer's weights unchanged.
+:func:`rebuild_with` does that once for all of them. It also keeps the model's
+output names: when the layer that produced an output is dropped or merged into
+its producer, the surviving layer takes the output's original name.
+
+Example:
+    >>> from tf_balancer._compat import keras
+    >>> from tf_balancer.graph.walk import walk_model
+    >>> inp = keras.Input((4,), name="x")
+    >>> hidden = keras.layers.Dense(3, name="d")(inp)
+    >>> model = keras.Model(inp, keras.layers.Dropout(0.5, name="drop")(hidden))
+    >>> new = rebuild_with(model, walk_model(model), {"drop": IDENTITY})
+    >>> [layer.name for layer in new.layers], new.output_names
+    (['x', 'drop'], ['drop'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tf_balancer._compat import keras
+from tf_balancer.graph.walk import IDENTITY, Call, Walk, clone_layer, rebuild, walk_model
+
+__all__ = [
+    "IDENTITY",
+    "Replacement",
+    "rebuild_with",
+    "walk_of",
+    "tensor_uses",
+    "producers",
+    "forced_training",
+    "single_consumer_producer",
+]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Replacement:
+    """How to re-create one call's layer.
+
+    Attributes:
+        overrides: config values changed on the clone (e.g. ``{"use_bias": True}``).
+        weights: weight attribute -> value (e.g. ``{"kernel": ..., "bias": ...}``)
+            assigned after the model is built; it must cover every weight of the
+            new layer. Empty: the original layer's weights are copied unchanged.
+    """
+
+    overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    weights: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def walk_of(model: Any, graph: Any) -> Walk:
+    """The graph's walk, or a fresh walk of ``model`` when no graph is given."""
+    return graph.walk if graph is not None else walk_model(model)
+
+
+def tensor_uses(walk: Walk) -> dict[str, int]:
+    """Tensor key -> number of times it is consumed (by calls or as a model output)."""
+    uses: dict[str, int] = {}
+    for key in [k for call in walk.calls for k in call.inputs] + list(walk.output_keys):
+        uses[key] = uses.get(key, 0) + 1
+    return uses
+
+
+def producers(walk: Walk) -> dict[str, Call]:
+    """Tensor key -> the call that produces it (model inputs have none)."""
+    return {key: call for call in walk.calls for key in call.outputs}
+
+
+def forced_training(call: Call) -> bool:
+    """True when the call passes ``training=True`` (e.g. Monte Carlo dropout)."""
+    training = call.node.call_kwargs.get("training")
+    if training is None and len(call.node.call_args) > 1:
+        training = call.node.call_args[1]
+    return training is True
+
+
+def single_consumer_producer(
+    call: Call, uses: Mapping[str, int], prods: Mapping[str, Call]
+) -> Call | None:
+    """The producer of ``call``'s only input if ``call`` is that tensor's only consumer.
+
+    Both calls must be unshared single-output calls; otherwise returns None.
+    """
+    if len(call.inputs) != 1 or len(call.outputs) != 1 or call.shared:
+        return None
+    key = call.inputs[0]
+    producer = prods.get(key)
+    if producer is None or producer.shared or len(producer.outputs) != 1:
+        return None
+    return producer if uses.get(key) == 1 else None
+
+
+def rebuild_with(
+    model: Any,
+    walk: Walk,
+    replacements: Mapping[str, Replacement | object],
+) -> keras.Model:
+    """A new model with some calls replaced or dropped; every other layer cloned.
+
+    Args:
+        model: the original model (read, never modified).
+        walk: ``walk_model(model)``.
+        replacements: call name -> :class:`Replacement`, or ``IDENTITY`` to drop
+            that (single-input) call.
+
+    Returns:
+        A functional model named like ``model``, with the same input and output
+        names, whose untouched layers carry copies of the original weights.
+    """
+    renames = _output_renames(model, walk, replacements)
+    made: dict[int, Any] = {}
+    fills: list[tuple[Any, Call, Replacement | None]] = []
+
+    def make_layer(call: Call) -> Any:
+        change = replacements.get(call.name)
+        if change is IDENTITY:
+            return IDENTITY
+        if id(call.layer) not in made:
+            overrides = dict(change.overrides) if change is not None else {}
+            if id(call.layer) in renames:
+                overrides["name"] = renames[id(call.layer)]
+            made[id(call.layer)] = clone_layer(call.layer, **overrides)
+            fills.append((made[id(call.layer)], call, change))
+        return made[id(call.layer)]
+
+    new_model = rebuild(walk, make_layer, name=model.name)
+    for layer, call, change in fills:
+        _fill_weights(layer, call, change)
+    return new_model
+
+
+def _fill_weights(layer: Any, call: Call, change: Replacement | None) -> None:
+    if change is None or not change.weights:
+        layer.set_weights(call.layer.get_weights())
+        return
+    variables = [getattr(layer, attr) for attr in change.weights]
+    if len(variables) != len(layer.weights):
+        raise ValueError(
+            f"replacement weights for {call.name!r} cover {sorted(change.weights)} but the new "
+            f"layer has {len(layer.weights)} weights; give a value for every weight attribute"
+        )
+    for variable, value in zip(variables, change.weights.values(), strict=True):
+        variable.assign(np.asarray(value, dtype=variable.dtype.as_numpy_dtype))
+
+
+def _output_renames(
+    model: Any, walk: Walk, replacements: Mapping[str, Replacement | object]
+) -> dict[int, str]:
+    """``id(layer)`` -> new layer name, so each output keeps its original name."""
+    prods = producers(walk)
+    kept_names = {
+        call.layer.name for call in walk.calls if replacements.get(call.name) is not IDENTITY
+    }
+    names: dict[int, str] = {}  # id(layer) -> the name its outputs need
+    for key, wanted in zip(walk.output_keys, model.output_names, strict=True):
+        call = prods.get(key)
+        while call is not None and replacements.get(call.name) is IDENTITY:
+            call = prods.get(call.inputs[0])
+        if call is None:
+            _log.warning("output %r is now a model input and takes the input's name", wanted)
+            continue
+        free = wanted == call.layer.name or wanted not in kept_names
+        if names.setdefault(id(call.layer), wanted if free else call.layer.name) != wanted:
+            _log.warning("cannot keep output name %r: another layer has it", wanted)
+    layer_names = {id(call.layer): call.layer.name for call in walk.calls}
+    return {key: name for key, name in names.items() if name != layer_names[key]}

@@ -1,0 +1,135 @@
+"""``fuse_activation``: move a standalone activation layer into the conv/dense before it.
+
+``Conv2D(..., activation="linear")`` followed by ``ReLU()`` computes the same as
+``Conv2D(..., activation="relu")``; the fused model has one layer (and one
+kernel launch) less. Fused activations:
+
+* ``ReLU()`` with default arguments -> ``"relu"``;
+* ``ReLU(max_value=6)`` (``negative_slope=0``, ``threshold=0``) -> ``"relu6"``
+  (a tf_keras activation name; both run ``tf.nn.relu6``);
+* ``Activation(name)`` for any activation name tf_keras resolves.
+
+Other ReLU settings (a negative slope, a threshold, another cap) have no
+activation-name equivalent and are left alone. The producer must be a Conv1D/2D/3D,
+Dense, DepthwiseConv1D/2D or SeparableConv1D/2D with a linear activation, called
+once, whose output feeds only the activation layer. The fused layer keeps the
+conv's name (or the activation's name when that produced a model output).
+
+Example:
+    >>> from tf_balancer._compat import keras
+    >>> from tf_balancer.graph.layer_graph import LayerGraph
+    >>> inp = keras.Input((8, 8, 3))
+    >>> x = keras.layers.Conv2D(4, 3, name="conv")(inp)
+    >>> x = keras.layers.ReLU(6.0, name="relu6")(x)
+    >>> model = keras.Model(inp, keras.layers.GlobalAveragePooling2D(name="pool")(x))
+    >>> result = FuseActivation().run(model, LayerGraph.from_model(model), PassContext())
+    >>> result.stats["fused"], result.model.get_layer("conv").get_config()["activation"]
+    ((('conv', 'relu6'),), 'relu6')
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tf_balancer._compat import keras
+from tf_balancer.graph.walk import Call, Walk
+from tf_balancer.passes._rebuild import (
+    IDENTITY,
+    Replacement,
+    producers,
+    rebuild_with,
+    single_consumer_producer,
+    tensor_uses,
+    walk_of,
+)
+from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
+
+__all__ = ["FuseActivation", "activation_name"]
+
+_log = logging.getLogger(__name__)
+
+_PRODUCERS: tuple[type, ...] = (
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.Dense,
+    keras.layers.DepthwiseConv1D,
+    keras.layers.DepthwiseConv2D,
+    keras.layers.SeparableConv1D,
+    keras.layers.SeparableConv2D,
+)
+
+
+def activation_name(layer: Any) -> str | None:
+    """The activation name equivalent to a ``ReLU`` or ``Activation`` layer, or None.
+
+    Example:
+        >>> activation_name(keras.layers.ReLU(max_value=6.0))
+        'relu6'
+        >>> activation_name(keras.layers.ReLU(negative_slope=0.1)) is None
+        True
+    """
+    config = layer.get_config()
+    if type(layer) is keras.layers.ReLU:
+        if float(config["negative_slope"]) != 0.0 or float(config["threshold"]) != 0.0:
+            return None
+        cap = config["max_value"]
+        if cap is None:
+            return "relu"
+        return "relu6" if float(cap) == 6.0 else None
+    if type(layer) is keras.layers.Activation:
+        name = config.get("activation")
+        if not isinstance(name, str):
+            return None
+        try:
+            keras.activations.get(name)
+        except ValueError:
+            return None
+        return name
+    return None
+
+
+def _fusable_producer(call: Call) -> bool:
+    return type(call.layer) in _PRODUCERS and call.layer.get_config()["activation"] == "linear"
+
+
+def _find_pairs(walk: Walk) -> list[tuple[Call, Call, str]]:
+    uses, prods = tensor_uses(walk), producers(walk)
+    pairs = []
+    for call in walk.calls:
+        name = activation_name(call.layer)
+        if name is None:
+            continue
+        conv = single_consumer_producer(call, uses, prods)
+        if conv is not None and _fusable_producer(conv):
+            pairs.append((conv, call, name))
+    return pairs
+
+
+@register_pass("fuse_activation")
+class FuseActivation(GraphPass):
+    """Fuse ReLU / ReLU6 / ``Activation`` layers into the preceding conv/dense.
+
+    Stats:
+        fused: ``(conv, activation_layer)`` call-name pairs, in topological order.
+    """
+
+    def run(self, model: Any, graph: Any, ctx: PassContext) -> PassResult:
+        walk = walk_of(model, graph)
+        pairs = _find_pairs(walk)
+        if not pairs:
+            return PassResult(model, changed=False, message="no fusable activation layer")
+        replacements: dict[str, Any] = {}
+        for conv, act, name in pairs:
+            replacements[conv.name] = Replacement({"activation": name})
+            replacements[act.name] = IDENTITY
+        new_model = rebuild_with(model, walk, replacements)
+        fused = tuple((conv.name, act.name) for conv, act, _ in pairs)
+        _log.info("fuse_activation fused %d activation layers", len(fused))
+        return PassResult(
+            new_model,
+            changed=True,
+            message=f"fused {len(fused)} activation layers",
+            stats={"fused": fused},
+        )

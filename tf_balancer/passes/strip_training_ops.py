@@ -1,0 +1,78 @@
+"""``strip_training_ops``: drop layers that are the identity at inference.
+
+Dropout and its variants, Gaussian noise and ``ActivityRegularization`` only act
+during training (the last adds a loss term and passes its input through). At
+inference each is the identity, so the pass removes them and wires their input
+straight to their consumers. A call made with ``training=True`` (Monte Carlo
+dropout) is not an identity and is kept. Only these exact Keras classes are
+removed; subclasses may override ``call`` and are left alone.
+
+Example:
+    >>> from tf_balancer._compat import keras
+    >>> from tf_balancer.graph.layer_graph import LayerGraph
+    >>> inp = keras.Input((4,))
+    >>> x = keras.layers.Dropout(0.5, name="drop")(keras.layers.Dense(3)(inp))
+    >>> model = keras.Model(inp, keras.layers.Dense(2, name="out")(x))
+    >>> result = StripTrainingOps().run(model, LayerGraph.from_model(model), PassContext())
+    >>> result.changed, result.stats["removed"]
+    (True, ('drop',))
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from tf_balancer._compat import keras
+from tf_balancer.graph.walk import Call
+from tf_balancer.passes._rebuild import IDENTITY, forced_training, rebuild_with, walk_of
+from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
+
+__all__ = ["StripTrainingOps", "TRAINING_ONLY_LAYERS"]
+
+_log = logging.getLogger(__name__)
+
+TRAINING_ONLY_LAYERS: tuple[type, ...] = (
+    keras.layers.Dropout,
+    keras.layers.SpatialDropout1D,
+    keras.layers.SpatialDropout2D,
+    keras.layers.SpatialDropout3D,
+    keras.layers.AlphaDropout,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.ActivityRegularization,
+)
+"""Layer classes that are the identity at inference (matched exactly, not by subclass)."""
+
+
+def _is_training_only(call: Call) -> bool:
+    return (
+        type(call.layer) in TRAINING_ONLY_LAYERS
+        and len(call.inputs) == 1
+        and len(call.outputs) == 1
+        and not forced_training(call)
+    )
+
+
+@register_pass("strip_training_ops")
+class StripTrainingOps(GraphPass):
+    """Remove Dropout, SpatialDropout, AlphaDropout, Gaussian noise/dropout and
+    ActivityRegularization layers; see the module docstring.
+
+    Stats:
+        removed: names of the removed layer calls, in topological order.
+    """
+
+    def run(self, model: Any, graph: Any, ctx: PassContext) -> PassResult:
+        walk = walk_of(model, graph)
+        removed = tuple(call.name for call in walk.calls if _is_training_only(call))
+        if not removed:
+            return PassResult(model, changed=False, message="no training-only layers")
+        new_model = rebuild_with(model, walk, dict.fromkeys(removed, IDENTITY))
+        _log.info("strip_training_ops removed %d layers: %s", len(removed), ", ".join(removed))
+        return PassResult(
+            new_model,
+            changed=True,
+            message=f"removed {len(removed)} training-only layers",
+            stats={"removed": removed},
+        )

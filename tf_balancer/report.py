@@ -1,0 +1,203 @@
+"""Evaluation and reporting: before/after metrics, latency, size; JSON, markdown, PNG, TensorBoard.
+
+Example:
+    >>> summary = evaluate_model(model, x_val, y_val)       # doctest: +SKIP
+    >>> summary["accuracy"], summary["latency_ms_b1"]        # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer.errors import ExportError
+from tf_balancer.metrics import macro_scores
+
+__all__ = [
+    "measure_latency",
+    "saved_model_size",
+    "evaluate_model",
+    "markdown_table",
+    "write_report_png",
+    "atomic_directory",
+    "log_layer_summaries",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def _inference_fn(model: Any) -> Callable[[Any], Any]:
+    if hasattr(model, "inputs") and hasattr(model, "layers"):
+        return tf.function(lambda x: model(x, training=False))
+    return model
+
+
+def measure_latency(
+    model: Any, input_shape: Sequence[int], batch_size: int, repeats: int = 20
+) -> float:
+    """Median wall time (ms) of one inference call at ``batch_size``."""
+    fn = _inference_fn(model)
+    x = tf.random.stateless_uniform([batch_size, *input_shape[1:]], seed=(0, 0))
+    for _ in range(3):
+        fn(x)  # trace and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.asarray(fn(x))
+        times.append(time.perf_counter() - start)
+    return 1000.0 * float(np.median(times))
+
+
+def directory_size(path: str) -> int:
+    return sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+    )
+
+
+def saved_model_size(model: Any) -> dict[str, int]:
+    """Bytes of the model saved as a SavedModel, raw and gzip-compressed (tar)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model")
+        model.save(path, include_optimizer=False) if hasattr(
+            model, "layers"
+        ) else tf.saved_model.save(model, path)
+        archive = shutil.make_archive(os.path.join(tmp, "model"), "gztar", path)
+        return {"bytes": directory_size(path), "gzip_bytes": os.path.getsize(archive)}
+
+
+def evaluate_model(
+    model: Any,
+    x: Any,
+    y: Any,
+    num_classes: int | None = None,
+    latency_batches: Sequence[int] = (1, 64),
+) -> dict[str, float]:
+    """Accuracy, macro recall and F1 on ``(x, y)``, plus latency per batch size."""
+    logits = np.asarray(model.predict(x, verbose=0, batch_size=256))
+    if logits.ndim == 1 or logits.shape[-1] == 1:
+        predicted = (logits.reshape(-1) > (0.0 if logits.min() < 0 else 0.5)).astype(int)
+        num_classes = num_classes or 2
+    else:
+        predicted = logits.argmax(-1)
+        num_classes = num_classes or logits.shape[-1]
+    labels = np.asarray(y)
+    if labels.ndim > 1 and labels.shape[-1] == num_classes:
+        labels = labels.argmax(-1)
+    summary = dict(macro_scores(labels.reshape(-1), predicted, num_classes))
+    for batch in latency_batches:
+        summary[f"latency_ms_b{batch}"] = measure_latency(model, model.input_shape, batch)
+    return summary
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub markdown table of ``rows`` (floats get 4 significant digits)."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, int):
+            return f"{value:,}"
+        return str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report_png(path: str, layers: Sequence[Mapping[str, Any]], title: str = "") -> None:
+    """Bar charts of per-layer attention, keep ratio and FLOPs before/after."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [row["layer"] for row in layers]
+    fig, axes = plt.subplots(3, 1, figsize=(max(6, 0.5 * len(names) + 2), 8), sharex=True)
+    axes[0].bar(names, [row.get("attention", 0.0) for row in layers], color="tab:purple")
+    axes[0].set_ylabel("attention")
+    axes[1].bar(names, [row.get("keep_ratio", 1.0) for row in layers], color="tab:green")
+    axes[1].set_ylabel("keep ratio")
+    axes[1].set_ylim(0, 1.05)
+    idx = np.arange(len(names))
+    axes[2].bar(idx - 0.2, [row.get("flops_before", 0) for row in layers], 0.4, label="before")
+    axes[2].bar(idx + 0.2, [row.get("flops_after", 0) for row in layers], 0.4, label="after")
+    axes[2].set_ylabel("FLOPs")
+    axes[2].legend()
+    axes[2].set_xticks(idx, names, rotation=60, ha="right", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile's)
+    """Write a directory atomically: build it in a temp dir, then rename into place.
+
+    Example:
+        >>> with atomic_directory("/tmp/out", overwrite=True) as tmp:  # doctest: +SKIP
+        ...     write_files(tmp)
+
+    Raises:
+        ExportError: ``path`` exists and ``overwrite`` is False.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
+        self.path = os.path.abspath(os.fspath(path))
+        self.overwrite = overwrite
+        if os.path.exists(self.path) and not overwrite:
+            raise ExportError(
+                f"{self.path} already exists; pass overwrite=True (CLI: --overwrite) or choose another path"
+            )
+        self.tmp = ""
+
+    def __enter__(self) -> str:
+        parent = os.path.dirname(self.path)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=parent)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        old = None
+        if os.path.exists(self.path):
+            old = self.tmp + ".old"
+            os.replace(self.path, old)
+        os.replace(self.tmp, self.path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def log_layer_summaries(writer: Any, step: int, values: Mapping[str, Mapping[str, float]]) -> None:
+    """TensorBoard scalars ``<kind>/<layer>`` and one histogram per kind."""
+    with writer.as_default(step=step):
+        for kind, per_layer in values.items():
+            for layer, value in per_layer.items():
+                tf.summary.scalar(f"{kind}/{layer}", value)
+            if per_layer:
+                tf.summary.histogram(f"{kind}/all_layers", np.asarray(list(per_layer.values())))
+    writer.flush()
+
+
+def write_json(path: str, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(data, handle, indent=2, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)

@@ -1,0 +1,131 @@
+"""State the callback keeps during ``fit``: kept channels, targets, history.
+
+The state lives in ``tf.Variable``\\ s grouped in a ``tf.train.Checkpoint`` that
+is attached to the model as ``model._tf_balancer_state``: it is then saved and
+restored with the model's TF-format checkpoints (``BackupAndRestore``,
+``ModelCheckpoint`` with TF-format weights) without appearing in
+``model.weights``.
+
+Masks are re-applied after every training batch by one ``tf.function`` whose
+mask tensors are variables too, so a rebalance changes values, never the
+traced function: nothing is recompiled.
+
+Example:
+    >>> polynomial_ramp(epoch=0, begin=0, end=4, final=0.5, power=3)
+    0.756
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer.attention.balance import KeepPlan
+from tf_balancer.attention.masks import channel_masks
+from tf_balancer.graph.layer_graph import LayerGraph
+
+__all__ = ["polynomial_ramp", "BalanceState", "MaskApplier"]
+
+STATE_ATTRIBUTE = "_tf_balancer_state"
+
+
+def polynomial_ramp(epoch: int, begin: int, end: int, final: float, power: int = 3) -> float:
+    """Target at ``epoch`` on tfmot's ``PolynomialDecay`` curve from 1 down to ``final``.
+
+    The first rebalance (``epoch == begin``) already moves part of the way; the
+    one at ``end`` reaches ``final``.
+    """
+    if end <= begin:
+        return final
+    progress = min(max((epoch - begin + 1) / (end - begin + 1), 0.0), 1.0)
+    return round(final + (1.0 - final) * (1.0 - progress) ** power, 6)
+
+
+class BalanceState:
+    """Checkpointable callback state for one model and its prunable groups."""
+
+    def __init__(self, group_sizes: Mapping[int, int], max_rebalances: int):
+        self.group_ids = sorted(group_sizes)
+        self.keep = {
+            g: tf.Variable(tf.ones([n]), trainable=False, name=f"keep_{g}")
+            for g, n in group_sizes.items()
+        }
+        self.epoch = tf.Variable(-1, trainable=False, dtype=tf.int64, name="last_rebalance")
+        self.target = tf.Variable(1.0, trainable=False, dtype=tf.float64, name="target")
+        self.rebalances = tf.Variable(0, trainable=False, dtype=tf.int64, name="rebalances")
+        shape = [max(max_rebalances, 1), max(len(self.group_ids), 1)]
+        self.attention = tf.Variable(tf.zeros(shape, tf.float64), trainable=False, name="attention")
+        self.checkpoint = tf.train.Checkpoint(
+            keep={str(g): v for g, v in self.keep.items()},
+            epoch=self.epoch,
+            target=self.target,
+            rebalances=self.rebalances,
+            attention=self.attention,
+        )
+
+    def attach(self, model: Any) -> None:
+        setattr(model, STATE_ATTRIBUTE, self.checkpoint)
+
+    def keep_indices(self) -> dict[int, np.ndarray]:
+        return {g: np.flatnonzero(v.numpy() > 0.5) for g, v in self.keep.items()}
+
+    def record(
+        self,
+        epoch: int,
+        target: float,
+        keep: Mapping[int, np.ndarray],
+        attention: Mapping[int, float],
+    ) -> None:
+        for g, var in self.keep.items():
+            vector = np.zeros(var.shape, dtype=np.float32)
+            vector[keep[g]] = 1.0
+            var.assign(vector)
+        row = int(self.rebalances.numpy())
+        if row < self.attention.shape[0]:
+            values = [attention.get(g, 0.0) for g in self.group_ids]
+            self.attention[row, : len(values)].assign(values)
+        self.rebalances.assign_add(1)
+        self.epoch.assign(epoch)
+        self.target.assign(target)
+
+    def attention_history(self) -> np.ndarray:
+        return self.attention.numpy()[: min(int(self.rebalances.numpy()), self.attention.shape[0])]
+
+
+class MaskApplier:
+    """Multiplies masked weights by their masks after each batch (one traced function)."""
+
+    def __init__(self, graph: LayerGraph):
+        self.graph = graph
+        everything = KeepPlan(
+            {g.id: np.arange(0) for g in graph.prunable_groups},
+            {g.id: g.size for g in graph.prunable_groups},
+        )
+        keys = sorted(channel_masks(graph, everything))  # every weight any plan may mask
+        self.weights = [getattr(graph.nodes[node].layer, attr) for node, attr in keys]
+        self.keys = keys
+        self.masks = [
+            tf.Variable(tf.ones(w.shape, w.dtype), trainable=False, name="mask")
+            for w in self.weights
+        ]
+        self.active = False
+        self._apply = tf.function(self._apply_masks)
+
+    def _apply_masks(self) -> None:
+        for weight, mask in zip(self.weights, self.masks, strict=True):
+            weight.assign(weight * mask)
+
+    def set_plan(self, plan: Any) -> None:
+        """Load the masks of ``plan`` (new values only; no retracing)."""
+        masks = channel_masks(self.graph, plan)
+        for key, mask in zip(self.keys, self.masks, strict=True):
+            value = masks.get(key)
+            mask.assign(np.ones(mask.shape, mask.dtype.as_numpy_dtype) if value is None else value)
+        self.active = bool(masks)
+
+    def apply(self) -> None:
+        if self.active:
+            self._apply()
