@@ -179,6 +179,7 @@ class BalanceCallback(keras.callbacks.Callback):
         self._diverged = False
         self._attention: dict[int, float] = {}
         self._writer = None
+        self._step_callback = None  # tfmot's UpdatePruningStep duties in sparse mode
 
     def set_model(self, model: Any) -> None:
         """Analyse the model and attach fresh state before other callbacks restore it."""
@@ -191,11 +192,18 @@ class BalanceCallback(keras.callbacks.Callback):
 
     def _prepare(self, model: Any) -> None:
         model = ensure_keras2_model(model)
+        analysed = model
         if self.mode == "sparse":
+            import tensorflow_model_optimization as tfmot
+
             from tf_balancer.sparse_mode import check_sparse_model
+            from tf_balancer.sparsity import strip
 
             check_sparse_model(model)
-        self.analysis = analyze(model)
+            analysed = strip(model)  # shares the wrapped layers' weights
+            self._step_callback = tfmot.sparsity.keras.UpdatePruningStep()
+            self._step_callback.set_model(model)
+        self.analysis = analyze(analysed)
         groups = self.analysis.graph.prunable_groups
         if not groups:
             raise BalanceError("the model has no prunable channel group; see `tf-balancer inspect`")
@@ -231,6 +239,13 @@ class BalanceCallback(keras.callbacks.Callback):
         self.schedule = list(range(self.begin_epoch, end + 1, self.every_n_epochs))
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(self.log_dir)
+        if self._step_callback is not None:
+            self._step_callback.set_params(self.params)
+            self._step_callback.on_train_begin(logs)
+
+    def on_train_batch_begin(self, batch: int, logs=None) -> None:
+        if self._step_callback is not None and not self._diverged:
+            self._step_callback.on_train_batch_begin(batch, logs)
 
     # ------------------------------------------------------------- rebalance
     def _sync_masks(self) -> None:
@@ -281,7 +296,8 @@ class BalanceCallback(keras.callbacks.Callback):
         self.state.record(epoch, target, keep, self._attention)
         self._synced = int(self.state.rebalances.numpy())
         if self.verbose:
-            logger.info("epoch %d: rebalanced to target %.3f %s", epoch, target, self.target_metric)
+            unit = self.target_metric if self.mode == "structured" else "weights kept"
+            logger.info("epoch %d: rebalanced to target %.3f %s", epoch, target, unit)
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
         if self._diverged:
@@ -313,6 +329,8 @@ class BalanceCallback(keras.callbacks.Callback):
         return flops, params, 1.0 - sum(counts.values()) / max(total, 1)
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if self._step_callback is not None and not self._diverged:
+            self._step_callback.on_epoch_end(epoch, logs)
         if logs is None or self.state is None:
             return
         flops, params, sparsity = self.current_ratios()

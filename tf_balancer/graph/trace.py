@@ -28,7 +28,7 @@ from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
 
-from tf_balancer._compat import ensure_keras2_model, is_keras3_object, is_keras_model
+from tf_balancer._compat import is_keras3_object, is_keras_model
 from tf_balancer.errors import ModelLoadError, UnsupportedModelError
 
 __all__ = ["TracedGraph", "trace", "trace_keras", "load_saved_model", "freeze", "op_flops"]
@@ -103,7 +103,9 @@ def trace_keras(model: Any, batch_size: int | None = 1) -> TracedGraph:
     ``batch_size=None`` keeps the batch axis open (for deployment; TF's FLOPs
     statistics need a fixed batch).
     """
-    model = ensure_keras2_model(model)
+    from tf_balancer.graph.walk import walk_model
+
+    names = {call.name for call in walk_model(model).calls}  # rejects subclassed models
     specs = _fixed_specs(
         [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs],
         batch_size,
@@ -114,9 +116,6 @@ def trace_keras(model: Any, batch_size: int | None = 1) -> TracedGraph:
         return model(list(xs) if len(xs) > 1 else xs[0], training=False)
 
     graph_def, frozen = freeze(forward.get_concrete_function(*specs))
-    from tf_balancer.graph.walk import walk_model
-
-    names = {call.name for call in walk_model(model).calls}
     return TracedGraph(graph_def, frozen, _map_ops(graph_def, names, model.name), batch_size)
 
 
@@ -214,9 +213,8 @@ def _map_scopes(graph_def: Any) -> dict[str, str]:
     for node in graph_def.node:
         if node.op in _PLUMBING_OPS or node.name.startswith("Func/"):
             continue
-        parts = node.name.split("/")[:-1]
-        while parts and parts[0] in _CALL_SCOPES:
+        parts = node.name.split("/")
+        while len(parts) > 1 and parts[0] in _CALL_SCOPES:
             parts = parts[1:]
-        if parts:
-            mapping[node.name] = "/".join(parts)
+        mapping[node.name] = "/".join(parts[:-1]) or parts[-1]  # unscoped ops stand alone
     return mapping

@@ -76,14 +76,17 @@ class _Walker:
         self.calls: list[Call] = []
         self.shapes: dict[str, tuple] = {}
         self.dtypes: dict[str, str] = {}
+        self.scopes: dict[str, int] = {}
 
     def key(self, tensor_id: str) -> str:
         while tensor_id in self.alias:
             tensor_id = self.alias[tensor_id]
         return tensor_id
 
-    def record(self, tensor: Any) -> str:
-        key = self.key(str(id(tensor)))
+    def record(self, tensor: Any, scope: str) -> str:
+        """Key of a tensor seen inside ``scope`` (scoped: a nested model's inner
+        tensors are the same objects for each of its calls)."""
+        key = self.key(scope + str(id(tensor)))
         self.shapes.setdefault(key, tuple(tensor.shape))
         self.dtypes.setdefault(key, tensor.dtype.name)
         return key
@@ -100,17 +103,22 @@ class _Walker:
 
     def _walk_nested(self, node: Any, scope: str) -> None:
         inner = node.layer
+        inner_scope = f"{scope}{inner.name}/"
+        calls = self.scopes.get(inner_scope, 0)
+        self.scopes[inner_scope] = calls + 1
+        if calls:
+            inner_scope = f"{scope}{inner.name}#{calls}/"
         for inner_in, outer_in in zip(inner.inputs, node.keras_inputs, strict=True):
-            self.alias[str(id(inner_in))] = self.key(str(id(outer_in)))
-        self.walk(inner, f"{scope}{inner.name}/")
+            self.alias[inner_scope + str(id(inner_in))] = self.record(outer_in, scope)
+        self.walk(inner, inner_scope)
         outer_outs = tf.nest.flatten(node.outputs)
         for outer_out, inner_out in zip(outer_outs, inner.outputs, strict=True):
-            self.alias[str(id(outer_out))] = self.key(str(id(inner_out)))
+            self.alias[scope + str(id(outer_out))] = self.key(inner_scope + str(id(inner_out)))
 
     def _add_call(self, node: Any, scope: str) -> None:
         layer = node.layer
-        inputs = tuple(self.record(t) for t in node.keras_inputs)
-        outputs = tuple(self.record(t) for t in tf.nest.flatten(node.outputs))
+        inputs = tuple(self.record(t, scope) for t in node.keras_inputs)
+        outputs = tuple(self.record(t, scope) for t in tf.nest.flatten(node.outputs))
         self.calls.append(Call(f"{scope}{layer.name}", layer, node, inputs, outputs))
 
 
@@ -129,7 +137,7 @@ def walk_model(model: Any) -> Walk:
             "its traced tf.function/SavedModel to `tf_balancer.inspect` for a graph-level view."
         )
     walker = _Walker()
-    input_keys = tuple(walker.record(t) for t in model.inputs)
+    input_keys = tuple(walker.record(t, "") for t in model.inputs)
     walker.walk(model, "")
     output_keys = tuple(walker.key(str(id(t))) for t in model.outputs)
     calls = _mark_shared(walker.calls)

@@ -1,0 +1,91 @@
+"""Tests for tf_balancer._compat: the Keras boundary, and Keras 3 models being rejected."""
+
+from __future__ import annotations
+
+import keras as keras3  # the Keras 3 package (installed alongside tf_keras)
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from tf_balancer import _compat
+from tf_balancer._compat import ensure_keras2_model, is_keras3_object, is_keras_model, keras
+from tf_balancer.analysis import analyze, inspect
+from tf_balancer.errors import TFBalancerError, UnsupportedModelError
+from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.graph.trace import trace
+from tf_balancer.graph.walk import walk_model
+
+
+@pytest.fixture(scope="module")
+def keras3_model():
+    assert keras3.__version__.startswith("3")
+    return keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
+
+
+@pytest.fixture(scope="module")
+def tf_keras_model():
+    inp = keras.Input((4,))
+    return keras.Model(inp, keras.layers.Dense(2)(inp))
+
+
+def test_compat_keras_is_tf_keras():
+    assert keras is tf_keras
+    assert _compat.layers is tf_keras.layers
+    assert keras.__version__.startswith("2.")
+
+
+def test_is_keras_model(tf_keras_model, keras3_model):
+    class Sub(keras.Model):
+        def call(self, x):
+            return x
+
+    assert is_keras_model(tf_keras_model)
+    assert is_keras_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+    assert is_keras_model(Sub())
+    assert not is_keras_model(keras3_model)
+    assert not is_keras_model(tf.Module())
+    assert not is_keras_model(None)
+
+
+def test_is_keras3_object(tf_keras_model, keras3_model):
+    assert is_keras3_object(keras3_model)
+    assert is_keras3_object(keras3.layers.Dense(2))
+    assert not is_keras3_object(tf_keras_model)
+    assert not is_keras3_object(keras.layers.Dense(2))
+    assert not is_keras3_object("model.keras")
+
+
+def test_ensure_keras2_model_returns_a_tf_keras_model_unchanged(tf_keras_model):
+    assert ensure_keras2_model(tf_keras_model) is tf_keras_model
+
+
+def test_ensure_keras2_model_rejects_keras3_with_the_fix(keras3_model):
+    with pytest.raises(UnsupportedModelError) as info:
+        ensure_keras2_model(keras3_model)
+    message = str(info.value)
+    assert message.startswith("Keras 3 model given (Sequential)")
+    assert "tf_keras" in message and "TF_USE_LEGACY_KERAS" in message
+
+
+def test_ensure_keras2_model_rejects_other_objects():
+    with pytest.raises(UnsupportedModelError, match="expected a tf_keras Model, got Module"):
+        ensure_keras2_model(tf.Module())
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [inspect, analyze, LayerGraph.from_model, trace, walk_model],
+    ids=["inspect", "analyze", "LayerGraph.from_model", "trace", "walk_model"],
+)
+def test_every_entry_point_rejects_a_keras3_model(entry, keras3_model):
+    with pytest.raises(UnsupportedModelError) as info:
+        entry(keras3_model)
+    message = str(info.value)
+    assert "Keras 3" in message
+    assert "tf_keras" in message
+    assert "TF_USE_LEGACY_KERAS" in message
+
+
+def test_unsupported_model_error_is_catchable_as_type_error_and_base():
+    assert issubclass(UnsupportedModelError, TypeError)
+    assert issubclass(UnsupportedModelError, TFBalancerError)

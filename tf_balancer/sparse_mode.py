@@ -1,0 +1,72 @@
+"""``mode="sparse"`` of :class:`~tf_balancer.callback.BalanceCallback`: tfmot weight pruning.
+
+The model is wrapped before compiling with
+:func:`tf_balancer.sparsity.wrap_for_pruning`, which gives every prunable layer a
+schedule whose final sparsity is a ``tf.Variable``. At each rebalance the callback
+computes per-layer sparsities for the ramped target (``balanced``: more sparsity
+where importance per weight is low; ``uniform``: the same everywhere) and assigns
+them to those variables: the compiled train function keeps running, nothing is
+recompiled. The callback also does tfmot's ``UpdatePruningStep`` work, so users
+do not add that callback themselves.
+
+Unstructured sparsity gives no CPU speed-up in TensorFlow; it makes compressed
+files smaller. Use ``mode="structured"`` for speed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from tf_balancer.errors import ConfigError
+
+__all__ = ["check_sparse_model", "target_variables", "rebalance_sparsity", "sparse_ratios"]
+
+
+def target_variables(model: Any) -> dict[str, Any]:
+    """Layer name -> final-sparsity variable of every tf_balancer pruning wrapper."""
+    from tf_balancer import sparsity
+
+    found = {}
+    for layer in sparsity._leaves(model):
+        if isinstance(layer, sparsity._Wrapper):
+            schedule = layer.pruning_schedule
+            if isinstance(schedule, sparsity.VariablePolynomialDecay):
+                found[layer.layer.name] = schedule.final_sparsity
+    return found
+
+
+def check_sparse_model(model: Any) -> None:
+    """Raise a ConfigError naming the fix when the model is not wrapped for pruning."""
+    if not target_variables(model):
+        raise ConfigError(
+            "mode='sparse' needs a model wrapped for pruning before compile: "
+            "`model, _ = tf_balancer.sparsity.wrap_for_pruning(model, targets)`, "
+            "then model.compile(...) and fit with the callback"
+        )
+
+
+def rebalance_sparsity(callback: Any, scores: Any, target: float) -> dict[int, np.ndarray]:
+    """Assign per-layer sparsities for keeping ``target`` of the prunable weights."""
+    from tf_balancer import sparsity
+
+    model = callback.model
+    variables = target_variables(model)
+    goal = min(max(1.0 - target, 0.0), 0.99)
+    if callback.strategy == "uniform":
+        targets = sparsity.uniform_sparsity_targets(model, goal)
+    else:
+        targets = sparsity.balanced_sparsity_targets(model, goal)
+    sparsity.set_targets(variables, {k: v for k, v in targets.items() if k in variables})
+    return {g.id: np.arange(g.size) for g in callback.analysis.graph.prunable_groups}
+
+
+def sparse_ratios(callback: Any) -> tuple[float, float, float]:
+    """(FLOPs ratio, non-zero params ratio, weight sparsity): dense FLOPs do not change."""
+    from tf_balancer import sparsity
+
+    kernels = [k for ks in sparsity.prunable_kernels(callback.model).values() for k in ks]
+    zeros = sum(int(np.count_nonzero(k == 0)) for k in kernels)
+    total = max(callback.analysis.cost.params, 1)
+    return 1.0, 1.0 - zeros / total, sparsity.overall_sparsity(callback.model)
