@@ -72,8 +72,9 @@ class BalanceCallback(keras.callbacks.Callback):
         target_metric: ``"flops"`` or ``"params"``. Defaults to ``"flops"``.
         mode: ``"structured"`` (channel masks, then compaction: real speed-ups) or
             ``"sparse"`` (tfmot weight pruning; smaller compressed files only; the
-            model must be wrapped with ``tf_balancer.sparsity.wrap_for_pruning``
-            before compiling). Defaults to ``"structured"``.
+            model must be wrapped with ``tf_balancer.sparsity.wrap_for_pruning(...,
+            prune_after_end=True)`` before compiling; ``target`` is then the
+            fraction of prunable weights kept). Defaults to ``"structured"``.
         importance: criterion name or ``{name: weight}``; see
             :mod:`tf_balancer.attention.importance`. Defaults to ``"taylor"``.
         strategy: ``"balanced"``, ``"uniform"`` or ``"global"``. Defaults to ``"balanced"``.

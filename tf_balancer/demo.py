@@ -80,20 +80,62 @@ def compile_classifier(model: keras.Model, learning_rate: float = 3e-3) -> keras
     return model
 
 
-def run_demo(output: str = "demo_out", epochs: int = 1, seed: int = 0) -> None:
-    """Train the digits CNN briefly, save it, and print its ``inspect`` table."""
-    import os
+def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
+    """Train the digits CNN with ``BalanceCallback`` to 50% FLOPs and export the result.
 
-    from tf_balancer.analysis import inspect
+    The dense model trains for ``epochs // 3`` epochs, pruning then ramps to the
+    target over the following epochs, the compacted model is fine-tuned for 2
+    epochs, and ``output`` receives the optimized SavedModel, report.json,
+    report.png, report.md and the TensorBoard logs.
+
+    Returns:
+        The callback's report (a dict).
+    """
+    import os
+    import shutil
+
+    from tf_balancer.callback import BalanceCallback
+    from tf_balancer.finalize import summary_markdown
 
     data = load_digits_data(seed)
     model = compile_classifier(build_digits_cnn(seed=seed))
-    print(f"Training a small CNN on scikit-learn digits for {epochs} epoch(s)...")
-    model.fit(data.x_train, data.y_train, epochs=epochs, batch_size=64, verbose=2)
-    _, accuracy = model.evaluate(data.x_val, data.y_val, verbose=0)
-    print(f"validation accuracy: {accuracy:.4f}")
-    path = os.path.join(output, "dense_model")
-    os.makedirs(output, exist_ok=True)
-    model.save(path)
-    print(f"\nSaved the model to {path}; its analysis (`tf-balancer inspect {path}`):\n")
-    print(inspect(path).table())
+    begin = max(epochs // 3, 1)
+    callback = BalanceCallback(
+        target=0.5,
+        mode="structured",
+        strategy="balanced",
+        importance="taylor",
+        begin_epoch=begin,
+        end_epoch=max(epochs - 2, begin),
+        probe_data=(data.x_train[:512], data.y_train[:512]),
+        validation_data=(data.x_val, data.y_val),
+        finetune_epochs=2,
+        finetune_data=(data.x_train, data.y_train),
+        log_dir=os.path.join(output, "tensorboard"),
+    )
+    shutil.rmtree(os.path.join(output, "tensorboard"), ignore_errors=True)  # one run per log dir
+    print(f"[1/3] Training a small CNN on scikit-learn digits for {epochs} epochs;")
+    print(f"      pruning ramps to 50% FLOPs from epoch {begin + 1} (balanced, taylor importance).")
+    model.fit(
+        data.x_train,
+        data.y_train,
+        epochs=epochs,
+        batch_size=32,
+        validation_data=(data.x_val, data.y_val),
+        callbacks=[callback],
+        verbose=2,
+    )
+    print("[2/3] Removed pruned channels, fine-tuned, folded BatchNorm, fused activations.")
+    path = callback.export(os.path.join(output, "result"), overwrite=True)
+    print("[3/3] Before (dense, at the first rebalance) vs after (optimized):\n")
+    print(summary_markdown(callback.report))
+    print(f"\nWrote {output}/")
+    print(
+        f"  result/saved_model/  the optimized SavedModel: tf.saved_model.load('{path}/saved_model')"
+    )
+    print("  result/report.json   full report (per-layer attention, keep ratios, passes)")
+    print("  result/report.png    per-layer attention / keep ratio / FLOPs chart")
+    print("  result/report.md     the table above, plus per-layer rows")
+    print(f"  tensorboard/         .venv/bin/tensorboard --logdir {output}/tensorboard")
+    print(f"Inspect the result:    .venv/bin/tf-balancer inspect {output}/result/saved_model")
+    return callback.report

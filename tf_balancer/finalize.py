@@ -149,7 +149,7 @@ class Finalizer:
             "passes": [dataclasses.asdict(r) for r in records],
             "attention_history": cb.state.attention_history().tolist(),
         }
-        logger.info("\n%s", summary_markdown(report))
+        logger.debug("\n%s", summary_markdown(report))
         return report
 
 

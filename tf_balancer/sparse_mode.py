@@ -21,28 +21,21 @@ import numpy as np
 
 from tf_balancer.errors import ConfigError
 
-__all__ = ["check_sparse_model", "target_variables", "rebalance_sparsity", "sparse_ratios"]
+__all__ = ["check_sparse_model", "rebalance_sparsity", "sparse_ratios"]
 
-
-def target_variables(model: Any) -> dict[str, Any]:
-    """Layer name -> final-sparsity variable of every tf_balancer pruning wrapper."""
-    from tf_balancer import sparsity
-
-    found = {}
-    for layer in sparsity._leaves(model):
-        if isinstance(layer, sparsity._Wrapper):
-            schedule = layer.pruning_schedule
-            if isinstance(schedule, sparsity.VariablePolynomialDecay):
-                found[layer.layer.name] = schedule.final_sparsity
-    return found
+MAX_SPARSITY = 0.95
+"""No layer is pruned beyond this (and the overall target is capped at it)."""
 
 
 def check_sparse_model(model: Any) -> None:
     """Raise a ConfigError naming the fix when the model is not wrapped for pruning."""
+    from tf_balancer.sparsity import target_variables
+
     if not target_variables(model):
         raise ConfigError(
             "mode='sparse' needs a model wrapped for pruning before compile: "
-            "`model, _ = tf_balancer.sparsity.wrap_for_pruning(model, targets)`, "
+            "`model, _ = tf_balancer.sparsity.wrap_for_pruning(model, targets, "
+            "prune_after_end=True)`, "
             "then model.compile(...) and fit with the callback"
         )
 
@@ -52,12 +45,12 @@ def rebalance_sparsity(callback: Any, scores: Any, target: float) -> dict[int, n
     from tf_balancer import sparsity
 
     model = callback.model
-    variables = target_variables(model)
-    goal = min(max(1.0 - target, 0.0), 0.99)
+    variables = sparsity.target_variables(model)
+    goal = min(max(1.0 - target, 0.0), MAX_SPARSITY)
     if callback.strategy == "uniform":
         targets = sparsity.uniform_sparsity_targets(model, goal)
     else:
-        targets = sparsity.balanced_sparsity_targets(model, goal)
+        targets = sparsity.balanced_sparsity_targets(model, goal, max_sparsity=MAX_SPARSITY)
     sparsity.set_targets(variables, {k: v for k, v in targets.items() if k in variables})
     return {g.id: np.arange(g.size) for g in callback.analysis.graph.prunable_groups}
 

@@ -66,6 +66,7 @@ __all__ = [
     "VariablePolynomialDecay",
     "wrap_for_pruning",
     "set_targets",
+    "target_variables",
     "check_m_by_n",
     "strip",
     "update_masks",
@@ -109,9 +110,12 @@ class VariablePolynomialDecay(tfmot.sparsity.keras.PruningSchedule):
     ``sparsity(step) = final + (initial - final) * (1 - p) ** power`` with
     ``p = clip((step - begin_step) / (end_step - begin_step), 0, 1)`` (``p = 1``
     from ``begin_step`` on when ``begin_step == end_step``); masks are updated
-    every ``frequency`` steps in ``[begin_step, end_step]``. ``__call__`` reads
+    every ``frequency`` steps in ``[begin_step, end_step]`` (tfmot's rule), or
+    from ``begin_step`` on with ``prune_after_end=True``. ``__call__`` reads
     :attr:`final_sparsity` inside the graph, so assigning the variable changes
-    the target of an already compiled ``train_function``: no recompile.
+    the target of an already compiled ``train_function``: no recompile. The new
+    target takes effect at the next mask update: after ``end_step`` only with
+    ``prune_after_end=True``.
 
     Args:
         initial_sparsity: sparsity at ``begin_step``, in [0, 1). Defaults to 0.
@@ -121,6 +125,8 @@ class VariablePolynomialDecay(tfmot.sparsity.keras.PruningSchedule):
         end_step: step at which ``final_sparsity`` is reached. Defaults to 1000.
         power: exponent of the decay. Defaults to 3.
         frequency: steps between mask updates, > 0. Defaults to 100.
+        prune_after_end: keep updating masks (at the final sparsity) after
+            ``end_step``, so later target changes apply. Defaults to False.
 
     Raises:
         ConfigError: for an invalid sparsity or step range.
@@ -139,6 +145,7 @@ class VariablePolynomialDecay(tfmot.sparsity.keras.PruningSchedule):
         end_step: int = 1000,
         power: float = 3,
         frequency: int = 100,
+        prune_after_end: bool = False,
     ) -> None:
         if not 0 <= int(begin_step) <= int(end_step) or int(frequency) <= 0:
             raise ConfigError(
@@ -152,6 +159,7 @@ class VariablePolynomialDecay(tfmot.sparsity.keras.PruningSchedule):
         self.final_sparsity = final_sparsity
         self.begin_step, self.end_step = int(begin_step), int(end_step)
         self.power, self.frequency = power, int(frequency)
+        self.prune_after_end = bool(prune_after_end)
 
     def __call__(self, step: Any) -> tuple[tf.Tensor, tf.Tensor]:
         with tf.name_scope("variable_polynomial_decay_pruning_schedule"):
@@ -165,7 +173,7 @@ class VariablePolynomialDecay(tfmot.sparsity.keras.PruningSchedule):
             decay = tf.pow(1.0 - p, float(self.power))
             sparsity = final + (self.initial_sparsity - final) * decay
         should_prune = self._should_prune_in_step(
-            step, self.begin_step, self.end_step, self.frequency
+            step, self.begin_step, -1 if self.prune_after_end else self.end_step, self.frequency
         )
         return should_prune, sparsity
 
@@ -180,6 +188,7 @@ class VariablePolynomialDecay(tfmot.sparsity.keras.PruningSchedule):
                 "end_step": self.end_step,
                 "power": self.power,
                 "frequency": self.frequency,
+                "prune_after_end": self.prune_after_end,
             },
         }
 
@@ -267,6 +276,7 @@ def wrap_for_pruning(
     frequency: int = 100,
     power: float = 3,
     m_by_n: tuple[int, int] | None = None,
+    prune_after_end: bool = False,
 ) -> tuple[keras.Model, dict[str, tf.Variable]]:
     """A new model whose layers named in ``targets`` are wrapped in tfmot pruning wrappers.
 
@@ -285,8 +295,9 @@ def wrap_for_pruning(
     Args:
         model: a functional or Sequential tf_keras model.
         targets: layer name -> final sparsity in [0, 1).
-        begin_step, end_step, frequency, power: the schedule (see
-            :class:`VariablePolynomialDecay`).
+        begin_step, end_step, frequency, power, prune_after_end: the schedule
+            (see :class:`VariablePolynomialDecay`); with the default
+            ``prune_after_end=False`` targets set after ``end_step`` are ignored.
         m_by_n: optional ``(m, n)``, 1 <= m < n.
 
     Returns:
@@ -320,7 +331,9 @@ def wrap_for_pruning(
         target = m_by_n[0] / m_by_n[1] if m_by_n else wanted[layer.name]
         variable = tf.Variable(target, trainable=False, dtype=tf.float32, name=f"{layer.name}_sp")
         variables[layer.name] = variable
-        schedule = VariablePolynomialDecay(0.0, variable, begin_step, end_step, power, frequency)
+        schedule = VariablePolynomialDecay(
+            0.0, variable, begin_step, end_step, power, frequency, prune_after_end
+        )
         return tfmot.sparsity.keras.prune_low_magnitude(
             new, pruning_schedule=schedule, sparsity_m_by_n=m_by_n
         )
@@ -334,6 +347,9 @@ def wrap_for_pruning(
 def set_targets(variables: Mapping[str, tf.Variable], targets: Mapping[str, float]) -> None:
     """Assign new final sparsities (layer name -> value in [0, 1)); all are checked first.
 
+    No recompile is needed; the wrappers use the new values at their next mask
+    update (see :class:`VariablePolynomialDecay`).
+
     Raises:
         ConfigError: for an unknown layer name or a value outside [0, 1).
     """
@@ -345,6 +361,20 @@ def set_targets(variables: Mapping[str, tf.Variable], targets: Mapping[str, floa
         checked[name] = _check_sparsity(f"target of {name!r}", value)
     for name, value in checked.items():
         variables[name].assign(value)
+
+
+def target_variables(model: Any) -> dict[str, tf.Variable]:
+    """Layer name -> final-sparsity variable of each :class:`VariablePolynomialDecay` wrapper.
+
+    Finds the variables :func:`wrap_for_pruning` returned, e.g. in a callback.
+    """
+    ensure_keras2_model(model)
+    return {
+        layer.layer.name: layer.pruning_schedule.final_sparsity
+        for layer in _leaves(model)
+        if isinstance(layer, _Wrapper)
+        and isinstance(layer.pruning_schedule, VariablePolynomialDecay)
+    }
 
 
 def strip(model: Any) -> keras.Model:

@@ -71,7 +71,7 @@ class Bounds:
             raise ConfigError(f"round_to must be an int >= 1, got {self.round_to!r}")
 
     def lower(self, size: int) -> int:
-        floor = max(self.min_keep, math.ceil(size * (1.0 - self.max_prune_fraction)))
+        floor = max(self.min_keep, math.ceil(size * (1.0 - self.max_prune_fraction) - 1e-9))
         return self.round_up(min(floor, size), size)
 
     def round_up(self, k: int, size: int) -> int:
@@ -107,7 +107,9 @@ class Allocation(KeepPlan):
         sizes: group id -> channels before pruning.
         strategy, target, target_metric: what was asked.
         achieved: the plan's cost ratio (exact cost model), ``<= target``.
-        threshold: the bisection variable (lambda, ratio or score threshold).
+        threshold: the bisection state: for ``balanced``/``global`` the number of
+            channels cut from the global order (every kept channel has a higher
+            ``score / cost``, i.e. sits above lambda); for ``uniform`` the prune fraction.
     """
 
     strategy: str = "balanced"
@@ -128,8 +130,12 @@ class Allocation(KeepPlan):
         }
 
 
-def _validate(scores: Mapping[int, np.ndarray], target: float, metric: str, strategy: str) -> None:
-    if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0 or math.isnan(target):
+def _validate(
+    scores: Mapping[int, np.ndarray], target: float, metric: str, strategy: str, graph: Any
+) -> None:
+    if isinstance(target, bool) or not isinstance(target, (int, float, np.floating)):
+        raise ConfigError(f"target must be a number in (0, 1], got {target!r}")
+    if not 0.0 < target <= 1.0 or math.isnan(target):
         raise ConfigError(f"target must be in (0, 1], got {target!r}")
     if metric not in METRICS:
         raise ConfigError(f"target_metric must be one of {METRICS}, got {metric!r}")
@@ -137,9 +143,16 @@ def _validate(scores: Mapping[int, np.ndarray], target: float, metric: str, stra
         raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
     if not scores:
         raise BalanceError("no prunable channel group: nothing to balance (see `inspect`)")
+    prunable = {g.id: g for g in graph.prunable_groups}
     for gid, s in scores.items():
+        if gid not in prunable:
+            raise BalanceError(f"group {gid} is not a prunable group of this model (see `inspect`)")
         s = np.asarray(s, dtype=np.float64)
-        if s.ndim != 1 or not np.all(np.isfinite(s)) or np.any(s < 0):
+        if s.shape != (prunable[gid].size,):
+            raise BalanceError(
+                f"group {gid} has {prunable[gid].size} channels but {s.size} scores were given"
+            )
+        if not np.all(np.isfinite(s)) or np.any(s < 0):
             raise BalanceError(f"scores of group {gid} must be finite and >= 0")
 
 
@@ -171,7 +184,7 @@ def allocate(
             bounds make unreachable (the message names the blocking groups).
     """
     bounds = bounds or Bounds()
-    _validate(scores, target, target_metric, strategy)
+    _validate(scores, target, target_metric, strategy, analysis.graph)
     coster = analysis.coster
     scores = {g: np.asarray(s, dtype=np.float64) for g, s in sorted(scores.items())}
     sizes = {g: len(s) for g, s in scores.items()}
@@ -200,20 +213,33 @@ def _marginal_costs(sizes: Mapping[int, int], cost: Callable, full: float) -> di
 
 def _threshold(
     scores: Mapping[int, np.ndarray], per_unit: Mapping[int, float] | None, bounds: Bounds
-) -> tuple[Callable[[float], dict[int, int]], np.ndarray]:
-    """Keep counts for a threshold on ``score / cost`` (or raw score when cost-blind)."""
-    ratios = {g: s / (per_unit[g] if per_unit else 1.0) for g, s in scores.items()}
-    sorted_desc = {g: -np.sort(-r) for g, r in ratios.items()}
+) -> tuple[Callable[[int], dict[int, int]], np.ndarray]:
+    """Plans keeping the best channels by ``score / cost`` (raw score when cost-blind).
 
-    def counts_at(lam: float) -> dict[int, int]:
-        out = {}
-        for g, r in sorted_desc.items():
-            above = int(np.searchsorted(-r, -lam, side="right"))
-            out[g] = bounds.round_up(max(above, bounds.lower(len(r))), len(r))
-        return out
+    All channels are put in one order (ratio descending, then group id, then
+    channel index, so ties are broken deterministically, one channel at a time);
+    state ``i`` keeps the first ``N - i`` channels of that order, clipped by the
+    bounds. The candidate values are the ratios at each cut.
+    """
+    groups = sorted(scores)
+    ratios = [scores[g] / (per_unit[g] if per_unit else 1.0) for g in groups]
+    values = np.concatenate(ratios)
+    owner = np.concatenate([np.full(len(r), i) for i, r in enumerate(ratios)])
+    index = np.concatenate([np.arange(len(r)) for r in ratios])
+    order = np.lexsort((index, owner, -values))
+    positions = [np.sort(np.flatnonzero(owner[order] == i)) for i in range(len(groups))]
+    total = len(values)
 
-    candidates = np.unique(np.concatenate([np.concatenate(list(ratios.values())), [0.0, np.inf]]))
-    return counts_at, candidates
+    def counts_at(state: int) -> dict[int, int]:
+        kept = total - int(state)
+        return {
+            g: bounds.round_up(
+                max(int(np.searchsorted(pos, kept)), bounds.lower(len(pos))), len(pos)
+            )
+            for g, pos in zip(groups, positions, strict=True)
+        }
+
+    return counts_at, np.arange(total + 1)
 
 
 def _uniform(
@@ -232,12 +258,12 @@ def _uniform(
 
 
 def _bisect(
-    counts_at: Callable[[float], dict[int, int]],
+    counts_at: Callable[[Any], dict[int, int]],
     candidates: np.ndarray,
     cost: Callable[[dict[int, int]], float],
     budget: float,
 ) -> tuple[float, dict[int, int]]:
-    """Smallest candidate threshold whose plan fits the budget (cost falls as it rises)."""
+    """Smallest candidate whose plan fits the budget (cost falls as the candidate rises)."""
     lo, hi = 0, len(candidates) - 1  # counts_at(candidates[hi]) fits: all groups at bounds
     if cost(counts_at(candidates[lo])) <= budget:
         return float(candidates[lo]), counts_at(candidates[lo])

@@ -81,7 +81,14 @@ def _requested(target: float, m_by_n: tuple[int, int] | None) -> float:
 
 @register_pass("prune_weights")
 class PruneWeights(GraphPass):
-    """One-shot magnitude pruning to per-layer sparsity targets; see the module docstring."""
+    """One-shot magnitude pruning to per-layer sparsity targets; see the module docstring.
+
+    ``PassResult.stats``: ``targets`` and achieved ``sparsity`` (layer name ->
+    fraction of zeros), ``overall_sparsity`` (over all prunable kernels),
+    ``m_by_n``, and ``compressed_bytes_before``/``compressed_bytes_after`` (gzip
+    of all weights). ``changed`` is False when no layer has a target above 0 or
+    no layer can be pruned (e.g. only DepthwiseConv kernels).
+    """
 
     preserves_function = False
 
