@@ -58,8 +58,12 @@ class Finalizer:
         return (), names
 
     def probe_inputs(self) -> Any:
-        source = self.cb.validation_data or (self.cb.probe.x, None)
-        return _first(source[0], 16)
+        """Verification inputs: validation or probe data, else None (random inputs)."""
+        if self.cb.validation_data is not None:
+            return _first(self.cb.validation_data[0], 16)
+        if self.cb.probe is not None:
+            return _first(self.cb.probe.x, 16)
+        return None
 
     def run(self) -> tuple[Any, dict[str, Any]]:
         cb = self.cb

@@ -149,8 +149,10 @@ class MetaOptimizer:
             graph = LayerGraph.from_model(model)
             result = graph_pass.run(model, graph, ctx)
             outcome = Outcome(True)
+            after = stats
             if result.changed:
                 outcome = self._verify(graph_pass, model, graph, ctx, result.model, probe)
+                after = model_stats(result.model) if outcome.ok else stats
         except Exception as err:  # any failure of a pass is rolled back, by design
             if self.fail_on_error:
                 raise PassError(f"pass {name!r} failed: {err}") from err
@@ -192,7 +194,6 @@ class MetaOptimizer:
                     dict(result.stats),
                 ),
             )
-        after = model_stats(result.model)
         record = PassRecord(
             name,
             "applied",

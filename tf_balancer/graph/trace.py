@@ -150,12 +150,15 @@ def trace_function(fn: Any, batch_size: int = 1) -> TracedGraph:
     """Trace a ``tf.function`` (with input signature), ConcreteFunction or signature."""
     if isinstance(fn, tf.types.experimental.PolymorphicFunction):
         fn = fn.get_concrete_function()
-    _, kwspecs = fn.structured_input_signature
+    signature = fn.structured_input_signature
+    if signature is None:  # e.g. a pruned wrap_function: feeds are its placeholders
+        args = [tf.TensorSpec(t.shape, t.dtype) for t in fn.inputs if t.dtype != tf.resource]
+        signature = (args, {})
+    args, kwspecs = signature
     if kwspecs:
         specs = dict(zip(kwspecs, _fixed_specs(kwspecs.values(), batch_size), strict=True))
         fixed = tf.function(lambda **kw: fn(**kw)).get_concrete_function(**specs)
     else:
-        args = fn.structured_input_signature[0]
         fixed = tf.function(lambda *xs: fn(*xs)).get_concrete_function(
             *_fixed_specs(args, batch_size)
         )

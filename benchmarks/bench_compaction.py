@@ -1,0 +1,188 @@
+"""Benchmark: does channel compaction (and BN folding) make inference faster?
+
+Three variants of the reference CNN (:mod:`benchmarks.reference_cnn`) are timed
+side by side in one process: the dense model, its ``prune_channels`` copy at
+``--target`` of the FLOPs, and its ``fold_batchnorm`` + ``fuse_activation``
+copy. Each is called through a ``tf.function`` (``training=False``), warmed up,
+then timed with the repetitions *interleaved* (one call of each variant per
+round, in a shuffled order), so that load from other processes hits all of them
+alike. Latencies are medians over rounds; a speedup is the median over rounds of
+the paired ratio ``dense seconds / variant seconds`` (robust to load that changes
+from round to round); the ratio of the medians is kept in the JSON too.
+
+Verdicts:
+
+* compaction: at the largest batch size, ``speedup >= 0.8 x dense_flops / compact_flops``;
+* folding: ``speedup >= 0.97`` (folded not slower than dense, allowing 3% noise)
+  at every batch size.
+
+The table is printed and the results are written as JSON to
+``benchmarks/out/compaction.json``.
+
+Usage::
+
+    python -m benchmarks.bench_compaction [--repeats 40] [--batch_sizes 1 64] [--target 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+OUT = Path(__file__).parent / "out" / "compaction.json"
+COMPACT_MARGIN = 0.8  # speedup must reach 80% of the FLOPs reduction
+FOLD_FLOOR = 0.97  # folded may be at most 3% slower (timing noise)
+WARMUP = 3
+
+
+def _inference_fn(model: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.function(lambda x: model(x, training=False))
+
+
+def time_interleaved(
+    models: dict[str, Any], batch_size: int, repeats: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each model, rounds interleaved in shuffled order."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(seed)
+    shape = (batch_size, *models[next(iter(models))].inputs[0].shape[1:])
+    x = tf.constant(rng.random(shape, dtype=np.float32))
+    fns = {name: _inference_fn(model) for name, model in models.items()}
+    for fn in fns.values():
+        for _ in range(WARMUP):
+            fn(x).numpy()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for _ in range(repeats):
+        for i in rng.permutation(len(names)):
+            fn = fns[names[i]]
+            start = time.perf_counter()
+            fn(x).numpy()
+            times[names[i]].append(time.perf_counter() - start)
+    return times
+
+
+def _row(name: str, flops: int, dense_flops: int, seconds: list[float], dense: list[float]) -> dict:
+    """One table row; ``speedup`` is the median of the per-round ratios dense / this model."""
+    median = statistics.median(seconds)
+    ratios = [d / s for d, s in zip(dense, seconds, strict=True)]
+    return {
+        "model": name,
+        "flops": flops,
+        "flops_ratio": flops / dense_flops,
+        "median_ms": 1e3 * median,
+        "p10_ms": 1e3 * float(np.percentile(seconds, 10)),
+        "p90_ms": 1e3 * float(np.percentile(seconds, 90)),
+        "speedup": statistics.median(ratios),
+        "speedup_of_medians": statistics.median(dense) / median,
+    }
+
+
+def run(
+    repeats: int = 40, batch_sizes: Sequence[int] = (1, 64), target: float = 0.5, width: int = 64
+) -> dict[str, Any]:
+    """Build the three variants, time them, and return the results with verdicts."""
+    from benchmarks.reference_cnn import dense_and_compact, dense_and_folded
+    from tf_balancer.analysis import analyze
+
+    dense, compact = dense_and_compact(target, width)
+    _, folded = dense_and_folded(width)
+    models = {"dense": dense, "compact": compact, "folded": folded}
+    flops = {name: analyze(model).cost.flops for name, model in models.items()}
+    results: dict[str, Any] = {
+        "target": target,
+        "width": width,
+        "repeats": repeats,
+        "params": {name: model.count_params() for name, model in models.items()},
+        "batches": {},
+    }
+    for batch in batch_sizes:
+        times = time_interleaved(models, batch, repeats, seed=batch)
+        results["batches"][str(batch)] = [
+            _row(name, flops[name], flops["dense"], times[name], times["dense"]) for name in models
+        ]
+    results["verdicts"] = verdicts(results, max(batch_sizes))
+    return results
+
+
+def verdicts(results: dict[str, Any], large_batch: int) -> dict[str, dict[str, Any]]:
+    """The compaction verdict at ``large_batch`` and the folding verdict at every batch."""
+    rows = {r["model"]: r for r in results["batches"][str(large_batch)]}
+    needed = COMPACT_MARGIN / rows["compact"]["flops_ratio"]
+    out = {
+        "compaction": {
+            "batch": large_batch,
+            "speedup": rows["compact"]["speedup"],
+            "required": needed,
+            "pass": rows["compact"]["speedup"] >= needed,
+        }
+    }
+    for batch, batch_rows in results["batches"].items():
+        speedup = next(r["speedup"] for r in batch_rows if r["model"] == "folded")
+        out[f"folding@{batch}"] = {
+            "batch": int(batch),
+            "speedup": speedup,
+            "required": FOLD_FLOOR,
+            "pass": speedup >= FOLD_FLOOR,
+        }
+    return out
+
+
+def report(results: dict[str, Any]) -> str:
+    """The printed table and one verdict line per check."""
+    lines = [
+        f"reference CNN (5x Conv3x3+BN+ReLU, width {results['width']}, 32x32x3): "
+        f"dense vs compact ({results['target']:.0%} FLOPs target) vs BN-folded; "
+        f"median of {results['repeats']} interleaved calls",
+        f"{'batch':>5}  {'model':<8}{'params':>9}{'MFLOPs':>9}{'FLOPs':>7}"
+        f"{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}{'speedup':>9}",
+    ]
+    for batch, rows in results["batches"].items():
+        for r in rows:
+            lines.append(
+                f"{batch:>5}  {r['model']:<8}{results['params'][r['model']]:>9,}"
+                f"{r['flops'] / 1e6:>9.1f}{r['flops_ratio']:>7.2f}{r['median_ms']:>11.2f}"
+                f"{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}{r['speedup']:>9.2f}"
+            )
+    for name, v in results["verdicts"].items():
+        verdict = "PASS" if v["pass"] else "FAIL"
+        lines.append(
+            f"verdict {name}: {verdict}: speedup {v['speedup']:.2f} at batch {v['batch']} "
+            f"{'>=' if v['pass'] else '<'} {v['required']:.2f} required"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=40, help="timed calls per model (>= 30)")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--target", type=float, default=0.5, help="FLOPs fraction to keep")
+    parser.add_argument("--width", type=int, default=64, help="filters per conv")
+    parser.add_argument("--out", type=Path, default=OUT, help="JSON output path")
+    args = parser.parse_args(argv)
+    if args.repeats < 30 or min(args.batch_sizes) < 1:
+        parser.error("--repeats must be >= 30 and batch sizes >= 1")
+    results = run(args.repeats, args.batch_sizes, args.target, args.width)
+    print(report(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""Compare dense, tfmot and tf_balancer recipes on scikit-learn digits (3 seeds).
+
+Every run trains the same CNN for the same number of epochs with the same seeds;
+pruning ramps from ``BEGIN`` to ``END`` and the remaining epochs train the
+pruned network. Columns: validation accuracy, macro recall and F1 (mean +- sd
+over seeds), FLOPs and params of the exported model, latency at batch 1 and 64
+(median ms), and the gzip-compressed SavedModel size.
+
+Run: ``.venv/bin/python -m benchmarks.compare`` (about 10-15 minutes on 2 cores).
+Writes ``benchmarks/out/compare.md``, ``compare.json`` and ``compare.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import time
+
+import numpy as np
+import tensorflow_model_optimization as tfmot
+
+from tf_balancer import BalanceCallback, analyze, sparsity
+from tf_balancer.demo import build_digits_cnn, compile_classifier, load_digits_data
+from tf_balancer.report import evaluate_model, markdown_table, saved_model_size
+
+EPOCHS, BEGIN, END, BATCH = 12, 3, 8, 32
+SPARSITY = 0.8
+
+RECIPES = (
+    "dense",
+    "tfmot uniform sparse 80%",
+    "tf_balancer sparse balanced 80%",
+    "tf_balancer structured uniform 50% FLOPs",
+    "tf_balancer structured balanced 50% FLOPs",
+    "tf_balancer structured balanced 25% FLOPs",
+)
+
+
+def _steps(data) -> int:
+    return int(np.ceil(len(data.x_train) / BATCH))
+
+
+def _fit(model, data, callbacks) -> None:
+    model.fit(
+        data.x_train, data.y_train, epochs=EPOCHS, batch_size=BATCH, callbacks=callbacks, verbose=0
+    )
+
+
+def _structured(data, seed: int, target: float, strategy: str):
+    model = compile_classifier(build_digits_cnn(seed=seed))
+    callback = BalanceCallback(
+        target=target,
+        strategy=strategy,
+        importance="taylor",
+        begin_epoch=BEGIN,
+        end_epoch=END,
+        probe_data=(data.x_train[:512], data.y_train[:512]),
+        verbose=0,
+    )
+    _fit(model, data, [callback])
+    return callback.optimized_model
+
+
+def _tfmot_uniform(data, seed: int):
+    schedule = tfmot.sparsity.keras.PolynomialDecay(
+        0.0,
+        SPARSITY,
+        begin_step=BEGIN * _steps(data),
+        end_step=(END + 1) * _steps(data),
+        frequency=10,
+    )
+    base = build_digits_cnn(seed=seed)
+    model = compile_classifier(
+        tfmot.sparsity.keras.prune_low_magnitude(base, pruning_schedule=schedule)
+    )
+    _fit(model, data, [tfmot.sparsity.keras.UpdatePruningStep()])
+    return tfmot.sparsity.keras.strip_pruning(model)
+
+
+def _tf_balancer_sparse(data, seed: int):
+    base = build_digits_cnn(seed=seed)
+    names = list(sparsity.prunable_kernels(base))
+    model, _ = sparsity.wrap_for_pruning(
+        base, {n: 0.0 for n in names}, frequency=10, prune_after_end=True
+    )
+    compile_classifier(model)
+    callback = BalanceCallback(
+        target=1.0 - SPARSITY,
+        mode="sparse",
+        importance="magnitude",
+        begin_epoch=BEGIN,
+        end_epoch=END,
+        verbose=0,
+    )
+    _fit(model, data, [callback])
+    return callback.optimized_model
+
+
+def run_recipe(name: str, data, seed: int):
+    if name == "dense":
+        model = compile_classifier(build_digits_cnn(seed=seed))
+        _fit(model, data, [])
+        return model
+    if name.startswith("tfmot"):
+        return _tfmot_uniform(data, seed)
+    if "sparse" in name:
+        return _tf_balancer_sparse(data, seed)
+    target = 0.25 if "25%" in name else 0.5
+    return _structured(data, seed, target, "uniform" if "uniform" in name else "balanced")
+
+
+def measure(model, data) -> dict[str, float]:
+    result = evaluate_model(model, data.x_val, data.y_val)
+    cost = analyze(model).cost
+    result.update(flops=cost.flops, params=cost.params, nonzero_params=_nonzero(model))
+    result["gzip_bytes"] = saved_model_size(model)["gzip_bytes"]
+    return result
+
+
+def _nonzero(model) -> int:
+    return int(sum(np.count_nonzero(w) for w in model.get_weights()))
+
+
+def summarize(runs: dict[str, list[dict]]) -> list[dict]:
+    rows = []
+    for name, results in runs.items():
+        row = {"recipe": name}
+        for key in ("accuracy", "recall", "f1"):
+            values = np.array([r[key] for r in results]) * 100
+            row[key] = f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}"
+        for key in ("flops", "params", "nonzero_params", "gzip_bytes"):
+            row[key] = int(np.median([r[key] for r in results]))
+        for key in ("latency_ms_b1", "latency_ms_b64"):
+            row[key] = float(np.median([r[key] for r in results]))
+        rows.append(row)
+    return rows
+
+
+def write_png(path: str, runs: dict[str, list[dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, results in runs.items():
+        flops = np.median([r["flops"] for r in results]) / 1e6
+        acc = np.array([r["accuracy"] for r in results]) * 100
+        ax.errorbar(
+            flops,
+            acc.mean(),
+            yerr=acc.std(ddof=1) if len(acc) > 1 else 0,
+            fmt="o",
+            capsize=4,
+            label=name,
+        )
+    ax.set_xlabel("MFLOPs per image (exported model)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("digits CNN: accuracy vs FLOPs (mean ± sd, 3 seeds)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+COLUMNS = (
+    "recipe",
+    "accuracy",
+    "recall",
+    "f1",
+    "flops",
+    "params",
+    "nonzero_params",
+    "latency_ms_b1",
+    "latency_ms_b64",
+    "gzip_bytes",
+)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out"))
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    runs: dict[str, list[dict]] = {name: [] for name in RECIPES}
+    start = time.time()
+    for seed in range(args.seeds):
+        data = load_digits_data(seed)
+        for name in RECIPES:
+            runs[name].append(measure(run_recipe(name, data, seed), data))
+            print(
+                f"seed {seed}: {name}: accuracy {runs[name][-1]['accuracy']:.4f} ({time.time() - start:.0f}s)",
+                flush=True,
+            )
+    rows = summarize(runs)
+    stamp = datetime.date.today().isoformat()
+    table = markdown_table(rows, COLUMNS)
+    header = (
+        f"Produced by `.venv/bin/python -m benchmarks.compare` on {stamp} "
+        f"({args.seeds} seeds, {EPOCHS} epochs, pruning ramp epochs {BEGIN + 1}-{END + 1}; 2-core CPU).\n\n"
+        "accuracy/recall/F1 in %, mean ± sd over seeds; latency in ms (median); "
+        "gzip_bytes: gzip-compressed SavedModel.\n\n"
+    )
+    with open(os.path.join(args.out, "compare.md"), "w", encoding="utf-8") as handle:
+        handle.write(header + table + "\n")
+    with open(os.path.join(args.out, "compare.json"), "w", encoding="utf-8") as handle:
+        json.dump({"rows": rows, "runs": runs, "date": stamp}, handle, indent=2, default=float)
+    write_png(os.path.join(args.out, "compare.png"), runs)
+    print(header + table)
+
+
+if __name__ == "__main__":
+    main()

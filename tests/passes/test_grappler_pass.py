@@ -1,0 +1,97 @@
+"""Tests of the ``grappler`` pass: Grappler on MobileNetV2's frozen inference graph.
+
+The model ends in logits (``classifier_activation=None``) so that a 1e-4
+tolerance means something (softmax outputs over 1000 classes are ~1e-3).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import randomize_batchnorm
+
+from tf_balancer._compat import keras
+from tf_balancer.graph.grappler import op_type_counts
+from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.optimizer import MetaOptimizer
+from tf_balancer.passes.base import PassContext, get_pass
+
+SHAPE = (96, 96, 3)
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(
+        alpha=0.35, input_shape=SHAPE, weights=None, classifier_activation=None
+    )
+    return randomize_batchnorm(model)
+
+
+@pytest.fixture(scope="module")
+def folded(mobilenet):
+    model, report = MetaOptimizer(["fold_batchnorm"]).run(mobilenet)
+    assert report.records[0].status == "applied"
+    return model
+
+
+@pytest.fixture(scope="module")
+def grappled(folded):
+    return get_pass("grappler").run(folded, LayerGraph.from_model(folded), PassContext())
+
+
+def _x(batch):
+    return np.random.default_rng(batch).normal(size=(batch, *SHAPE)).astype("float32")
+
+
+def _fused_batchnorm_ops(function):
+    ops = op_type_counts(function.graph.as_graph_def())
+    return {op: n for op, n in ops.items() if "FusedBatchNorm" in op}
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_outputs_equal_the_keras_model_with_an_open_batch_axis(mobilenet, grappled, batch):
+    x = _x(batch)
+    expected = mobilenet(x, training=False).numpy()
+    (actual,) = tf.nest.flatten(grappled.model(tf.constant(x)))
+    assert actual.shape == expected.shape == (batch, 1000)
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_no_fused_batchnorm_remains_and_nodes_shrink(grappled):
+    assert grappled.changed
+    assert not get_pass("grappler").keras_output
+    assert _fused_batchnorm_ops(grappled.model) == {}
+    stats = grappled.stats
+    assert stats["nodes_before"] >= stats["nodes_after"]
+    assert stats["nodes_after"] == len(grappled.model.graph.as_graph_def().node)
+    assert str(stats["nodes_after"]) in grappled.message
+
+
+def test_grappler_alone_also_removes_fused_batchnorm(mobilenet):
+    result = get_pass("grappler").run(mobilenet, LayerGraph.from_model(mobilenet), PassContext())
+    assert result.stats["op_types_before"].get("FusedBatchNormV3", 0) == 52
+    assert _fused_batchnorm_ops(result.model) == {}
+    x = _x(3)
+    (actual,) = tf.nest.flatten(result.model(tf.constant(x)))
+    np.testing.assert_allclose(actual.numpy(), mobilenet(x, training=False), rtol=1e-4, atol=1e-4)
+
+
+def test_optimizer_options_select_grappler_optimizers(folded):
+    ctx = PassContext(options={"grappler": {"optimizers": ["pruning"]}})
+    result = get_pass("grappler").run(folded, LayerGraph.from_model(folded), ctx)
+    ops = result.stats["op_types_after"]
+    assert "_FusedConv2D" not in ops  # ``remap`` was not asked for
+    assert ops.get("Conv2D", 0) > 0
+
+
+def test_meta_optimizer_runs_grappler_last(mobilenet):
+    function, report = MetaOptimizer(["fold_batchnorm", "grappler"]).run(mobilenet)
+    assert [r.status for r in report.records] == ["applied", "applied"]
+    record = report.records[-1]
+    assert record.stats["nodes_before"] >= record.stats["nodes_after"]
+    assert record.after["flops"] > 0
+    x = _x(3)
+    (actual,) = tf.nest.flatten(function(tf.constant(x)))
+    np.testing.assert_allclose(actual.numpy(), mobilenet(x, training=False), rtol=1e-4, atol=1e-4)
