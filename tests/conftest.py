@@ -54,3 +54,32 @@ def digits():
     from tf_balancer.demo import load_digits_data
 
     return load_digits_data(seed=0)
+
+
+def snapshot_model(model):
+    """Layer count and a copy of every weight, to prove a model was not modified."""
+    return len(model.layers), [w.copy() for w in model.get_weights()]
+
+
+def assert_model_unchanged(model, snapshot):
+    n_layers, weights = snapshot
+    assert len(model.layers) == n_layers
+    for old, new in zip(weights, model.get_weights(), strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+def subclassed_model():
+    """A built subclassed tf_keras model (its layer graph is not recorded by Keras)."""
+    import tensorflow as tf
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(x)
+
+    model = Sub()
+    model(tf.zeros((1, 4)))
+    return model

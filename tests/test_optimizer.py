@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import randomize_batchnorm
+from conftest import assert_model_unchanged, randomize_batchnorm, snapshot_model
 
 from tf_balancer._compat import keras
 from tf_balancer.errors import ConfigError, PassError, VerificationError
@@ -54,17 +54,6 @@ def _structure(model):
         (type(layer).__name__, layer.name, [tuple(w.shape) for w in layer.weights])
         for layer in model.layers
     ]
-
-
-def _snapshot(model):
-    return len(model.layers), [w.copy() for w in model.get_weights()]
-
-
-def _assert_unchanged(model, snapshot):
-    n_layers, weights = snapshot
-    assert len(model.layers) == n_layers
-    for old, new in zip(weights, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(old, new)
 
 
 def _assert_same_model(a, b):
@@ -230,11 +219,11 @@ def test_report_table_and_dict_mention_each_pass(broken_passes):
 
 def test_the_input_model_is_never_mutated(broken_passes):
     model = _model()
-    snapshot = _snapshot(model)
+    snapshot = snapshot_model(model)
     y = model(_x(), training=False).numpy()
     names = ["strip_training_ops", "test_wrong_outputs", "fold_batchnorm", "fuse_activation"]
     result, _ = MetaOptimizer(names).run(model)
-    _assert_unchanged(model, snapshot)
+    assert_model_unchanged(model, snapshot)
     np.testing.assert_array_equal(model(_x(), training=False), y)
     np.testing.assert_allclose(result(_x(), training=False), y, rtol=1e-4, atol=1e-5)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import subclassed_model
 
 from tf_balancer._compat import keras
 from tf_balancer.errors import ModelLoadError, UnsupportedModelError
@@ -240,15 +241,6 @@ def test_trace_rejects_inputs_with_unknown_dimensions():
 
 
 def test_trace_rejects_subclassed_model_with_a_clear_error():
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = L.Dense(2)
-
-        def call(self, x):
-            return self.dense(x)
-
-    model = Sub()
-    model(tf.zeros((1, 4)))
+    model = subclassed_model()
     with pytest.raises(UnsupportedModelError, match="subclassed"):
         trace(model)

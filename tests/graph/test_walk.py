@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import tensorflow as tf
+from conftest import subclassed_model
 
 from tf_balancer._compat import keras
 from tf_balancer.errors import UnsupportedModelError
@@ -107,16 +107,7 @@ def test_walk_marks_shared_layer_calls():
 
 
 def test_walk_rejects_subclassed_model():
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.dense = L.Dense(2)
-
-        def call(self, x):
-            return self.dense(x)
-
-    model = Sub()
-    model(tf.zeros((1, 4)))
+    model = subclassed_model()
     with pytest.raises(UnsupportedModelError, match="subclassed"):
         walk_model(model)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import randomize_batchnorm
+from conftest import assert_model_unchanged, randomize_batchnorm, snapshot_model
 
 from tf_balancer._compat import keras
 from tf_balancer.graph.layer_graph import LayerGraph
@@ -39,17 +39,6 @@ def _randomize_biases(model, seed=0):
     return model
 
 
-def _snapshot(model):
-    return len(model.layers), [w.copy() for w in model.get_weights()]
-
-
-def _assert_unchanged(model, snapshot):
-    n_layers, weights = snapshot
-    assert len(model.layers) == n_layers
-    for old, new in zip(weights, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(old, new)
-
-
 def _assert_equivalent(model, new_model, shape, seed=0):
     x = np.random.default_rng(seed).normal(size=shape).astype("float32")
     np.testing.assert_allclose(model(x), new_model(x), rtol=1e-4, atol=1e-5)
@@ -57,7 +46,7 @@ def _assert_equivalent(model, new_model, shape, seed=0):
 
 def test_mobilenet_v2_folds_every_batchnorm_and_keeps_outputs(mobilenet_v2):
     model = mobilenet_v2
-    snapshot = _snapshot(model)
+    snapshot = snapshot_model(model)
     assert _bn_after_conv(model)
     result = _run(model)
     new = result.model
@@ -67,7 +56,7 @@ def test_mobilenet_v2_folds_every_batchnorm_and_keeps_outputs(mobilenet_v2):
     assert new.input_names == model.input_names
     assert new.output_names == model.output_names
     _assert_equivalent(model, new, (2, 96, 96, 3))
-    _assert_unchanged(model, snapshot)
+    assert_model_unchanged(model, snapshot)
 
 
 def test_resnet50_folds_every_batchnorm(resnet50):
@@ -105,7 +94,7 @@ def _small(kind, use_bias, bn_kwargs):
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_each_layer_type_folds_exactly(kind, use_bias):
     model, shape = _small(kind, use_bias, {"epsilon": 0.01})
-    snapshot = _snapshot(model)
+    snapshot = snapshot_model(model)
     result = _run(model)
     assert result.stats["folded"] == (("conv", "bn"),)
     folded = result.model.get_layer("conv")
@@ -113,7 +102,7 @@ def test_each_layer_type_folds_exactly(kind, use_bias):
     assert folded.use_bias
     assert not any(isinstance(layer, L.BatchNormalization) for layer in result.model.layers)
     _assert_equivalent(model, result.model, shape)
-    _assert_unchanged(model, snapshot)
+    assert_model_unchanged(model, snapshot)
 
 
 @pytest.mark.parametrize(

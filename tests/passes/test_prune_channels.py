@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import randomize_batchnorm
+from conftest import assert_model_unchanged, randomize_batchnorm, snapshot_model
 
 from tf_balancer._compat import keras
 from tf_balancer.analysis import analyze
@@ -23,17 +23,6 @@ from tf_balancer.passes.prune_channels import PruneChannels, plan_from_masks
 
 L = keras.layers
 RTOL, ATOL = 1e-4, 1e-5
-
-
-def _snapshot(model):
-    return len(model.layers), [w.copy() for w in model.get_weights()]
-
-
-def _assert_unchanged(model, snapshot):
-    n_layers, weights = snapshot
-    assert len(model.layers) == n_layers
-    for old, new in zip(weights, model.get_weights(), strict=True):
-        np.testing.assert_array_equal(old, new)
 
 
 def _inputs(model, batch=2, seed=0):
@@ -59,7 +48,7 @@ class _Compaction:
     """A model pruned to 50% FLOPs with magnitude scores, and everything derived from it."""
 
     def __init__(self, model, batch=2):
-        snapshot = _snapshot(model)
+        snapshot = snapshot_model(model)
         self.model = model
         self.analysis = analyze(model)
         scores = group_scores(self.analysis.graph, None, "magnitude")
@@ -68,7 +57,7 @@ class _Compaction:
         self.masked = masked_copy(self.analysis.graph, self.plan)
         self.flops_ratio = analyze(self.result.model).cost.flops / self.analysis.cost.flops
         self.x = _inputs(model, batch)
-        self.unchanged = lambda: _assert_unchanged(model, snapshot)
+        self.unchanged = lambda: assert_model_unchanged(model, snapshot)
 
 
 @pytest.fixture(scope="module")
@@ -233,7 +222,7 @@ def _random_plan(graph, producers, seed=0):
 @pytest.mark.parametrize("kind", sorted(SMALL))
 def test_small_model_compact_equals_masked(kind):
     model, producers = _small(kind)
-    snapshot = _snapshot(model)
+    snapshot = snapshot_model(model)
     graph = LayerGraph.from_model(model)
     assert all(graph.group_of(p) in {g.id for g in graph.prunable_groups} for p in producers)
     plan = _random_plan(graph, producers)
@@ -243,7 +232,7 @@ def test_small_model_compact_equals_masked(kind):
     assert result.model.count_params() < model.count_params()
     x = _inputs(model, batch=2)
     _assert_compact_equals_masked(result.model, masked_copy(graph, plan), x)
-    _assert_unchanged(model, snapshot)
+    assert_model_unchanged(model, snapshot)
 
 
 def test_concat_pruned_on_one_side_shrinks_only_that_side_of_the_consumer():
