@@ -40,6 +40,7 @@ from tf_balancer.errors import (
     UnsupportedModelError,
     VerificationError,
 )
+from tf_balancer.finalize import summary_markdown
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.trace import trace
 from tf_balancer.metrics import MacroF1, MacroRecall, macro_scores
@@ -50,7 +51,9 @@ from tf_balancer.passes.base import (
     PassResult,
     register_pass,
     registered_passes,
+    unregister_pass,
 )
+from tf_balancer.savedmodel import optimize_saved_model
 
 __all__ = [
     "__version__",
@@ -91,8 +94,11 @@ __all__ = [
     "load_config",
     "macro_scores",
     "masked_copy",
+    "optimize_saved_model",
     "register_importance",
     "register_pass",
     "registered_passes",
+    "summary_markdown",
     "trace",
+    "unregister_pass",
 ]

@@ -131,6 +131,7 @@ class BalanceCallback(keras.callbacks.Callback):
         verbose: int = 1,
     ):
         super().__init__()
+        self._prepared_for = None
         if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0 or math.isnan(target):
             raise ConfigError(f"target must be in (0, 1], got {target!r}")
         if target_metric not in ("flops", "params"):
@@ -181,11 +182,21 @@ class BalanceCallback(keras.callbacks.Callback):
         self._attention: dict[int, float] = {}
         self._writer = None
         self._step_callback = None  # tfmot's UpdatePruningStep duties in sparse mode
+        self._finished = False
 
     def set_model(self, model: Any) -> None:
-        """Analyse the model and attach fresh state before other callbacks restore it."""
+        """Analyse a new model and attach fresh state before other callbacks restore it.
+
+        ``evaluate``/``predict`` also call ``set_model``; for the model already
+        prepared nothing is reset, so the training result survives them.
+        """
         super().set_model(model)
+        if model is not self._prepared_for:
+            self._start_over(model)
+
+    def _start_over(self, model: Any) -> None:
         self._reset()
+        self._prepared_for = model
         try:
             self._prepare(model)
         except Exception as err:  # re-raised in on_train_begin, where Keras users expect it
@@ -234,6 +245,8 @@ class BalanceCallback(keras.callbacks.Callback):
             )
 
     def on_train_begin(self, logs=None) -> None:
+        if self._finished:  # the instance is reused for another fit
+            self._start_over(self.model)
         self._check_ready()
         epochs = int(self.params.get("epochs", 1)) if self.params else 1
         end = self.end_epoch if self.end_epoch is not None else epochs - 1
@@ -366,6 +379,7 @@ class BalanceCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------ train end
     def on_train_end(self, logs=None) -> None:
+        self._finished = True
         if self._writer is not None:
             self._writer.close()
         if self._diverged:

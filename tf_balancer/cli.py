@@ -3,6 +3,8 @@
 Usage::
 
     tf-balancer inspect PATH [--json] [--batch_size N]
+    tf-balancer optimize SAVEDMODEL --output DIR [--config FILE.yaml] [--calibration DATA.npz]
+                         [--overwrite]
     tf-balancer demo [--output DIR]
 
 Exit codes: 0 success, 1 verification or optimization failed, 2 usage or input error.
@@ -22,7 +24,22 @@ _BATCH_SIZE = flags.DEFINE_integer(
     "batch_size", 1, "inspect: batch size for FLOPs/activations.", lower_bound=1
 )
 _OUTPUT = flags.DEFINE_string("output", None, "optimize/demo: output directory.")
-_EPOCHS = flags.DEFINE_integer("epochs", 1, "demo: training epochs.", lower_bound=1)
+_CONFIG = flags.DEFINE_string(
+    "config",
+    None,
+    "optimize: YAML recipe (e.g. configs/lossless.yaml, configs/structured_50_flops.yaml); "
+    "without it the lossless passes run.",
+)
+_OVERWRITE = flags.DEFINE_boolean(
+    "overwrite", False, "optimize: replace --output if it exists (only after verification)."
+)
+_CALIBRATION = flags.DEFINE_string(
+    "calibration",
+    None,
+    "optimize: .npz file with inputs `x` and optional labels `y` (np.savez(path, x=..., y=...)); "
+    "pruning recipes need it; it also feeds the output check.",
+)
+_EPOCHS = flags.DEFINE_integer("epochs", 10, "demo: training epochs.", lower_bound=3)
 
 USAGE_ERROR = 2
 FAILED = 1
@@ -32,6 +49,12 @@ _COMMANDS = {
         "PATH",
         "Print a per-layer table (params, FLOPs, activation bytes, channel group, prunable) of a SavedModel or Keras file.",
         ["json", "batch_size"],
+    ),
+    "optimize": (
+        "SAVEDMODEL --output DIR",
+        "Optimize a SavedModel with a recipe's passes and write a SavedModel with the same "
+        "signatures, verified against the source, plus tf_balancer_report.json.",
+        ["output", "config", "calibration", "overwrite"],
     ),
     "demo": (
         "",
@@ -78,14 +101,34 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _cmd_inspect(args: list[str]) -> int:
-    from tf_balancer.analysis import inspect
-
     if len(args) != 1:
         raise UsageError(
             "inspect takes exactly one PATH (a SavedModel directory or a .keras/.h5 file)"
         )
+    if not os.path.exists(args[0]):  # fail fast, before TensorFlow is imported
+        raise UsageError(f"{args[0]}: no such file or directory")
+    from tf_balancer.analysis import inspect
+
     result = inspect(args[0], batch_size=_BATCH_SIZE.value)
     print(result.to_json() if _JSON.value else result.table())
+    return 0
+
+
+def _cmd_optimize(args: list[str]) -> int:
+    if len(args) != 1:
+        raise UsageError(f"optimize takes exactly one SAVEDMODEL directory, got {len(args)}")
+    if not _OUTPUT.value:
+        raise UsageError("optimize needs --output DIR (where the optimized SavedModel goes)")
+    from tf_balancer.savedmodel import format_summary, optimize_saved_model
+
+    report = optimize_saved_model(
+        args[0],
+        _OUTPUT.value,
+        config=_CONFIG.value,
+        calibration_data=_CALIBRATION.value,
+        overwrite=_OVERWRITE.value,
+    )
+    print(format_summary(report))
     return 0
 
 
@@ -98,7 +141,7 @@ def _cmd_demo(args: list[str]) -> int:
     return 0
 
 
-_HANDLERS = {"inspect": _cmd_inspect, "demo": _cmd_demo}
+_HANDLERS = {"inspect": _cmd_inspect, "optimize": _cmd_optimize, "demo": _cmd_demo}
 
 
 def main(argv: list[str]) -> int:

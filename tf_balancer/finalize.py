@@ -48,9 +48,8 @@ class Finalizer:
 
     def passes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(before fine-tuning, after fine-tuning): split right after prune_channels."""
-        names = self.cb.passes or (
-            STRUCTURED_PASSES if self.cb.mode == "structured" else LOSSLESS_PASSES
-        )
+        default = STRUCTURED_PASSES if self.cb.mode == "structured" else LOSSLESS_PASSES
+        names = self.cb.passes if self.cb.passes is not None else default
         names = tuple(names)
         if "prune_channels" in names:
             cut = names.index("prune_channels") + 1
@@ -140,6 +139,12 @@ class Finalizer:
     def build_report(self, model: Any, plan: KeepPlan, records: list) -> dict[str, Any]:
         cb = self.cb
         dense = cb.dense_snapshot if cb.dense_snapshot is not None else cb.model
+        dense_summary = self.summarize(dense)
+        if cb.dense_snapshot is None and int(cb.state.rebalances.numpy()) > 0:
+            # A resumed run: the dense weights were not checkpointed, only the structure.
+            for key in ("accuracy", "recall", "f1"):
+                dense_summary.pop(key, None)
+            dense_summary.update(flops=self.analysis.cost.flops, params=self.analysis.cost.params)
         report = {
             "mode": cb.mode,
             "target": cb.target,
@@ -147,7 +152,7 @@ class Finalizer:
             "strategy": cb.strategy,
             "importance": cb.importance,
             "finetune_epochs": cb.finetune_epochs,
-            "dense": self.summarize(dense),
+            "dense": dense_summary,
             "final": self.summarize(model),
             "layers": self.layer_rows(plan),
             "passes": [dataclasses.asdict(r) for r in records],

@@ -86,7 +86,9 @@ class BalanceState:
         row = int(self.rebalances.numpy())
         if row < self.attention.shape[0]:
             values = [attention.get(g, 0.0) for g in self.group_ids]
-            self.attention[row, : len(values)].assign(values)
+            history = self.attention.numpy()  # whole-variable assign: works for mirrored vars
+            history[row, : len(values)] = values
+            self.attention.assign(history)
         self.rebalances.assign_add(1)
         self.epoch.assign(epoch)
         self.target.assign(target)

@@ -176,11 +176,15 @@ def taylor(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
             if weight is not None:
                 variables.append(weight)
                 owners.append((name, axis % len(weight.shape)))
+
+    def gradients(xb: Any, yb: Any) -> list[Any]:
+        with tf.GradientTape() as tape:
+            loss = loss_fn(yb, model(xb, training=False))
+        return tape.gradient(loss, variables)
+
     scores = {name: 0.0 for name in producers}
     for xb, yb in probe.batches():
-        with tf.GradientTape() as tape:
-            loss = loss_fn(tf.convert_to_tensor(yb), model(xb, training=False))
-        grads = tape.gradient(loss, variables)
+        grads = _replicated(gradients, xb, tf.convert_to_tensor(yb))
         per_channel: dict[str, Any] = {}
         for (name, axis), var, grad in zip(owners, variables, grads, strict=True):
             if grad is not None:
@@ -191,14 +195,39 @@ def taylor(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
     return {name: np.asarray(v, dtype=np.float64) for name, v in scores.items()}
 
 
+def _replicated(fn: Callable[..., list[Any]], *args: Any) -> list[Any]:
+    """``fn(*args)``; inside a ``tf.distribute`` scope (e.g. a callback during a
+    distributed ``fit``) it runs in replica context, where distributed variables
+    can be differentiated, and the replicas' results are averaged."""
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context() is False:
+        return fn(*args)
+    strategy = tf.distribute.get_strategy()
+    per_replica = strategy.run(fn, args=args)
+    return [
+        None if g is None else strategy.reduce(tf.distribute.ReduceOp.MEAN, g, axis=None)
+        for g in per_replica
+    ]
+
+
 def _default_loss(graph: LayerGraph) -> Callable[[Any, Any], Any]:
-    model = getattr(graph, "model", None)
-    compiled = getattr(model, "compiled_loss", None)
-    if compiled is None:
-        raise ConfigError(
-            "taylor importance needs a loss: compile the model or pass ProbeData(loss=...)"
-        )
-    return lambda y, p: compiled(y, p)
+    """The model's loss function (not ``compiled_loss``, which also updates metrics)."""
+    from tf_balancer._compat import keras
+
+    loss = getattr(getattr(graph, "model", None), "loss", None)
+    if isinstance(loss, str):
+        loss = keras.losses.get(loss)
+    if isinstance(loss, keras.losses.Loss):
+        # Per-sample losses, averaged here: a Loss built under a tf.distribute scope
+        # refuses automatic reduction outside ``fit``.
+        config = dict(loss.get_config(), reduction=keras.losses.Reduction.NONE)
+        per_sample = type(loss).from_config(config)
+        return lambda y, p: tf.reduce_mean(per_sample(y, p))
+    if callable(loss):
+        return loss
+    raise ConfigError(
+        "taylor importance needs a single loss: compile the model with one loss "
+        "or pass ProbeData(loss=...)"
+    )
 
 
 @register_importance("activation")

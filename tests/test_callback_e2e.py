@@ -1,0 +1,359 @@
+"""End-to-end tests of ``BalanceCallback`` inside a real ``model.fit`` on digits."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_balancer._compat import keras
+from tf_balancer.analysis import analyze
+from tf_balancer.callback import BalanceCallback
+from tf_balancer.demo import build_digits_cnn, compile_classifier
+from tf_balancer.errors import ExportError
+
+pytestmark = pytest.mark.slow
+
+TARGET = 0.5
+EPOCHS = 4
+BALANCER_KEYS = (
+    "balancer/attention_balance",
+    "balancer/flops_ratio",
+    "balancer/params_ratio",
+    "balancer/sparsity",
+    "balancer/val_accuracy",
+    "balancer/val_recall",
+    "balancer/val_f1",
+)
+SUMMARY_KEYS = (
+    "accuracy",
+    "recall",
+    "f1",
+    "flops",
+    "params",
+    "latency_ms_b1",
+    "latency_ms_b64",
+    "saved_model_bytes",
+)
+
+
+@pytest.fixture(scope="module")
+def trained(digits, tmp_path_factory):
+    """One fit with probe, validation data, TensorBoard and a CSVLogger after the callback."""
+    root = tmp_path_factory.mktemp("fit")
+    callback = BalanceCallback(
+        target=TARGET,
+        probe_data=(digits.x_train[:128], digits.y_train[:128]),
+        validation_data=(digits.x_val, digits.y_val),
+        begin_epoch=1,
+        log_dir=str(root / "tb"),
+        verbose=0,
+    )
+    csv_path = str(root / "log.csv")
+    model = compile_classifier(build_digits_cnn(width=8, seed=0))
+    history = model.fit(
+        digits.x_train,
+        digits.y_train,
+        epochs=EPOCHS,
+        batch_size=64,
+        callbacks=[callback, keras.callbacks.CSVLogger(csv_path)],
+        verbose=0,
+    )
+    return {"callback": callback, "history": history, "root": root, "csv": csv_path}
+
+
+def test_history_has_every_balancer_key_every_epoch(trained):
+    history = trained["history"].history
+    for key in BALANCER_KEYS:
+        assert len(history[key]) == EPOCHS, key
+        assert all(np.isfinite(history[key])), key
+    flops = history["balancer/flops_ratio"]
+    assert flops[0] == pytest.approx(1.0)  # begin_epoch=1: epoch 0 is dense
+    assert flops[-1] <= TARGET + 0.01
+    assert history["balancer/val_accuracy"][-1] > 0.5
+
+
+def test_optimized_model_is_smaller_and_meets_the_flops_target(trained):
+    callback = trained["callback"]
+    optimized = callback.optimized_model
+    dense_flops = analyze(build_digits_cnn(width=8)).cost.flops
+    assert optimized.count_params() < callback.model.count_params()
+    assert analyze(optimized).cost.flops <= TARGET * dense_flops * 1.01
+
+
+def test_optimized_model_computes_what_the_masked_trained_model_computes(trained, digits):
+    callback = trained["callback"]
+    expected = callback.model.predict(digits.x_val, verbose=0)
+    got = callback.optimized_model.predict(digits.x_val, verbose=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_report_has_dense_and_final_summaries(trained):
+    report = trained["callback"].report
+    for side in ("dense", "final"):
+        for key in SUMMARY_KEYS:
+            assert key in report[side], (side, key)
+            assert report[side][key] >= 0, (side, key)
+        assert report[side]["latency_ms_b1"] > 0
+        assert report[side]["saved_model_bytes"] > 0
+    assert report["final"]["flops"] < report["dense"]["flops"]
+    assert report["final"]["params"] < report["dense"]["params"]
+    assert report["final"]["flops"] == analyze(trained["callback"].optimized_model).cost.flops
+    assert report["layers"] and report["passes"]
+    assert [p["name"] for p in report["passes"]][0] == "prune_channels"
+    assert len(report["attention_history"]) == EPOCHS - 1
+
+
+def test_export_writes_saved_model_and_reports(trained, digits, tmp_path):
+    callback = trained["callback"]
+    out = callback.export(str(tmp_path / "out"))
+    assert out == str(tmp_path / "out")
+    loaded = tf.saved_model.load(os.path.join(out, "saved_model"))
+    serve = loaded.signatures["serving_default"]
+    outputs = serve(tf.constant(digits.x_val[:5]))
+    (logits,) = outputs.values()
+    np.testing.assert_allclose(
+        logits.numpy(), callback.optimized_model.predict(digits.x_val[:5], verbose=0), atol=1e-4
+    )
+    with open(os.path.join(out, "report.json"), encoding="utf-8") as handle:
+        report = json.load(handle)
+    assert set(report) == set(callback.report)
+    assert set(report["final"]) == set(callback.report["final"])
+    with open(os.path.join(out, "report.png"), "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as handle:
+        markdown = handle.read()
+    assert "macro F1" in markdown and "conv1" in markdown
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no temporary directory left behind
+
+
+def test_export_refuses_existing_path_unless_overwrite(trained, tmp_path):
+    callback = trained["callback"]
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(ExportError, match="overwrite"):
+        callback.export(str(target))
+    assert sorted(os.listdir(target)) == ["keep.txt"]
+    assert (target / "keep.txt").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    callback.export(str(target), overwrite=True)
+    assert sorted(os.listdir(target)) == ["report.json", "report.md", "report.png", "saved_model"]
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def _event_tags(log_dir: str) -> set[str]:
+    tags = set()
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(value.tag for value in event.summary.value)
+    return tags
+
+
+def test_tensorboard_summaries_have_attention_scalars(trained):
+    tags = _event_tags(str(trained["root"] / "tb"))
+    assert any(tag.startswith("balancer_attention/conv") for tag in tags), tags
+    assert any(tag.startswith("balancer_keep_ratio/conv") for tag in tags), tags
+
+
+def test_csv_logger_after_the_callback_gets_balancer_columns(trained):
+    with open(trained["csv"], encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == EPOCHS
+    for key in BALANCER_KEYS:
+        assert key in rows[0], key
+    assert float(rows[-1]["balancer/flops_ratio"]) <= TARGET + 0.01
+
+
+def test_finetune_epochs_runs_and_reports(digits):
+    callback = BalanceCallback(
+        target=0.6,
+        importance="magnitude",
+        validation_data=(digits.x_val[:200], digits.y_val[:200]),
+        finetune_epochs=1,
+        finetune_data=(digits.x_train[:512], digits.y_train[:512]),
+        verbose=0,
+    )
+    model = compile_classifier(build_digits_cnn(width=8, seed=0))
+    model.fit(
+        digits.x_train, digits.y_train, epochs=2, batch_size=64, callbacks=[callback], verbose=0
+    )
+    report = callback.report
+    assert report["finetune_epochs"] == 1
+    for key in SUMMARY_KEYS:
+        assert key in report["final"], key
+    assert 0.1 < report["final"]["accuracy"] <= 1.0
+    optimized = callback.optimized_model
+    assert analyze(optimized).cost.flops <= 0.6 * analyze(build_digits_cnn(width=8)).cost.flops
+    names = [p["name"] for p in report["passes"]]
+    assert names == ["prune_channels", "strip_training_ops", "fold_batchnorm", "fuse_activation"]
+    # fine-tuning trained the compacted model: it no longer equals the masked one
+    diff = np.abs(
+        optimized.predict(digits.x_val[:64], verbose=0)
+        - model.predict(digits.x_val[:64], verbose=0)
+    )
+    assert diff.max() > 1e-4
+
+
+# ------------------------------------------------------------------- resume
+
+
+def _plain_cnn(seed: int):
+    """A small functional CNN without dropout, compiled (deterministic training)."""
+    keras.utils.set_random_seed(seed)
+    layers = keras.layers
+    inp = keras.Input((16, 16, 1))
+    x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv1")(inp)
+    x = layers.ReLU()(layers.BatchNormalization(name="bn1")(x))
+    x = layers.Conv2D(12, 3, padding="same", name="conv2")(x)
+    x = layers.MaxPooling2D()(layers.ReLU()(x))
+    x = layers.Dense(24, activation="relu", name="fc")(layers.Flatten()(x))
+    model = keras.Model(inp, layers.Dense(10, name="logits")(x))
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    return model
+
+
+class _EpochRecorder(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    def __init__(self, epoch: int):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("interrupted on purpose")
+
+
+def _resume_fit(digits, callbacks, seed: int = 0):
+    model = _plain_cnn(seed)
+    model.fit(
+        digits.x_train[:512],
+        digits.y_train[:512],
+        epochs=EPOCHS,
+        batch_size=64,
+        shuffle=False,
+        callbacks=callbacks,
+        verbose=0,
+    )
+    return model
+
+
+def _resume_callback(digits) -> BalanceCallback:
+    # magnitude ignores the probe data; it only feeds the final passes' verification
+    probe = (digits.x_train[:64], digits.y_train[:64])
+    return BalanceCallback(target=TARGET, importance="magnitude", probe_data=probe, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(digits):
+    callback = _resume_callback(digits)
+    _resume_fit(digits, [callback])
+    return callback
+
+
+@pytest.mark.parametrize("order", ["backup_first", "balancer_first"])
+def test_resume_with_backup_and_restore_matches_uninterrupted_run(
+    digits, uninterrupted, tmp_path, order
+):
+    backup_dir = str(tmp_path / "backup")
+
+    def callbacks(balancer, extra=()):
+        backup = keras.callbacks.BackupAndRestore(backup_dir)
+        pair = [backup, balancer] if order == "backup_first" else [balancer, backup]
+        return [*pair, *extra]
+
+    interrupted = _resume_callback(digits)
+    with pytest.raises(RuntimeError, match="interrupted on purpose"):
+        _resume_fit(digits, callbacks(interrupted, [_Interrupt(2)]))
+    # the balancer ran before the crash at epoch 2; the backup holds the end of epoch 1
+    assert int(interrupted.state.rebalances.numpy()) == 3
+
+    resumed = _resume_callback(digits)  # fresh instance and model, as after a restart
+    recorder = _EpochRecorder()
+    _resume_fit(digits, callbacks(resumed, [recorder]))
+    assert recorder.epochs == [2, 3]  # really resumed, not restarted from scratch
+    assert int(resumed.state.rebalances.numpy()) == EPOCHS
+    assert int(resumed.state.epoch.numpy()) == EPOCHS - 1
+    assert float(resumed.state.target.numpy()) == float(uninterrupted.state.target.numpy())
+    expected = uninterrupted.state.keep_indices()
+    got = resumed.state.keep_indices()
+    assert got.keys() == expected.keys()
+    for gid in expected:
+        np.testing.assert_array_equal(got[gid], expected[gid], err_msg=f"group {gid}")
+    np.testing.assert_allclose(
+        resumed.state.attention_history()[-2:], uninterrupted.state.attention_history()[-2:]
+    )
+    assert resumed.optimized_model is not None
+    assert not os.path.exists(os.path.join(backup_dir, "chief"))  # cleaned up after success
+
+
+# ------------------------------------------------------------ distribution
+
+_MIRRORED_SCRIPT = textwrap.dedent(
+    """
+    import os
+    import sys
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    from tf_balancer.callback import BalanceCallback
+    from tf_balancer.demo import build_digits_cnn, compile_classifier, load_digits_data
+
+    data = load_digits_data(0)
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert strategy.num_replicas_in_sync == 2
+    with strategy.scope():
+        model = compile_classifier(build_digits_cnn(width=8))
+    callback = BalanceCallback(
+        target=0.5,
+        importance=sys.argv[1],
+        probe_data=(data.x_train[:128], data.y_train[:128]),
+        verbose=0,
+    )
+    history = model.fit(
+        data.x_train[:512], data.y_train[:512], epochs=2, batch_size=64, callbacks=[callback],
+        verbose=0,
+    )
+    assert callback.optimized_model is not None
+    print("FLOPS_RATIO", history.history["balancer/flops_ratio"][-1])
+    """
+)
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_mirrored_strategy_on_two_logical_cpus(importance):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(
+        [sys.executable, "-c", _MIRRORED_SCRIPT, importance],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=repo,
+    )
+    traceback = done.stderr[done.stderr.find("Traceback") :]
+    assert done.returncode == 0, traceback[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("FLOPS_RATIO")]
+    assert lines, done.stdout
+    assert float(lines[-1].split()[1]) <= 0.5 + 0.01
