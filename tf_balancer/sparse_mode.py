@@ -23,21 +23,35 @@ from tf_balancer.errors import ConfigError
 
 __all__ = ["check_sparse_model", "rebalance_sparsity", "sparse_ratios"]
 
+WRAP_ARGS = "end_step=0, prune_after_end=True"
 MAX_SPARSITY = 0.95
 """No layer is pruned beyond this (and the overall target is capped at it)."""
 
 
 def check_sparse_model(model: Any) -> None:
-    """Raise a ConfigError naming the fix when the model is not wrapped for pruning."""
-    from tf_balancer.sparsity import target_variables
+    """Raise a ConfigError naming the fix when the model is not wrapped for pruning.
 
-    if not target_variables(model):
+    The callback's epoch ramp drives the targets, so each wrapper's own schedule
+    must apply its (variable) final sparsity at once and keep doing so:
+    ``end_step=0, prune_after_end=True``.
+    """
+    from tf_balancer import sparsity
+
+    variables = sparsity.target_variables(model)
+    if not variables:
         raise ConfigError(
             "mode='sparse' needs a model wrapped for pruning before compile: "
-            "`model, _ = tf_balancer.sparsity.wrap_for_pruning(model, targets, "
-            "prune_after_end=True)`, "
+            f"`model, _ = tf_balancer.sparsity.wrap_for_pruning(model, targets, {WRAP_ARGS})`, "
             "then model.compile(...) and fit with the callback"
         )
+    for layer in sparsity.wrappers(model):
+        schedule = layer.pruning_schedule
+        if schedule.end_step != schedule.begin_step or not schedule.prune_after_end:
+            raise ConfigError(
+                f"layer {layer.layer.name!r}: in mode='sparse' the callback ramps the targets, so "
+                f"wrap with wrap_for_pruning(model, targets, {WRAP_ARGS}) (its own schedule "
+                "would otherwise lag behind or stop at end_step)"
+            )
 
 
 def rebalance_sparsity(callback: Any, scores: Any, target: float) -> dict[int, np.ndarray]:

@@ -67,6 +67,7 @@ __all__ = [
     "wrap_for_pruning",
     "set_targets",
     "target_variables",
+    "wrappers",
     "check_m_by_n",
     "strip",
     "update_masks",
@@ -363,18 +364,23 @@ def set_targets(variables: Mapping[str, tf.Variable], targets: Mapping[str, floa
         variables[name].assign(value)
 
 
+def wrappers(model: Any) -> list[Any]:
+    """tfmot pruning wrappers of ``model`` whose schedule is a :class:`VariablePolynomialDecay`."""
+    ensure_keras2_model(model)
+    return [
+        layer
+        for layer in _leaves(model)
+        if isinstance(layer, _Wrapper)
+        and isinstance(layer.pruning_schedule, VariablePolynomialDecay)
+    ]
+
+
 def target_variables(model: Any) -> dict[str, tf.Variable]:
     """Layer name -> final-sparsity variable of each :class:`VariablePolynomialDecay` wrapper.
 
     Finds the variables :func:`wrap_for_pruning` returned, e.g. in a callback.
     """
-    ensure_keras2_model(model)
-    return {
-        layer.layer.name: layer.pruning_schedule.final_sparsity
-        for layer in _leaves(model)
-        if isinstance(layer, _Wrapper)
-        and isinstance(layer.pruning_schedule, VariablePolynomialDecay)
-    }
+    return {layer.layer.name: layer.pruning_schedule.final_sparsity for layer in wrappers(model)}
 
 
 def strip(model: Any) -> keras.Model:
