@@ -45,7 +45,7 @@ def _run(kind: str, data) -> tuple[float, float]:
     else:
         names = list(sparsity.prunable_kernels(base))
         model, _ = sparsity.wrap_for_pruning(
-            base, {n: 0.0 for n in names}, frequency=10, prune_after_end=True
+            base, {n: 0.0 for n in names}, end_step=0, frequency=10, prune_after_end=True
         )
         callback = BalanceCallback(
             target=1 - SPARSITY, mode="sparse", importance="magnitude", verbose=0

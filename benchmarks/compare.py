@@ -83,7 +83,7 @@ def _tf_balancer_sparse(data, seed: int):
     base = build_digits_cnn(seed=seed)
     names = list(sparsity.prunable_kernels(base))
     model, _ = sparsity.wrap_for_pruning(
-        base, {n: 0.0 for n in names}, frequency=10, prune_after_end=True
+        base, {n: 0.0 for n in names}, end_step=0, frequency=10, prune_after_end=True
     )
     compile_classifier(model)
     callback = BalanceCallback(
