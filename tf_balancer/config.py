@@ -1,8 +1,8 @@
 """Optimization recipes: frozen dataclasses, validation, YAML load/dump.
 
 A recipe (``configs/*.yaml``) loads only into :class:`OptimizeConfig`; every
-value is checked in ``__post_init__`` and a bad one raises
-:class:`~tf_balancer.errors.ConfigError` naming the dotted key (e.g.
+value is checked in ``__post_init__`` (by the checks in :mod:`tf_balancer._validate`)
+and a bad one raises :class:`~tf_balancer.errors.ConfigError` naming the dotted key (e.g.
 ``balance.round_to``), the value given and what is allowed. Unknown keys, at
 any level, are rejected the same way.
 
@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import yaml
 
+from tf_balancer import _validate as checks
 from tf_balancer.errors import ConfigError
 
 __all__ = [
@@ -57,148 +57,6 @@ DEFAULT_PASSES: tuple[str, ...] = (
 _TARGET_METRICS = ("flops", "params")
 _BALANCE_STRATEGIES = ("balanced", "uniform", "global")
 _SPARSITY_STRATEGIES = ("balanced", "uniform")
-_LAST_ONLY_PASSES = ("grappler",)  # returns a concrete function, not a Keras model
-
-
-# --------------------------------------------------------------------------- checks
-
-
-_Check = Callable[[str, Any], Any]  # (dotted key, value) -> normalised value, or raise
-
-
-def _reject(key: str, value: Any, allowed: str, hint: str = "") -> ConfigError:
-    message = f"{key}: got {value!r} ({type(value).__name__}); expected {allowed}"
-    return ConfigError(message + (f". {hint}" if hint else ""))
-
-
-def _string_number_hint(value: Any) -> str:
-    if not isinstance(value, str):
-        return ""
-    try:
-        float(value)
-    except ValueError:
-        return ""
-    return (
-        "Write the number without quotes; PyYAML reads exponents only with a dot "
-        "(write 1.0e-4, not 1e-4)"
-    )
-
-
-def _real(ok: Callable[[float], bool], allowed: str) -> _Check:
-    """A check for a real number (not bool, not str) with ``ok(value)``, stored as float."""
-
-    def check(key: str, value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise _reject(key, value, allowed, _string_number_hint(value))
-        if not math.isfinite(value) or not ok(float(value)):
-            raise _reject(key, value, allowed)
-        return float(value)
-
-    return check
-
-
-def _integer(minimum: int) -> _Check:
-    """A check for an integer (not bool, not float) >= ``minimum``."""
-
-    def check(key: str, value: Any) -> int:
-        allowed = f"an integer >= {minimum}"
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise _reject(key, value, allowed, _string_number_hint(value))
-        if value < minimum:
-            raise _reject(key, value, allowed)
-        return int(value)
-
-    return check
-
-
-def _one_of(*choices: str) -> _Check:
-    """A check for one of the strings ``choices``."""
-
-    def check(key: str, value: Any) -> str:
-        if not isinstance(value, str) or value not in choices:
-            raise _reject(key, value, "one of " + ", ".join(repr(c) for c in choices))
-        return value
-
-    return check
-
-
-def _bool(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _reject(key, value, "true or false")
-    return value
-
-
-def _sequence(key: str, value: Any, what: str) -> tuple[Any, ...]:
-    if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
-        raise _reject(key, value, what)
-    return tuple(value)
-
-
-class _FrozenWeights(Mapping[str, float]):
-    """A read-only, hashable ``{name: weight}`` mapping (keeps configs hashable)."""
-
-    def __init__(self, items: Mapping[str, float]):
-        self._items = dict(items)
-
-    def __getitem__(self, key: str) -> float:
-        return self._items[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(frozenset(self._items.items()))
-
-    def __repr__(self) -> str:
-        return repr(self._items)
-
-
-def _importance(key: str, value: Any) -> str | _FrozenWeights:
-    """A criterion name, or a ``{name: weight}`` mapping with weights >= 0, not all 0."""
-    from tf_balancer.attention.importance import registered_importances
-
-    names = registered_importances()
-    if isinstance(value, str):
-        return _one_of(*names)(key, value)
-    if not isinstance(value, Mapping) or not value:
-        raise _reject(key, value, "a criterion name or a non-empty {name: weight} mapping")
-    weights = {}
-    for name, weight in value.items():
-        if not isinstance(name, str) or name not in names:
-            raise ConfigError(
-                f"unknown key '{key}.{name}'; importance criteria are " + ", ".join(names)
-            )
-        weights[name] = _real(lambda w: w >= 0, "a number >= 0")(f"{key}.{name}", weight)
-    if not any(weights.values()):
-        raise _reject(key, value, "weights that are not all 0")
-    return _FrozenWeights(weights)
-
-
-def _m_by_n(key: str, value: Any) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    allowed = "null or a pair [m, n] of integers with 1 <= m < n (m zeros in every n weights)"
-    pair = _sequence(key, value, allowed)
-    if len(pair) != 2:
-        raise _reject(key, value, allowed)
-    m, n = (_integer(1)(f"{key}[{i}]", v) for i, v in enumerate(pair))
-    if m >= n:
-        raise _reject(key, value, allowed)
-    return (m, n)
-
-
-def _section(cls: type, optional: bool) -> _Check:
-    def check(key: str, value: Any) -> Any:
-        if not (isinstance(value, cls) or (optional and value is None)):
-            allowed = f"a {cls.__name__}" + (" or None" if optional else "")
-            hint = f"Give a mapping of its keys (YAML or from_dict) or a {cls.__name__}"
-            raise _reject(key, value, allowed, hint)
-        return value
-
-    return check
 
 
 # --------------------------------------------------------------------------- sections
@@ -212,7 +70,7 @@ class _Section:
     """
 
     _KEY: ClassVar[str] = ""
-    _CHECKS: ClassVar[dict[str, _Check]] = {}
+    _CHECKS: ClassVar[dict[str, checks.Check]] = {}
 
     def __post_init__(self) -> None:
         for name, check in self._CHECKS.items():
@@ -232,7 +90,7 @@ class _Section:
         """
         where = cls._KEY or "the top level"
         if not isinstance(data, Mapping):
-            raise _reject(where, data, "a mapping of keys to values")
+            raise checks.reject(where, data, "a mapping of keys to values")
         allowed = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in allowed:
@@ -274,14 +132,14 @@ class BalanceConfig(_Section):
     """
 
     _KEY: ClassVar[str] = "balance"
-    _CHECKS: ClassVar[dict[str, _Check]] = {
-        "target": _real(lambda v: 0 < v <= 1, "a number in (0, 1]"),
-        "target_metric": _one_of(*_TARGET_METRICS),
-        "strategy": _one_of(*_BALANCE_STRATEGIES),
-        "importance": lambda key, value: _importance(key, value),
-        "min_keep": _integer(1),
-        "max_prune_fraction": _real(lambda v: 0 < v < 1, "a number in (0, 1)"),
-        "round_to": _integer(1),
+    _CHECKS: ClassVar[dict[str, checks.Check]] = {
+        "target": checks.real(lambda v: 0 < v <= 1, "a number in (0, 1]"),
+        "target_metric": checks.one_of(*_TARGET_METRICS),
+        "strategy": checks.one_of(*_BALANCE_STRATEGIES),
+        "importance": lambda key, value: checks.importance(key, value),
+        "min_keep": checks.integer(1),
+        "max_prune_fraction": checks.real(lambda v: 0 < v < 1, "a number in (0, 1)"),
+        "round_to": checks.integer(1),
     }
 
     target: float = 0.5
@@ -315,14 +173,14 @@ class SparsityConfig(_Section):
     """
 
     _KEY: ClassVar[str] = "sparsity"
-    _CHECKS: ClassVar[dict[str, _Check]] = {
-        "target_sparsity": _real(lambda v: 0 <= v < 1, "a number in [0, 1)"),
-        "m_by_n": lambda key, value: _m_by_n(key, value),
-        "strategy": _one_of(*_SPARSITY_STRATEGIES),
-        "begin_step": _integer(0),
-        "end_step": _integer(1),
-        "frequency": _integer(1),
-        "power": _integer(1),
+    _CHECKS: ClassVar[dict[str, checks.Check]] = {
+        "target_sparsity": checks.real(lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        "m_by_n": lambda key, value: checks.m_by_n(key, value),
+        "strategy": checks.one_of(*_SPARSITY_STRATEGIES),
+        "begin_step": checks.integer(0),
+        "end_step": checks.integer(1),
+        "frequency": checks.integer(1),
+        "power": checks.integer(1),
     }
 
     target_sparsity: float = 0.8
@@ -338,13 +196,13 @@ class SparsityConfig(_Section):
         k = self._KEY
         if self.end_step <= self.begin_step:
             allowed = f"an integer > {k}.begin_step ({self.begin_step})"
-            raise _reject(f"{k}.end_step", self.end_step, allowed)
+            raise checks.reject(f"{k}.end_step", self.end_step, allowed)
         if self.m_by_n is not None:
             m, n = self.m_by_n
             if not math.isclose(self.target_sparsity, m / n):
                 allowed = f"{m / n:g} (= {m}/{n}) because {k}.m_by_n is [{m}, {n}]"
                 hint = f"Set target_sparsity: {m / n:g} or change m_by_n"
-                raise _reject(f"{k}.target_sparsity", self.target_sparsity, allowed, hint)
+                raise checks.reject(f"{k}.target_sparsity", self.target_sparsity, allowed, hint)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -362,10 +220,10 @@ class VerifyConfig(_Section):
     """
 
     _KEY: ClassVar[str] = "verify"
-    _CHECKS: ClassVar[dict[str, _Check]] = {
-        "rtol": _real(lambda v: v >= 0, "a number >= 0"),
-        "atol": _real(lambda v: v >= 0, "a number >= 0"),
-        "probe_batch_size": _integer(1),
+    _CHECKS: ClassVar[dict[str, checks.Check]] = {
+        "rtol": checks.real(lambda v: v >= 0, "a number >= 0"),
+        "atol": checks.real(lambda v: v >= 0, "a number >= 0"),
+        "probe_batch_size": checks.integer(1),
     }
 
     rtol: float = 1e-4
@@ -404,12 +262,12 @@ class OptimizeConfig(_Section):
         True
     """
 
-    _CHECKS: ClassVar[dict[str, _Check]] = {
-        "passes": lambda key, value: _passes(value),
-        "balance": _section(BalanceConfig, optional=True),
-        "sparsity": _section(SparsityConfig, optional=True),
-        "verify": _section(VerifyConfig, optional=False),
-        "fail_on_error": _bool,
+    _CHECKS: ClassVar[dict[str, checks.Check]] = {
+        "passes": lambda key, value: checks.pass_names(value),
+        "balance": checks.section(BalanceConfig, optional=True),
+        "sparsity": checks.section(SparsityConfig, optional=True),
+        "verify": checks.section(VerifyConfig, optional=False),
+        "fail_on_error": checks.boolean,
     }
 
     passes: tuple[str, ...] = DEFAULT_PASSES
@@ -420,7 +278,7 @@ class OptimizeConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_pass_sections(self)
+        checks.pass_sections(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OptimizeConfig:
@@ -464,49 +322,6 @@ class OptimizeConfig(_Section):
                 merged = {**(current.to_dict() if current is not None else {}), **value}
                 overrides[key] = _SECTIONS[key].from_dict(merged)
         return dataclasses.replace(self, **overrides)
-
-
-def _passes(value: Any) -> tuple[str, ...]:
-    from tf_balancer.passes.base import registered_passes
-
-    names = _sequence("passes", value, "a non-empty list of pass names")
-    if not names:
-        raise _reject("passes", value, "a non-empty list of pass names")
-    registered = registered_passes()
-    for i, name in enumerate(names):
-        if not isinstance(name, str) or name not in registered:
-            allowed = "a registered pass: " + ", ".join(registered)
-            raise _reject(f"passes[{i}]", name, allowed)
-        if name in names[:i]:
-            raise _reject(f"passes[{i}]", name, "each pass at most once; remove the duplicate")
-    for name in _LAST_ONLY_PASSES:
-        if name in names and names[-1] != name:
-            raise _reject(
-                "passes",
-                list(names),
-                f"{name!r} as the last pass",
-                "Move it to the end: it returns a concrete function, not a Keras model",
-            )
-    return names
-
-
-def _check_pass_sections(config: OptimizeConfig) -> None:
-    for pass_name, section, recipe in (
-        ("prune_channels", "balance", "configs/structured_50_flops.yaml"),
-        ("prune_weights", "sparsity", "configs/sparse_80.yaml"),
-    ):
-        listed = pass_name in config.passes
-        has_section = getattr(config, section) is not None
-        if listed and not has_section:
-            raise ConfigError(
-                f"{section}: passes contains {pass_name!r} but {section!r} is not set; "
-                f"add a {section}: section (see {recipe}) or remove {pass_name!r} from passes"
-            )
-        if has_section and not listed:
-            raise ConfigError(
-                f"{section}: {section!r} is set but {pass_name!r} is not in passes; "
-                f"add {pass_name!r} to passes (see {recipe}) or remove the {section}: section"
-            )
 
 
 # --------------------------------------------------------------------------- YAML
@@ -558,6 +373,6 @@ def dump_config(config: OptimizeConfig, path: str | os.PathLike[str]) -> None:
         True
     """
     if not isinstance(config, OptimizeConfig):
-        raise _reject("config", config, "an OptimizeConfig")
+        raise checks.reject("config", config, "an OptimizeConfig")
     with open(os.fspath(path), "w", encoding="utf-8") as handle:
         yaml.safe_dump(config.to_dict(), handle, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,179 @@
+"""Serving signatures of a SavedModel: feed them, save new functions under them, verify.
+
+The helpers :func:`~tf_balancer.savedmodel.optimize_saved_model` shares between
+its Keras path (:mod:`tf_balancer.savedmodel_keras`) and its plain-GraphDef
+path (:mod:`tf_balancer.graph.plain_savedmodel`): inputs for a signature
+(calibration samples or seeded random ones), saving one callable per source
+signature with the same input specs and output keys, and checking the written
+signatures against the source (or another reference) within tolerances.
+
+Example:
+    >>> loaded = tf.saved_model.load("model")  # doctest: +SKIP
+    >>> sig = loaded.signatures["serving_default"]  # doctest: +SKIP
+    >>> feed, origin = make_feed(sig, calibration=None, batch=8)  # doctest: +SKIP
+    >>> origin, sorted(call_signature(sig, feed))  # doctest: +SKIP
+    ('random', ['output_0'])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer.errors import ConfigError, VerificationError
+
+__all__ = [
+    "Feed",
+    "Run",
+    "input_specs",
+    "make_feed",
+    "call_signature",
+    "save_signatures",
+    "plain_specs",
+    "verify_signatures",
+]
+
+#: Input key -> array, one batch for one signature.
+Feed = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """What the optimization did: records, notes, and the verification reference."""
+
+    records: list[dict[str, Any]]
+    notes: list[str]
+    reference: Callable[[Feed], Mapping[str, Any]] | None = None  # None: the source
+    reference_name: str = "source"
+
+
+def input_specs(signature: Any) -> dict[str, tf.TensorSpec]:
+    """Input key -> ``tf.TensorSpec`` of a signature (its keyword arguments)."""
+    return dict(signature.structured_input_signature[1])
+
+
+def make_feed(signature: Any, calibration: Any, batch: int, seed: int = 0) -> tuple[Feed, str]:
+    """Inputs for one signature: the first ``batch`` calibration samples, else seeded random.
+
+    Random inputs are uniform in [0, 1) for float inputs and zeros otherwise; an
+    unknown batch axis gets ``batch`` rows and any other unknown dimension 1.
+    Returns the feed and where it came from (``"calibration"`` or ``"random"``).
+    """
+    specs = input_specs(signature)
+    x = None if calibration is None else calibration[0]
+    if isinstance(x, np.ndarray) and len(specs) == 1:
+        x = {next(iter(specs)): x}
+    if isinstance(x, Mapping) and set(specs) <= set(x):
+        feed = {}
+        for key, spec in specs.items():
+            array = np.asarray(x[key])[:batch].astype(spec.dtype.as_numpy_dtype)
+            if not spec.shape.is_compatible_with(array.shape):
+                raise ConfigError(
+                    f"calibration x for input {key!r} has shape {array.shape[1:]} per sample; "
+                    f"the SavedModel expects {tuple(spec.shape)[1:]}"
+                )
+            feed[key] = array
+        return feed, "calibration"
+    rng = np.random.default_rng(seed)
+    feed = {}
+    for key, spec in sorted(specs.items()):
+        dims = [batch] if spec.shape.rank is None else list(spec.shape)
+        shape = [batch if i == 0 and d is None else (d or 1) for i, d in enumerate(dims)]
+        if spec.dtype.is_floating:
+            feed[key] = rng.random(shape).astype(spec.dtype.as_numpy_dtype)
+        else:  # zeros are valid indices, ids and strings
+            feed[key] = tf.zeros(shape, spec.dtype).numpy()
+    return feed, "random"
+
+
+def call_signature(signature: Any, feed: Feed) -> dict[str, np.ndarray]:
+    """Output key -> numpy array of ``signature`` called on ``feed``."""
+    outputs = signature(**{k: tf.constant(v) for k, v in feed.items()})
+    return {k: np.asarray(v) for k, v in outputs.items()}
+
+
+def save_signatures(
+    calls: Mapping[str, Callable], signatures: Mapping[str, Any], path: str, track=()
+) -> None:
+    """Save ``calls[name]`` under each source signature (same input specs, output keys).
+
+    ``calls[name]`` maps a feed (input key -> tensor) to output key -> tensor;
+    ``track`` holds the variables the calls read, saved with them.
+    """
+    root = tf.Module()
+    root.captured = list(track)  # the variables the signatures read, if any
+    functions = {
+        name: _serving(calls[name]).get_concrete_function(**input_specs(sig))
+        for name, sig in signatures.items()
+    }
+    tf.saved_model.save(root, path, signatures=functions)
+
+
+def _serving(call: Callable) -> Any:
+    def serve(**feed):
+        return call(feed)
+
+    return tf.function(serve)
+
+
+def plain_specs(signature: Any) -> tuple[dict, dict]:
+    """``({input: (dtype, shape)}, {output: (dtype, shape)})`` in JSON-friendly form."""
+    as_plain = lambda d: {k: (v.dtype.name, v.shape.as_list()) for k, v in d.items()}  # noqa: E731
+    return as_plain(input_specs(signature)), as_plain(signature.structured_outputs)
+
+
+def _verify_one(name: str, expected: Mapping, output: Any, feed: Feed, tol: Any) -> dict:
+    """Max abs/rel difference of one signature's outputs; raise outside ``tol``."""
+    actual = call_signature(output, feed)
+    worst_abs = worst_rel = 0.0
+    for key, e in sorted(expected.items()):
+        e, a = np.asarray(e), actual[key]
+        if a.shape != e.shape or a.dtype != e.dtype:
+            raise VerificationError(
+                f"signature {name!r} output {key!r} is {a.dtype}{a.shape}, not {e.dtype}{e.shape}"
+            )
+        diff = np.abs(e.astype(np.float64) - a.astype(np.float64))
+        worst_abs = max(worst_abs, float(diff.max(initial=0.0)))
+        worst_rel = max(worst_rel, float((diff / (np.abs(e) + 1e-12)).max(initial=0.0)))
+        if not np.allclose(a, e, rtol=tol.rtol, atol=tol.atol):
+            raise VerificationError(
+                f"signature {name!r} output {key!r} differs by up to {worst_abs:.3g} "
+                f"(rtol={tol.rtol:g}, atol={tol.atol:g}); nothing was written. Loosen the "
+                "verify tolerances of the config or remove the pass that changes the outputs"
+            )
+    return {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel}
+
+
+def verify_signatures(run: Run, source: Mapping, output: Any, feeds: Mapping, tol: Any) -> dict:
+    """Same signatures (names, keys, dtypes, shapes) and outputs within ``tol`` of the reference.
+
+    Args:
+        run: the optimization; its ``reference`` (None: the ``source`` signatures)
+            gives the expected outputs.
+        source: signature name -> source signature.
+        output: the loaded optimized SavedModel.
+        feeds: signature name -> ``(feed, origin)`` from :func:`make_feed`.
+        tol: an object with ``rtol`` and ``atol`` (a ``VerifyConfig``).
+
+    Returns:
+        Signature name -> ``inputs`` (origin), ``batch``, ``max_abs_diff``, ``max_rel_diff``.
+
+    Raises:
+        VerificationError: a signature changed or its outputs differ beyond ``tol``.
+    """
+    results = {}
+    for name, (feed, origin) in feeds.items():
+        mine = output.signatures.get(name)
+        if mine is None or plain_specs(mine) != plain_specs(source[name]):
+            found = None if mine is None else plain_specs(mine)
+            raise VerificationError(
+                f"signature {name!r} changed: {found} instead of {plain_specs(source[name])}"
+            )
+        expected = run.reference(feed) if run.reference else call_signature(source[name], feed)
+        numbers = _verify_one(name, expected, mine, feed, tol)
+        results[name] = {"inputs": origin, "batch": len(next(iter(feed.values()))), **numbers}
+    return results
