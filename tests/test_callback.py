@@ -338,3 +338,43 @@ def test_export_before_training_raises_config_error(tmp_path):
     with pytest.raises(ConfigError, match="fit"):
         callback.export(str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_tf_data_datasets_are_rejected_with_the_fix():
+    dataset = tf.data.Dataset.from_tensor_slices((np.zeros((4, 16, 16, 1)), np.zeros(4)))
+    for name in ("probe_data", "validation_data"):
+        with pytest.raises(ConfigError, match="as_numpy_iterator"):
+            BalanceCallback(**{name: dataset})
+
+
+def test_one_hot_validation_labels_give_the_same_scores_as_class_ids(digits):
+    x, y = digits.x_val[:128], digits.y_val[:128]
+    model = _model()
+    sparse = _epoch(
+        _start(BalanceCallback(importance="magnitude", validation_data=(x, y)), model, 3), 0
+    )
+    one_hot = _epoch(
+        _start(
+            BalanceCallback(importance="magnitude", validation_data=(x, np.eye(10)[y])),
+            _model(),
+            3,
+        ),
+        0,
+    )
+    for key in VAL_KEYS:
+        assert one_hot[key] == pytest.approx(sparse[key])
+
+
+def test_binary_sigmoid_model_with_flat_labels_works_with_taylor():
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 8, 8, 1), dtype=np.float32)
+    y = (x.mean(axis=(1, 2, 3)) > 0.5).astype("float32")  # shape (n,), model output (n, 1)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(8, 3, activation="relu")(inp)
+    out = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inp, out)
+    model.compile(optimizer="adam", loss="binary_crossentropy")
+    callback = BalanceCallback(target=0.6, probe_data=(x, y), validation_data=(x, y), min_keep=2)
+    logs = _epoch(_start(callback, model, 1), 0)
+    assert logs["balancer/flops_ratio"] <= 0.6 + 1e-9
+    assert 0.0 <= logs["balancer/val_f1"] <= 1.0

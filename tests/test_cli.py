@@ -113,5 +113,32 @@ def test_inspect_help_exits_0_and_documents_flags():
 def test_no_command_prints_usage_and_exits_2():
     proc = _run()
     assert proc.returncode == 2
-    assert "usage: tf-balancer COMMAND" in proc.stdout
-    assert "inspect" in proc.stdout
+    assert "usage: tf-balancer COMMAND" in proc.stderr  # a usage error goes to stderr
+    assert "inspect" in proc.stderr
+
+
+def test_flags_without_a_command_exit_2_in_one_line():
+    proc = _run("--json")
+    assert proc.returncode == 2
+    assert _messages(proc.stderr) == [
+        "tf-balancer: error: missing COMMAND; choose one of ['demo', 'inspect', 'optimize']"
+    ]
+
+
+def test_input_errors_do_not_wait_for_tensorflow():
+    """The package imports lazily: a missing path is reported without importing TF."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.argv = ['tf-balancer', 'inspect', '/no/such/path']\n"
+            "from tf_balancer import cli\n"
+            "try:\n    cli.run()\nexcept SystemExit as e:\n"
+            "    print('tensorflow' in sys.modules, e.code)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.stdout.split() == ["False", "2"], proc.stderr[-2000:]

@@ -10,26 +10,12 @@ Example:
     >>> model.fit(x, y, epochs=8, callbacks=[callback])                # doctest: +SKIP
 """
 
+import importlib
+
 __version__ = "0.1.0"
 
-from tf_balancer.analysis import InspectResult, ModelAnalysis, analyze, inspect
-from tf_balancer.attention.balance import Allocation, Bounds, KeepPlan, allocate
-from tf_balancer.attention.importance import (
-    ProbeData,
-    attention_weights,
-    balance_score,
-    group_scores,
-    register_importance,
-)
-from tf_balancer.attention.masks import apply_masks, masked_copy
-from tf_balancer.callback import BalanceCallback
-from tf_balancer.config import (
-    BalanceConfig,
-    OptimizeConfig,
-    SparsityConfig,
-    VerifyConfig,
-    load_config,
-)
+# Errors are light; everything else loads on first use, so `tf-balancer --help` and the
+# CLI's input checks do not wait for TensorFlow to import.
 from tf_balancer.errors import (
     BalanceError,
     ConfigError,
@@ -40,20 +26,60 @@ from tf_balancer.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from tf_balancer.finalize import summary_markdown
-from tf_balancer.graph.layer_graph import LayerGraph
-from tf_balancer.graph.trace import trace
-from tf_balancer.metrics import MacroF1, MacroRecall, macro_scores
-from tf_balancer.optimizer import MetaOptimizer, OptimizationReport
-from tf_balancer.passes.base import (
-    GraphPass,
-    PassContext,
-    PassResult,
-    register_pass,
-    registered_passes,
-    unregister_pass,
-)
-from tf_balancer.savedmodel import optimize_saved_model
+
+_EXPORTS = {
+    "allocate": "tf_balancer.attention.balance",
+    "Allocation": "tf_balancer.attention.balance",
+    "analyze": "tf_balancer.analysis",
+    "apply_masks": "tf_balancer.attention.masks",
+    "attention_weights": "tf_balancer.attention.importance",
+    "balance_score": "tf_balancer.attention.importance",
+    "BalanceCallback": "tf_balancer.callback",
+    "BalanceConfig": "tf_balancer.config",
+    "Bounds": "tf_balancer.attention.balance",
+    "GraphPass": "tf_balancer.passes.base",
+    "group_scores": "tf_balancer.attention.importance",
+    "inspect": "tf_balancer.analysis",
+    "InspectResult": "tf_balancer.analysis",
+    "KeepPlan": "tf_balancer.attention.balance",
+    "LayerGraph": "tf_balancer.graph.layer_graph",
+    "load_config": "tf_balancer.config",
+    "macro_scores": "tf_balancer.metrics",
+    "MacroF1": "tf_balancer.metrics",
+    "MacroRecall": "tf_balancer.metrics",
+    "masked_copy": "tf_balancer.attention.masks",
+    "MetaOptimizer": "tf_balancer.optimizer",
+    "ModelAnalysis": "tf_balancer.analysis",
+    "OptimizationReport": "tf_balancer.optimizer",
+    "optimize_saved_model": "tf_balancer.savedmodel",
+    "OptimizeConfig": "tf_balancer.config",
+    "PassContext": "tf_balancer.passes.base",
+    "PassResult": "tf_balancer.passes.base",
+    "ProbeData": "tf_balancer.attention.importance",
+    "register_importance": "tf_balancer.attention.importance",
+    "register_pass": "tf_balancer.passes.base",
+    "registered_passes": "tf_balancer.passes.base",
+    "SparsityConfig": "tf_balancer.config",
+    "summary_markdown": "tf_balancer.finalize",
+    "trace": "tf_balancer.graph.trace",
+    "unregister_pass": "tf_balancer.passes.base",
+    "VerifyConfig": "tf_balancer.config",
+}
+
+
+def __getattr__(name: str):
+    """Import a public name from its module on first use (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tf_balancer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "__version__",

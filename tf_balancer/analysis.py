@@ -21,7 +21,7 @@ import os
 from typing import Any
 
 from tf_balancer._compat import is_keras3_object, is_keras_model, keras
-from tf_balancer.errors import ModelLoadError, UnsupportedModelError
+from tf_balancer.errors import ConfigError, ModelLoadError
 from tf_balancer.graph.cost import CostReport, PlanCoster, measured_layer_flops, model_cost
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.trace import TracedGraph, op_flops, trace, trace_keras
@@ -143,16 +143,15 @@ class InspectResult:
             max(len(row[i]) for row in lines[:-1] + [lines[-1][:-1] + ("",)])
             for i in range(len(head))
         ]
-        out = []
-        for i, row in enumerate(lines):
-            cells = [
+        rendered = [
+            "  ".join(
                 c.ljust(w) if j < 3 or j == 8 else c.rjust(w)
                 for j, (c, w) in enumerate(zip(row, widths, strict=True))
-            ]
-            out.append("  ".join(cells).rstrip())
-            if i == 0 or i == len(lines) - 2:
-                out.append("-" * len(out[-1]))
-        return "\n".join(out)
+            ).rstrip()
+            for row in lines
+        ]
+        rule = "-" * max(len(line) for line in rendered)
+        return "\n".join([rendered[0], rule, *rendered[1:-1], rule, rendered[-1]])
 
 
 def load_model(path: str | os.PathLike) -> Any:
@@ -200,18 +199,18 @@ def _rows_from_analysis(analysis: ModelAnalysis) -> list[InspectRow]:
 def _rows_from_graph(traced: TracedGraph) -> list[InspectRow]:
     """Graph-level rows (one per name scope) for SavedModels without Keras metadata."""
     flops: dict[str, int] = {}
-    types: dict[str, str] = {}
+    types: dict[str, tuple[int, str]] = {}  # scope -> (FLOPs, type) of its costliest op
     for op, value in op_flops(traced.graph).items():
         scope = traced.op_to_layer.get(op)
         if scope is None:
             continue
         flops[scope] = flops.get(scope, 0) + value
-        if value or scope not in types:
-            types[scope] = traced.graph.get_operation_by_name(op).type
+        if scope not in types or value > types[scope][0]:
+            types[scope] = (value, traced.graph.get_operation_by_name(op).type)
     total = max(sum(flops.values()), 1)
     why = "no Keras metadata (graph-level view)"
     return [
-        InspectRow(s, types[s], (), 0, f, 100.0 * f / total, 0, None, False, why)
+        InspectRow(s, types[s][1], (), 0, f, 100.0 * f / total, 0, None, False, why)
         for s, f in flops.items()
     ]
 
@@ -232,7 +231,7 @@ def inspect(model_or_path: Any, batch_size: int = 1) -> InspectResult:
         ModelLoadError: a missing path or a directory that is not a SavedModel.
     """
     if batch_size < 1:
-        raise UnsupportedModelError(f"batch_size must be >= 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     source = type(model_or_path).__name__
     model = model_or_path
     if isinstance(model_or_path, (str, os.PathLike)):
@@ -240,7 +239,7 @@ def inspect(model_or_path: Any, batch_size: int = 1) -> InspectResult:
         model = load_model(model_or_path)
     if model is not None and (is_keras_model(model) or is_keras3_object(model)):
         analysis = analyze(model, batch_size)
-        groups = analysis.graph.groups
+        groups = [g for g in analysis.graph.groups.values() if g.nodes("producer")]
         return InspectResult(
             source,
             batch_size,

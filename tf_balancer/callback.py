@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import ensure_keras2_model, keras
@@ -29,7 +29,7 @@ from tf_balancer.attention.importance import (
 )
 from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.finalize import Finalizer
-from tf_balancer.report import log_layer_summaries
+from tf_balancer.report import classification_scores, log_layer_summaries
 from tf_balancer.training_state import BalanceState, MaskApplier, polynomial_ramp
 
 __all__ = ["BalanceCallback"]
@@ -38,6 +38,16 @@ logger = logging.getLogger(__name__)
 
 MODES = ("structured", "sparse")
 DATA_CRITERIA = ("taylor", "activation")
+
+
+def _ensure_visible_logging() -> None:
+    """With ``verbose``, show tf_balancer's info lines even if logging is unconfigured."""
+    root = logging.getLogger("tf_balancer")
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("tf_balancer: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
 
 
 def _as_probe(data: Any) -> ProbeData | None:
@@ -151,6 +161,12 @@ class BalanceCallback(keras.callbacks.Callback):
             )
         if finetune_epochs < 0 or (finetune_epochs and finetune_data is None):
             raise ConfigError("finetune_epochs > 0 needs finetune_data=(x, y) or a tf.data.Dataset")
+        for name, data in (("probe_data", probe_data), ("validation_data", validation_data)):
+            if isinstance(data, tf.data.Dataset):
+                raise ConfigError(
+                    f"{name} must be arrays (x, y), not a tf.data.Dataset; take a few batches: "
+                    "x, y = next(iter(dataset.unbatch().batch(512).as_numpy_iterator()))"
+                )
         self.target, self.target_metric, self.mode = float(target), target_metric, mode
         self.importance, self.strategy = importance, strategy
         self.begin_epoch, self.end_epoch, self.every_n_epochs = (
@@ -165,6 +181,8 @@ class BalanceCallback(keras.callbacks.Callback):
         self.log_dir = log_dir
         self.bounds = Bounds(min_keep, max_prune_fraction, round_to)
         self.power, self.verbose = power, verbose
+        if verbose:
+            _ensure_visible_logging()
         self._reset()
 
     # ----------------------------------------------------------------- state
@@ -311,7 +329,7 @@ class BalanceCallback(keras.callbacks.Callback):
         self._synced = int(self.state.rebalances.numpy())
         if self.verbose:
             unit = self.target_metric if self.mode == "structured" else "weights kept"
-            logger.info("epoch %d: rebalanced to target %.3f %s", epoch, target, unit)
+            logger.info("epoch %d: rebalanced to target %.3f %s", epoch + 1, target, unit)
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
         if self._diverged:
@@ -355,17 +373,11 @@ class BalanceCallback(keras.callbacks.Callback):
         logs["balancer/params_ratio"] = params
         logs["balancer/sparsity"] = sparsity
         if self.validation_data is not None:
-            from tf_balancer.metrics import macro_scores
-
             x, y = self.validation_data[0], self.validation_data[1]
-            predicted = np.asarray(self.model.predict(x, verbose=0, batch_size=256)).argmax(-1)
-            scores = macro_scores(np.asarray(y).reshape(-1), predicted, self._num_classes())
+            scores = classification_scores(self.model, x, y)
             logs.update({f"balancer/val_{k}": v for k, v in scores.items()})
         if self._writer is not None:
             self._write_summaries(epoch)
-
-    def _num_classes(self) -> int:
-        return int(self.model.output_shape[-1])
 
     def _write_summaries(self, epoch: int) -> None:
         graph = self.analysis.graph

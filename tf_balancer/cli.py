@@ -58,7 +58,8 @@ _COMMANDS = {
     ),
     "demo": (
         "",
-        "Train a small CNN on scikit-learn's digits and inspect it.",
+        "Train a small CNN on scikit-learn's digits with BalanceCallback (50% FLOPs, balanced), "
+        "compact and fine-tune it, print before/after and write --output (default demo_out/).",
         ["output", "epochs"],
     ),
 }
@@ -88,7 +89,7 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing that reports errors in one line with exit code 2."""
     args = argv[1:]
     if not args or args[0] in ("-h", "--help", "help"):
-        print(_usage())
+        print(_usage(), file=sys.stdout if args else sys.stderr)
         sys.exit(0 if args else USAGE_ERROR)
     if args[0] in _COMMANDS and any(a in ("-h", "--help", "--helpfull") for a in args[1:]):
         print(_command_help(args[0]))
@@ -147,20 +148,28 @@ _HANDLERS = {"inspect": _cmd_inspect, "optimize": _cmd_optimize, "demo": _cmd_de
 def main(argv: list[str]) -> int:
     from tf_balancer.errors import TFBalancerError, VerificationError
 
-    command, args = argv[1], argv[2:]
+    command, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
     handler = _HANDLERS.get(command)
     try:
         if handler is None:
-            raise UsageError(f"unknown command {command!r}; choose one of {sorted(_HANDLERS)}")
+            what = "missing COMMAND" if command is None else f"unknown command {command!r}"
+            raise UsageError(f"{what}; choose one of {sorted(_HANDLERS)}")
         return handler(args)
     except VerificationError as err:
-        print(f"tf-balancer: failed: {err}", file=sys.stderr)
+        print(f"tf-balancer: failed: {_one_line(err)}", file=sys.stderr)
         return FAILED
     except (UsageError, TFBalancerError) as err:
-        print(f"tf-balancer: error: {err}", file=sys.stderr)
+        print(f"tf-balancer: error: {_one_line(err)}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split())
 
 
 def run() -> None:
     """Console-script entry point."""
+    import logging
+
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)  # TF's info/warnings: not for users
     app.run(main, flags_parser=parse_flags)

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from tf_balancer._compat import keras
 
-__all__ = ["DigitsData", "load_digits_data", "build_digits_cnn"]
+__all__ = ["DigitsData", "load_digits_data", "build_digits_cnn", "compile_classifier", "run_demo"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +93,7 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     """
     import os
     import shutil
+    import sys
 
     from tf_balancer.callback import BalanceCallback
     from tf_balancer.finalize import summary_markdown
@@ -136,6 +137,10 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     print("  result/report.json   full report (per-layer attention, keep ratios, passes)")
     print("  result/report.png    per-layer attention / keep ratio / FLOPs chart")
     print("  result/report.md     the table above, plus per-layer rows")
-    print(f"  tensorboard/         .venv/bin/tensorboard --logdir {output}/tensorboard")
-    print(f"Inspect the result:    .venv/bin/tf-balancer inspect {output}/result/saved_model")
+    bin_dir = os.path.dirname(sys.executable)  # the venv's scripts, wherever the user is
+    tensorboard = os.path.join(bin_dir, "tensorboard")
+    print(f"  tensorboard/         {tensorboard} --logdir {output}/tensorboard")
+    print(
+        f"Inspect the result:    {os.path.join(bin_dir, 'tf-balancer')} inspect {path}/saved_model"
+    )
     return callback.report

@@ -78,13 +78,17 @@ class Finalizer:
         first, second = self.passes()
         records = []
         if first:
+            logger.info("end of training: running %s", ", ".join(first))
             model, report = MetaOptimizer(first).run(model, ctx)
             records += report.records
         if cb.finetune_epochs:
+            logger.info("fine-tuning the compacted model for %d epochs", cb.finetune_epochs)
             model = self.finetune(model)
         if second:
+            logger.info("running %s", ", ".join(second))
             model, report = MetaOptimizer(second).run(model, dataclasses.replace(ctx, plan=None))
             records += report.records
+        logger.info("measuring dense vs optimized (accuracy, latency, SavedModel size)")
         return model, self.build_report(model, plan, records)
 
     def finetune(self, model: Any) -> Any:

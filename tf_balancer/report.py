@@ -25,6 +25,7 @@ from tf_balancer.metrics import macro_scores
 __all__ = [
     "measure_latency",
     "saved_model_size",
+    "classification_scores",
     "evaluate_model",
     "markdown_table",
     "write_report_png",
@@ -74,6 +75,26 @@ def saved_model_size(model: Any) -> dict[str, int]:
         return {"bytes": directory_size(path), "gzip_bytes": os.path.getsize(archive)}
 
 
+def classification_scores(model: Any, x: Any, y: Any, num_classes: int | None = None) -> dict:
+    """Accuracy, macro recall and macro F1 of ``model`` on ``(x, y)``.
+
+    Outputs of width > 1 are argmax-ed; a single output is a binary classifier
+    (threshold 0 for logits, 0.5 for probabilities). Labels may be class ids or
+    one-hot.
+    """
+    logits = np.asarray(model.predict(x, verbose=0, batch_size=256))
+    if logits.ndim == 1 or logits.shape[-1] == 1:
+        predicted = (logits.reshape(-1) > (0.0 if logits.min() < 0 else 0.5)).astype(int)
+        num_classes = num_classes or 2
+    else:
+        predicted = logits.reshape(-1, logits.shape[-1]).argmax(-1)
+        num_classes = num_classes or logits.shape[-1]
+    labels = np.asarray(y)
+    if labels.ndim > 1 and labels.shape[-1] == num_classes and num_classes > 1:
+        labels = labels.argmax(-1)
+    return dict(macro_scores(labels.reshape(-1), predicted, num_classes))
+
+
 def evaluate_model(
     model: Any,
     x: Any,
@@ -82,17 +103,7 @@ def evaluate_model(
     latency_batches: Sequence[int] = (1, 64),
 ) -> dict[str, float]:
     """Accuracy, macro recall and F1 on ``(x, y)``, plus latency per batch size."""
-    logits = np.asarray(model.predict(x, verbose=0, batch_size=256))
-    if logits.ndim == 1 or logits.shape[-1] == 1:
-        predicted = (logits.reshape(-1) > (0.0 if logits.min() < 0 else 0.5)).astype(int)
-        num_classes = num_classes or 2
-    else:
-        predicted = logits.argmax(-1)
-        num_classes = num_classes or logits.shape[-1]
-    labels = np.asarray(y)
-    if labels.ndim > 1 and labels.shape[-1] == num_classes:
-        labels = labels.argmax(-1)
-    summary = dict(macro_scores(labels.reshape(-1), predicted, num_classes))
+    summary = classification_scores(model, x, y, num_classes)
     for batch in latency_batches:
         summary[f"latency_ms_b{batch}"] = measure_latency(model, model.input_shape, batch)
     return summary

@@ -164,7 +164,7 @@ def test_plan_meets_budget_and_the_next_larger_plan_does_not(analyses, data):
         return
     full = _cost(analysis, None, metric)
     cost = _cost(analysis, plan.keep_counts, metric)
-    assert cost <= target * full
+    assert cost <= target * full * (1 + 1e-12)  # a target drawn at the bounds' floor rounds
     assert plan.achieved == pytest.approx(cost / full, rel=1e-12)
     assert plan.achieved <= target + 1e-12
     candidates, counts_at = _threshold_oracle(analysis, scores, strategy, metric, bounds)

@@ -176,7 +176,8 @@ def allocate(
         bounds: per-group limits (defaults: ``Bounds()``).
 
     Returns:
-        An :class:`Allocation` whose exact cost ratio is ``<= target``.
+        An :class:`Allocation` whose exact cost ratio is ``<= target`` (up to a
+        relative 1e-12, so a target equal to the bounds' floor is reachable).
 
     Raises:
         ConfigError: bad target, metric or strategy.

@@ -179,7 +179,10 @@ def taylor(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
 
     def gradients(xb: Any, yb: Any) -> list[Any]:
         with tf.GradientTape() as tape:
-            loss = loss_fn(yb, model(xb, training=False))
+            predictions = model(xb, training=False)
+            if yb.shape.num_elements() == predictions.shape.num_elements():
+                yb = tf.reshape(yb, predictions.shape)  # (n,) labels vs (n, 1) outputs
+            loss = loss_fn(yb, predictions)
         return tape.gradient(loss, variables)
 
     scores = {name: 0.0 for name in producers}
