@@ -35,6 +35,7 @@ __all__ = [
     "IDENTITY",
     "Replacement",
     "rebuild_with",
+    "rebuilt_result",
     "walk_of",
     "tensor_uses",
     "producers",
@@ -176,3 +177,14 @@ def _output_renames(
             _log.warning("cannot keep output name %r: another layer has it", wanted)
     layer_names = {id(call.layer): call.layer.name for call in walk.calls}
     return {key: name for key, name in names.items() if name != layer_names[key]}
+
+
+def rebuilt_result(
+    model: Any, walk: Walk, replacements: Mapping[str, Any], message: str, stats: Mapping[str, Any]
+) -> Any:
+    """``PassResult`` of a pass that rebuilds ``model`` with ``replacements`` (and logs it)."""
+    from tf_balancer.passes.base import PassResult
+
+    new_model = rebuild_with(model, walk, replacements)
+    _log.info("%s", message)
+    return PassResult(new_model, changed=True, message=message, stats=dict(stats))

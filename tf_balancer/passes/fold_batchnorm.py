@@ -33,7 +33,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -46,7 +45,7 @@ from tf_balancer.passes._rebuild import (
     Replacement,
     forced_training,
     producers,
-    rebuild_with,
+    rebuilt_result,
     single_consumer_producer,
     tensor_uses,
     walk_of,
@@ -55,7 +54,6 @@ from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register
 
 __all__ = ["FoldBatchNorm", "fold_weights"]
 
-_log = logging.getLogger(__name__)
 
 # layer class -> (its kernel attributes in weight order, the scaled one, how many
 # trailing axes of the scaled kernel index the output channels)
@@ -164,12 +162,6 @@ class FoldBatchNorm(GraphPass):
         pairs = _find_pairs(walk)
         if not pairs:
             return PassResult(model, changed=False, message="no foldable BatchNormalization")
-        new_model = rebuild_with(model, walk, _replacements(pairs))
         folded = tuple((conv.name, bn.name) for conv, bn in pairs)
-        _log.info("fold_batchnorm folded %d BatchNormalization layers", len(folded))
-        return PassResult(
-            new_model,
-            changed=True,
-            message=f"folded {len(folded)} BatchNormalization layers",
-            stats={"folded": folded},
-        )
+        message = f"folded {len(folded)} BatchNormalization layers"
+        return rebuilt_result(model, walk, _replacements(pairs), message, {"folded": folded})

@@ -29,7 +29,6 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from tf_balancer._compat import keras
@@ -38,7 +37,7 @@ from tf_balancer.passes._rebuild import (
     IDENTITY,
     Replacement,
     producers,
-    rebuild_with,
+    rebuilt_result,
     single_consumer_producer,
     tensor_uses,
     walk_of,
@@ -47,7 +46,6 @@ from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register
 
 __all__ = ["FuseActivation", "activation_name"]
 
-_log = logging.getLogger(__name__)
 
 _PRODUCERS: tuple[type, ...] = (
     keras.layers.Conv1D,
@@ -124,12 +122,6 @@ class FuseActivation(GraphPass):
         for conv, act, name in pairs:
             replacements[conv.name] = Replacement({"activation": name})
             replacements[act.name] = IDENTITY
-        new_model = rebuild_with(model, walk, replacements)
         fused = tuple((conv.name, act.name) for conv, act, _ in pairs)
-        _log.info("fuse_activation fused %d activation layers", len(fused))
-        return PassResult(
-            new_model,
-            changed=True,
-            message=f"fused {len(fused)} activation layers",
-            stats={"fused": fused},
-        )
+        message = f"fused {len(fused)} activation layers"
+        return rebuilt_result(model, walk, replacements, message, {"fused": fused})

@@ -20,17 +20,15 @@ Example:
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from tf_balancer._compat import keras
 from tf_balancer.graph.walk import Call
-from tf_balancer.passes._rebuild import IDENTITY, forced_training, rebuild_with, walk_of
+from tf_balancer.passes._rebuild import IDENTITY, forced_training, rebuilt_result, walk_of
 from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
 
 __all__ = ["StripTrainingOps", "TRAINING_ONLY_LAYERS"]
 
-_log = logging.getLogger(__name__)
 
 TRAINING_ONLY_LAYERS: tuple[type, ...] = (
     keras.layers.Dropout,
@@ -68,11 +66,7 @@ class StripTrainingOps(GraphPass):
         removed = tuple(call.name for call in walk.calls if _is_training_only(call))
         if not removed:
             return PassResult(model, changed=False, message="no training-only layers")
-        new_model = rebuild_with(model, walk, dict.fromkeys(removed, IDENTITY))
-        _log.info("strip_training_ops removed %d layers: %s", len(removed), ", ".join(removed))
-        return PassResult(
-            new_model,
-            changed=True,
-            message=f"removed {len(removed)} training-only layers",
-            stats={"removed": removed},
+        message = f"removed {len(removed)} training-only layers: {', '.join(removed)}"
+        return rebuilt_result(
+            model, walk, dict.fromkeys(removed, IDENTITY), message, {"removed": removed}
         )
