@@ -89,3 +89,20 @@ def subclassed_model():
     model = Sub()
     model(tf.zeros((1, 4)))
     return model
+
+
+def residual_concat_cnn(input_name: str | None = None):
+    """Residual Add (a/b), Concatenate (c | d), BN after `a`, Flatten -> Dense head."""
+    layers = keras.layers
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((12, 12, 3), name=input_name)
+    a = layers.Conv2D(8, 3, name="a")(inp)
+    a = layers.ReLU(name="a_relu")(layers.BatchNormalization(name="a_bn")(a))
+    b = layers.Conv2D(8, 3, padding="same", name="b")(a)
+    x = layers.Add(name="add")([a, b])
+    c = layers.Conv2D(6, 1, name="c")(x)
+    d = layers.Conv2D(10, 3, padding="same", name="d")(x)
+    e = layers.Conv2D(12, 3, name="e")(layers.Concatenate(name="cat")([c, d]))
+    e = layers.Flatten(name="flat")(layers.MaxPooling2D(name="pool")(e))
+    f = layers.Dense(16, activation="relu", name="fc")(e)
+    return keras.Model(inp, layers.Dense(5, name="out")(f))

@@ -12,6 +12,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import residual_concat_cnn
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
@@ -28,18 +29,7 @@ PROPERTY = settings(max_examples=30, deadline=None)
 
 
 def _small_cnn() -> keras.Model:
-    """Residual Add (group a/b), Concatenate (c | d), Flatten -> Dense head."""
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((12, 12, 3))
-    a = L.ReLU(name="a_relu")(L.BatchNormalization(name="a_bn")(L.Conv2D(8, 3, name="a")(inp)))
-    b = L.Conv2D(8, 3, padding="same", name="b")(a)
-    x = L.Add(name="add")([a, b])
-    c = L.Conv2D(6, 1, name="c")(x)
-    d = L.Conv2D(10, 3, padding="same", name="d")(x)
-    e = L.Conv2D(12, 3, name="e")(L.Concatenate(name="cat")([c, d]))
-    e = L.Flatten(name="flat")(L.MaxPooling2D(name="pool")(e))
-    f = L.Dense(16, activation="relu", name="fc")(e)
-    return keras.Model(inp, L.Dense(5, name="out")(f))
+    return residual_concat_cnn()
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import residual_concat_cnn
 
 from tf_balancer._compat import keras
 from tf_balancer.attention.balance import Allocation
@@ -19,17 +20,7 @@ SPATIAL = 16  # e's output after pooling is 4x4x12, flattened into fc
 
 def _model() -> keras.Model:
     """Residual Add (a/b), Concatenate (c | d), BN with random stats, Flatten -> Dense."""
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((12, 12, 3), name="image")
-    a = L.ReLU(name="a_relu")(L.BatchNormalization(name="a_bn")(L.Conv2D(8, 3, name="a")(inp)))
-    b = L.Conv2D(8, 3, padding="same", name="b")(a)
-    x = L.Add(name="add")([a, b])
-    c = L.Conv2D(6, 1, name="c")(x)
-    d = L.Conv2D(10, 3, padding="same", name="d")(x)
-    e = L.Conv2D(12, 3, name="e")(L.Concatenate(name="cat")([c, d]))
-    e = L.Flatten(name="flat")(L.MaxPooling2D(name="pool")(e))
-    f = L.Dense(16, activation="relu", name="fc")(e)
-    model = keras.Model(inp, L.Dense(5, name="out")(f))
+    model = residual_concat_cnn(input_name="image")
     rng = np.random.default_rng(0)
     for layer in model.layers:  # no weight is zero before masking
         layer.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in layer.weights])
