@@ -37,7 +37,7 @@ __all__ = ["BalanceCallback"]
 logger = logging.getLogger(__name__)
 
 MODES = ("structured", "sparse")
-DATA_CRITERIA = ("taylor", "activation")
+DATA_CRITERIA = ("taylor", "activation", "apoz")
 
 
 def _ensure_visible_logging() -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import tensorflow as tf
 
 from tf_balancer._compat import keras
 
@@ -46,7 +45,7 @@ def load_digits_data(seed: int = 0, val_fraction: float = 0.25) -> DigitsData:
 
 def build_digits_cnn(width: int = 32, seed: int = 0, name: str = "digits_cnn") -> keras.Model:
     """A small Conv+BN+ReLU CNN with a residual block, for 16x16x1 digits."""
-    tf.keras.utils.set_random_seed(seed)
+    keras.utils.set_random_seed(seed)  # tf_keras: `tf.keras` may be Keras 3 here
     layers = keras.layers
     inp = keras.Input((16, 16, 1), name="image")
     x = layers.Conv2D(width, 3, padding="same", use_bias=False, name="conv1")(inp)

@@ -21,7 +21,7 @@ from tf_balancer.errors import ConfigError
 from tf_balancer.graph.layer_graph import LayerGraph
 
 L = keras.layers
-CRITERIA = ["magnitude", "taylor", "activation", "bn_scale"]
+CRITERIA = ["magnitude", "taylor", "activation", "apoz", "bn_scale"]
 
 
 @pytest.fixture(scope="module")
@@ -114,13 +114,25 @@ def test_bn_scale_of_a_residual_group_sums_the_gammas_of_its_batchnorms(trained)
     np.testing.assert_allclose(per_group[gid], expected, rtol=1e-6)
 
 
-def test_activation_is_the_mean_absolute_output_of_each_channel(trained, digits):
+def test_activation_is_the_mean_absolute_output_after_the_producers_chain(trained, digits):
+    """conv4 -> bn4 -> relu4 -> pool2 is conv4's chain; it ends where Flatten begins."""
     model, graph, probe = trained
     raw = get_importance("activation")(graph, probe)
-    probe_model = keras.Model(model.inputs, model.get_layer("conv4").output)
+    probe_model = keras.Model(model.inputs, model.get_layer("pool2").output)
     out = np.abs(probe_model(digits.x_train[:128], training=False).numpy())
     assert np.any(out > 0)
     np.testing.assert_allclose(raw["conv4"], out.mean(axis=(0, 1, 2)), rtol=1e-5)
+
+
+def test_apoz_is_one_minus_the_fraction_of_zeros_after_the_relu(trained, digits):
+    """conv1 -> bn1 -> relu1, which feeds two layers: APoZ is measured at relu1."""
+    model, graph, probe = trained
+    raw = get_importance("apoz")(graph, probe)
+    probe_model = keras.Model(model.inputs, model.get_layer("relu1").output)
+    out = probe_model(digits.x_train[:128], training=False).numpy()
+    expected = 1.0 - (out == 0).mean(axis=(0, 1, 2))
+    assert np.all((raw["conv1"] >= 0) & (raw["conv1"] <= 1))
+    np.testing.assert_allclose(raw["conv1"], expected, rtol=1e-6)
 
 
 def test_taylor_is_the_absolute_weight_times_gradient_summed_over_batches(trained):
@@ -138,7 +150,7 @@ def test_taylor_is_the_absolute_weight_times_gradient_summed_over_batches(traine
     np.testing.assert_allclose(raw["conv4"], expected, rtol=1e-4, atol=1e-9)
 
 
-@pytest.mark.parametrize("criterion", ["taylor", "activation"])
+@pytest.mark.parametrize("criterion", ["taylor", "activation", "apoz"])
 def test_data_driven_criteria_without_probe_data_raise_config_error(trained, criterion):
     _, graph, _ = trained
     with pytest.raises(ConfigError, match="probe data"):

@@ -10,8 +10,9 @@ Built-in criteria:
     ``magnitude``   L1 norm of the channel's output-side weights (``p=2`` for L2).
     ``taylor``      first-order Taylor: ``|sum(w * dL/dw)|`` over the channel's
                     weights, accumulated over probe batches (needs labels).
-    ``activation``  mean ``|a|`` of the channel's output over probe batches
-                    (APoZ, the fraction of zeros, is reported alongside).
+    ``activation``  mean ``|a|`` of the channel over probe batches, measured
+                    after the BatchNorm/activation the producer feeds.
+    ``apoz``        ``1 - APoZ`` (average percentage of zeros) at the same point.
     ``bn_scale``    ``|gamma|`` of the BatchNormalization layers in the group.
 
 Example:
@@ -233,23 +234,62 @@ def _default_loss(graph: LayerGraph) -> Callable[[Any, Any], Any]:
     )
 
 
-@register_importance("activation")
-def activation(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
-    """Mean |activation| of each producer's output channels over probe batches."""
-    probe = _require_probe(probe, "activation")
+def _activation_stats(graph: LayerGraph, probe: ProbeData) -> dict[str, tuple[np.ndarray, ...]]:
+    """Per producer: (mean |a|, APoZ) of its channels where its consumers see them.
+
+    The measuring point follows the producer through the per-channel layers it
+    alone feeds (BatchNorm, activation, dropout), so APoZ - the average
+    percentage of zeros - is taken after the ReLU, where it means something.
+    """
     producers = dict(_producers(graph))
-    keys = [_output_key(graph, name) for name in producers]
+    keys = [_output_key(graph, _after_chain(graph, name)) for name in producers]
     model = rebuild(graph.walk, lambda call: call.layer, outputs=keys)
-    sums = {name: 0.0 for name in producers}
+    abs_sum = {name: 0.0 for name in producers}
+    zero_sum = {name: 0.0 for name in producers}
     count = 0
     for xb, _ in probe.batches():
         outs = model(xb, training=False)
         outs = outs if isinstance(outs, (list, tuple)) else [outs]
         for name, out in zip(producers, outs, strict=True):
-            a = np.abs(np.asarray(out))
-            sums[name] = sums[name] + a.reshape(-1, a.shape[-1]).mean(axis=0)
+            a = np.asarray(out).reshape(-1, out.shape[-1])
+            abs_sum[name] = abs_sum[name] + np.abs(a).mean(axis=0)
+            zero_sum[name] = zero_sum[name] + (a == 0).mean(axis=0)
         count += 1
-    return {name: np.asarray(v / max(count, 1), dtype=np.float64) for name, v in sums.items()}
+    count = max(count, 1)
+    return {
+        name: (np.asarray(abs_sum[name] / count), np.asarray(zero_sum[name] / count))
+        for name in producers
+    }
+
+
+def _after_chain(graph: LayerGraph, name: str) -> str:
+    """Last node of the single-consumer per-channel chain that starts at ``name``."""
+    while True:
+        consumers = graph.consumers(name)
+        if len(consumers) != 1:
+            return name
+        nxt = graph.nodes[consumers[0]]
+        if nxt.role != "passthrough" or len(nxt.inputs) != 1:
+            return name
+        name = nxt.name
+
+
+@register_importance("activation")
+def activation(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
+    """Mean |activation| of each producer's channels (after its BN/activation) over probe batches."""
+    stats = _activation_stats(graph, _require_probe(probe, "activation"))
+    return {name: mean_abs.astype(np.float64) for name, (mean_abs, _) in stats.items()}
+
+
+@register_importance("apoz")
+def apoz(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
+    """``1 - APoZ``: the fraction of probe positions where a channel is non-zero.
+
+    A channel that a ReLU zeroes almost everywhere (high APoZ) carries little
+    information (Hu et al., 2016, "Network Trimming").
+    """
+    stats = _activation_stats(graph, _require_probe(probe, "apoz"))
+    return {name: (1.0 - zeros).astype(np.float64) for name, (_, zeros) in stats.items()}
 
 
 def _output_key(graph: LayerGraph, node_name: str) -> str:
