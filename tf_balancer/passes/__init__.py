@@ -2,7 +2,7 @@
 
 import importlib
 
-_BUILTIN = (
+BUILTIN_PASSES = (
     "strip_training_ops",
     "fold_batchnorm",
     "fuse_activation",
@@ -11,9 +11,5 @@ _BUILTIN = (
     "grappler",
 )
 
-for _name in _BUILTIN:
-    try:
-        importlib.import_module(f"tf_balancer.passes.{_name}")
-    except ModuleNotFoundError as _err:  # a pass module not written yet
-        if _err.name != f"tf_balancer.passes.{_name}":
-            raise
+for _name in BUILTIN_PASSES:
+    importlib.import_module(f"tf_balancer.passes.{_name}")
