@@ -15,14 +15,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any
 
 from tf_balancer._compat import is_keras3_object, is_keras_model, keras
 from tf_balancer.errors import ConfigError, ModelLoadError
-from tf_balancer.graph.cost import CostReport, PlanCoster, measured_layer_flops, model_cost
+from tf_balancer.graph.cost import CostReport, PlanCoster, measured_layer_flops
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.trace import TracedGraph, op_flops, trace, trace_keras
 
@@ -37,27 +36,25 @@ class ModelAnalysis:
     graph: LayerGraph
     traced: TracedGraph
     measured_flops: dict[str, int]
+    coster: PlanCoster
     cost: CostReport
 
     def cost_under(self, keep: dict[int, int]) -> CostReport:
         """Costs with ``keep[group]`` channels left in each listed group."""
-        return model_cost(
-            self.graph, batch_size=self.cost.batch_size, keep=keep, measured=self.measured_flops
-        )
-
-    @functools.cached_property
-    def coster(self) -> PlanCoster:
-        """Fast evaluator of total FLOPs/params under many plans."""
-        return PlanCoster(self.graph, self.measured_flops, self.cost.batch_size)
+        return self.coster.report(keep)
 
 
 def analyze(model: Any, batch_size: int = 1) -> ModelAnalysis:
-    """Trace, build the layer graph and cost a tf_keras model (not modified)."""
+    """Trace, build the layer graph and cost a tf_keras model (not modified).
+
+    The :class:`~tf_balancer.graph.cost.PlanCoster` built here is kept: it costs
+    the full model and every plan evaluated later.
+    """
     graph = LayerGraph.from_model(model)
     traced = trace_keras(model, batch_size)
     measured = measured_layer_flops(traced)
-    cost = model_cost(graph, batch_size=batch_size, measured=measured)
-    return ModelAnalysis(model, graph, traced, measured, cost)
+    coster = PlanCoster(graph, measured, batch_size)
+    return ModelAnalysis(model, graph, traced, measured, coster, coster.report())
 
 
 @dataclasses.dataclass(frozen=True)

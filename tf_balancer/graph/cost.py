@@ -183,6 +183,17 @@ class PlanCoster:
         params = p_io * cin * cout + p_i * cin + p_o * cout + p_1
         return flops, params, self.elements * cout
 
+    def report(self, keep: Mapping[int, int] | None = None) -> CostReport:
+        """Per-layer :class:`CostReport` under ``keep`` (activation bytes by output dtype)."""
+        flops, params, elements = self.per_layer(keep)
+        walk = self.graph.walk
+        dtypes = {call.name: walk.dtypes.get(call.outputs[0], "float32") for call in walk.calls}
+        layers = {
+            name: LayerCost(name, round(f), round(p), round(e) * _DTYPE_BYTES.get(dtypes[name], 4))
+            for name, f, p, e in zip(self.names, flops, params, elements, strict=True)
+        }
+        return CostReport(layers, self.batch_size)
+
     def total(self, keep: Mapping[int, int] | None, metric: str = "flops") -> float:
         flops, params, _ = self.per_layer(keep)
         return float(np.sum(flops if metric == "flops" else params))
@@ -221,12 +232,4 @@ def model_cost(
     """
     if measured is None:
         measured = measured_layer_flops(trace_keras(model, batch_size)) if model else {}
-    flops, params, elements = PlanCoster(graph, measured, batch_size).per_layer(keep)
-    dtypes = {
-        call.name: graph.walk.dtypes.get(call.outputs[0], "float32") for call in graph.walk.calls
-    }
-    layers = {
-        name: LayerCost(name, round(f), round(p), round(e) * _DTYPE_BYTES.get(dtypes[name], 4))
-        for name, f, p, e in zip(graph.nodes, flops, params, elements, strict=True)
-    }
-    return CostReport(layers, batch_size)
+    return PlanCoster(graph, measured, batch_size).report(keep)
