@@ -18,9 +18,10 @@ import time
 import numpy as np
 import tensorflow_model_optimization as tfmot
 
-from tf_balancer import BalanceCallback, sparsity
+from tf_balancer import BalanceCallback
 from tf_balancer._compat import keras
 from tf_balancer.demo import build_digits_cnn, compile_classifier, load_digits_data
+from tf_balancer.sparse import wrapping
 
 SPARSITY, EPOCHS, BATCH = 0.8, 6, 32
 
@@ -43,8 +44,8 @@ def _run(kind: str, data) -> tuple[float, float]:
         model = tfmot.sparsity.keras.prune_low_magnitude(base, pruning_schedule=schedule)
         callbacks = [timer, tfmot.sparsity.keras.UpdatePruningStep()]
     else:
-        names = list(sparsity.prunable_kernels(base))
-        model, _ = sparsity.wrap_for_pruning(
+        names = list(wrapping.prunable_kernels(base))
+        model, _ = wrapping.wrap_for_pruning(
             base, {n: 0.0 for n in names}, end_step=0, frequency=10, prune_after_end=True
         )
         callback = BalanceCallback(

@@ -21,9 +21,10 @@ import time
 import numpy as np
 import tensorflow_model_optimization as tfmot
 
-from tf_balancer import BalanceCallback, analyze, sparsity
+from tf_balancer import BalanceCallback, analyze
 from tf_balancer.demo import build_digits_cnn, compile_classifier, load_digits_data
 from tf_balancer.report import evaluate_model, markdown_table, saved_model_size
+from tf_balancer.sparse import wrapping
 
 EPOCHS, BEGIN, END, BATCH = 12, 3, 8, 32
 SPARSITY = 0.8
@@ -81,8 +82,8 @@ def _tfmot_uniform(data, seed: int):
 
 def _tf_balancer_sparse(data, seed: int):
     base = build_digits_cnn(seed=seed)
-    names = list(sparsity.prunable_kernels(base))
-    model, _ = sparsity.wrap_for_pruning(
+    names = list(wrapping.prunable_kernels(base))
+    model, _ = wrapping.wrap_for_pruning(
         base, {n: 0.0 for n in names}, end_step=0, frequency=10, prune_after_end=True
     )
     compile_classifier(model)

@@ -11,9 +11,9 @@ import tensorflow as tf
 
 from tf_balancer._compat import keras
 from tf_balancer.errors import ExportError
+from tf_balancer.export.writers import atomic_directory
 from tf_balancer.metrics import macro_scores
 from tf_balancer.report import (
-    atomic_directory,
     evaluate_model,
     log_layer_summaries,
     markdown_table,

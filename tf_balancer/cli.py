@@ -120,7 +120,7 @@ def _cmd_optimize(args: list[str]) -> int:
         raise UsageError(f"optimize takes exactly one SAVEDMODEL directory, got {len(args)}")
     if not _OUTPUT.value:
         raise UsageError("optimize needs --output DIR (where the optimized SavedModel goes)")
-    from tf_balancer.savedmodel import format_summary, optimize_saved_model
+    from tf_balancer.export.savedmodel import format_summary, optimize_saved_model
 
     report = optimize_saved_model(
         args[0],

@@ -94,8 +94,8 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     import shutil
     import sys
 
-    from tf_balancer.callback import BalanceCallback
-    from tf_balancer.finalize import summary_markdown
+    from tf_balancer.report import summary_markdown
+    from tf_balancer.training.callback import BalanceCallback
 
     data = load_digits_data(seed)
     model = compile_classifier(build_digits_cnn(seed=seed))

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer.errors import ExportError
 from tf_balancer.metrics import macro_scores
 
 __all__ = [
@@ -29,7 +28,7 @@ __all__ = [
     "evaluate_model",
     "markdown_table",
     "write_report_png",
-    "atomic_directory",
+    "summary_markdown",
     "log_layer_summaries",
 ]
 
@@ -151,45 +150,6 @@ def write_report_png(path: str, layers: Sequence[Mapping[str, Any]], title: str 
     plt.close(fig)
 
 
-class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile's)
-    """Write a directory atomically: build it in a temp dir, then rename into place.
-
-    Example:
-        >>> with atomic_directory("/tmp/out", overwrite=True) as tmp:  # doctest: +SKIP
-        ...     write_files(tmp)
-
-    Raises:
-        ExportError: ``path`` exists and ``overwrite`` is False.
-    """
-
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False):
-        self.path = os.path.abspath(os.fspath(path))
-        self.overwrite = overwrite
-        if os.path.exists(self.path) and not overwrite:
-            raise ExportError(
-                f"{self.path} already exists; pass overwrite=True (CLI: --overwrite) or choose another path"
-            )
-        self.tmp = ""
-
-    def __enter__(self) -> str:
-        parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=parent)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = None
-        if os.path.exists(self.path):
-            old = self.tmp + ".old"
-            os.replace(self.path, old)
-        os.replace(self.tmp, self.path)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def log_layer_summaries(writer: Any, step: int, values: Mapping[str, Mapping[str, float]]) -> None:
     """TensorBoard scalars ``<kind>/<layer>`` and one histogram per kind."""
     with writer.as_default(step=step):
@@ -212,3 +172,28 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return value.tolist()
     return str(value)
+
+
+_SUMMARY_ROWS = (
+    ("accuracy", "accuracy"),
+    ("macro recall", "recall"),
+    ("macro F1", "f1"),
+    ("FLOPs", "flops"),
+    ("params", "params"),
+    ("latency ms (batch 1)", "latency_ms_b1"),
+    ("latency ms (batch 64)", "latency_ms_b64"),
+    ("SavedModel bytes", "saved_model_bytes"),
+    ("SavedModel gzip bytes", "saved_model_gzip_bytes"),
+)
+
+
+def summary_markdown(report: dict[str, Any]) -> str:
+    """Before/after markdown table of a callback report."""
+    rows = []
+    for label, key in _SUMMARY_ROWS:
+        before, after = report["dense"].get(key), report["final"].get(key)
+        if before is None or after is None:
+            continue
+        ratio = f"{after / before:.3f}x" if before else ""
+        rows.append({"metric": label, "dense": before, "optimized": after, "ratio": ratio})
+    return markdown_table(rows, ("metric", "dense", "optimized", "ratio"))

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tf_balancer import sparsity
 from tf_balancer._compat import keras
 from tf_balancer.demo import build_digits_cnn
 from tf_balancer.errors import ConfigError, UnsupportedModelError
 from tf_balancer.passes.base import PassContext, get_pass
 from tf_balancer.passes.prune_weights import PruneWeights
+from tf_balancer.sparse import wrapping as sparsity
 
 L = keras.layers
 

@@ -1,7 +1,7 @@
 """``prune_weights``: one-shot tfmot magnitude pruning of the prunable kernels.
 
 The pass wraps the target layers with tfmot's ``PruneLowMagnitude`` (see
-:func:`tf_balancer.sparsity.wrap_for_pruning`), runs tfmot's mask update once
+:func:`tf_balancer.sparse.wrapping.wrap_for_pruning`), runs tfmot's mask update once
 at the end of the schedule (so every mask is at its final sparsity), applies
 the masks and strips the wrappers. The result is a new model with the same
 layers and shapes whose kernels hold the requested fraction of exact zeros.
@@ -10,7 +10,7 @@ Per-layer targets come from ``ctx.sparsity`` (layer name -> sparsity) when it is
 non-empty; otherwise from ``ctx.options_for("prune_weights")``:
 
 * ``target_sparsity``: parameter-weighted mean sparsity, in [0, 1). Defaults to 0.8.
-* ``strategy``: ``"balanced"`` (:func:`~tf_balancer.sparsity.balanced_sparsity_targets`)
+* ``strategy``: ``"balanced"`` (:func:`~tf_balancer.sparse.wrapping.balanced_sparsity_targets`)
   or ``"uniform"``. Defaults to ``"balanced"``.
 * ``m_by_n``: ``(m, n)``, m zeros in every n consecutive input-channel weights
   (Dense and Conv2D only); the targets are then ``m / n``. Defaults to None.
@@ -53,13 +53,13 @@ _DEFAULTS: Mapping[str, Any] = {
 
 
 def _strategies() -> dict[str, Any]:
-    from tf_balancer import sparsity  # imports tfmot (slow), so only when the pass runs
+    from tf_balancer.sparse import wrapping  # imports tfmot (slow), so only when the pass runs
 
     return {
-        "balanced": lambda model, opts: sparsity.balanced_sparsity_targets(
+        "balanced": lambda model, opts: wrapping.balanced_sparsity_targets(
             model, opts["target_sparsity"], max_sparsity=opts["max_sparsity"]
         ),
-        "uniform": lambda model, opts: sparsity.uniform_sparsity_targets(
+        "uniform": lambda model, opts: wrapping.uniform_sparsity_targets(
             model, opts["target_sparsity"]
         ),
     }
@@ -93,7 +93,7 @@ class PruneWeights(GraphPass):
     preserves_function = False
 
     def run(self, model: Any, graph: Any, ctx: PassContext) -> PassResult:
-        from tf_balancer import sparsity
+        from tf_balancer.sparse import wrapping
 
         ensure_keras2_model(model)
         options = _options(ctx)
@@ -107,24 +107,24 @@ class PruneWeights(GraphPass):
                     f"use one of {', '.join(sorted(strategies))}"
                 )
             targets = strategies[options["strategy"]](model, options)
-        m_by_n = sparsity.check_m_by_n(options["m_by_n"])
+        m_by_n = wrapping.check_m_by_n(options["m_by_n"])
         if m_by_n is None and not any(float(v) > 0 for v in targets.values()):
             return PassResult(model, changed=False, message="no layer with a sparsity target > 0")
-        wrapped, variables = sparsity.wrap_for_pruning(
+        wrapped, variables = wrapping.wrap_for_pruning(
             model, targets, begin_step=0, end_step=1, frequency=1, m_by_n=m_by_n
         )
         if not variables:
             return PassResult(model, changed=False, message="no layer tfmot can prune")
-        sparsity.update_masks(wrapped, step=1)  # the schedule's end: final sparsity
-        pruned = sparsity.strip(wrapped)
-        achieved = sparsity.weight_sparsity(pruned)
+        wrapping.update_masks(wrapped, step=1)  # the schedule's end: final sparsity
+        pruned = wrapping.strip(wrapped)
+        achieved = wrapping.weight_sparsity(pruned)
         stats = {
             "targets": {name: _requested(targets[name], m_by_n) for name in variables},
             "sparsity": {name: achieved[name] for name in variables},
-            "overall_sparsity": sparsity.overall_sparsity(pruned),
+            "overall_sparsity": wrapping.overall_sparsity(pruned),
             "m_by_n": m_by_n,
-            "compressed_bytes_before": sparsity.compressed_weight_bytes(model),
-            "compressed_bytes_after": sparsity.compressed_weight_bytes(pruned),
+            "compressed_bytes_before": wrapping.compressed_weight_bytes(model),
+            "compressed_bytes_after": wrapping.compressed_weight_bytes(pruned),
         }
         message = (
             f"pruned {len(variables)} layer(s) to {stats['overall_sparsity']:.1%} overall "

@@ -1,10 +1,14 @@
 """Value checks shared by the config dataclasses and the sparsity helpers (internal).
 
+This module imports nothing of tf_balancer but :mod:`tf_balancer.errors`, so any
+stage may use it; checks against the importance and pass registries live in
+:mod:`tf_balancer.config.names`.
+
 A check takes ``(key, value)``, where ``key`` names the value in the message
 (the dotted recipe key, e.g. ``balance.round_to``), and returns the value
 normalised (an int given for a float is stored as a float) or raises
 :class:`~tf_balancer.errors.ConfigError` saying what was given and what is
-allowed. :mod:`tf_balancer.config` builds each section's ``_CHECKS`` from them.
+allowed. :mod:`tf_balancer.config.schema` builds each section's ``_CHECKS`` from them.
 
 Numbers are strict: a bool is never a number, a float is never an int, a
 string is never a float.
@@ -25,12 +29,9 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tf_balancer.errors import ConfigError
-
-if TYPE_CHECKING:
-    from tf_balancer.config import OptimizeConfig
 
 __all__ = [
     "Check",
@@ -41,16 +42,12 @@ __all__ = [
     "one_of",
     "boolean",
     "sequence",
-    "importance",
     "m_by_n",
     "section",
-    "pass_names",
-    "pass_sections",
     "check_sparsity",
 ]
 
 Check = Callable[[str, Any], Any]  # (dotted key, value) -> normalised value, or raise
-_LAST_ONLY_PASSES = ("grappler",)  # returns a concrete function, not a Keras model
 
 
 def reject(key: str, value: Any, allowed: str, hint: str = "") -> ConfigError:
@@ -146,27 +143,6 @@ class FrozenWeights(Mapping[str, float]):
         return repr(self._items)
 
 
-def importance(key: str, value: Any) -> str | FrozenWeights:
-    """A criterion name, or a ``{name: weight}`` mapping with weights >= 0, not all 0."""
-    from tf_balancer.attention.importance import registered_importances
-
-    names = registered_importances()
-    if isinstance(value, str):
-        return one_of(*names)(key, value)
-    if not isinstance(value, Mapping) or not value:
-        raise reject(key, value, "a criterion name or a non-empty {name: weight} mapping")
-    weights = {}
-    for name, weight in value.items():
-        if not isinstance(name, str) or name not in names:
-            raise ConfigError(
-                f"unknown key '{key}.{name}'; importance criteria are " + ", ".join(names)
-            )
-        weights[name] = real(lambda w: w >= 0, "a number >= 0")(f"{key}.{name}", weight)
-    if not any(weights.values()):
-        raise reject(key, value, "weights that are not all 0")
-    return FrozenWeights(weights)
-
-
 def m_by_n(key: str, value: Any) -> tuple[int, int] | None:
     """None, or a pair ``(m, n)`` of integers with ``1 <= m < n``."""
     if value is None:
@@ -192,51 +168,6 @@ def section(cls: type, optional: bool) -> Check:
         return value
 
     return check
-
-
-def pass_names(value: Any) -> tuple[str, ...]:
-    """Registered pass names, each once, ``grappler`` (if present) last."""
-    from tf_balancer.passes.base import registered_passes
-
-    names = sequence("passes", value, "a non-empty list of pass names")
-    if not names:
-        raise reject("passes", value, "a non-empty list of pass names")
-    registered = registered_passes()
-    for i, name in enumerate(names):
-        if not isinstance(name, str) or name not in registered:
-            allowed = "a registered pass: " + ", ".join(registered)
-            raise reject(f"passes[{i}]", name, allowed)
-        if name in names[:i]:
-            raise reject(f"passes[{i}]", name, "each pass at most once; remove the duplicate")
-    for name in _LAST_ONLY_PASSES:
-        if name in names and names[-1] != name:
-            raise reject(
-                "passes",
-                list(names),
-                f"{name!r} as the last pass",
-                "Move it to the end: it returns a concrete function, not a Keras model",
-            )
-    return names
-
-
-def pass_sections(config: OptimizeConfig) -> None:
-    """Check that ``balance``/``sparsity`` are set exactly when their pass is listed."""
-    for pass_name, name, recipe in (
-        ("prune_channels", "balance", "configs/structured_50_flops.yaml"),
-        ("prune_weights", "sparsity", "configs/sparse_80.yaml"),
-    ):
-        listed = pass_name in config.passes
-        has_section = getattr(config, name) is not None
-        if listed and not has_section:
-            raise ConfigError(
-                f"{name}: passes contains {pass_name!r} but {name!r} is not set; "
-                f"add a {name}: section (see {recipe}) or remove {pass_name!r} from passes"
-            )
-        if has_section and not listed:
-            raise ConfigError(
-                f"{name}: {name!r} is set but {pass_name!r} is not in passes; "
-                f"add {pass_name!r} to passes (see {recipe}) or remove the {name}: section"
-            )
 
 
 def check_sparsity(name: str, value: Any) -> float:

@@ -1,8 +1,8 @@
 """Serving signatures of a SavedModel: feed them, save new functions under them, verify.
 
-The helpers :func:`~tf_balancer.savedmodel.optimize_saved_model` shares between
-its Keras path (:mod:`tf_balancer.savedmodel_keras`) and its plain-GraphDef
-path (:mod:`tf_balancer.graph.plain_savedmodel`): inputs for a signature
+The helpers :func:`~tf_balancer.export.savedmodel.optimize_saved_model` shares between
+its Keras path (:mod:`tf_balancer.export.keras_path`) and its plain-GraphDef
+path (:mod:`tf_balancer.export.graph_path`): inputs for a signature
 (calibration samples or seeded random ones), saving one callable per source
 signature with the same input specs and output keys, and checking the written
 signatures against the source (or another reference) within tolerances.

@@ -15,11 +15,11 @@ from conftest import randomize_batchnorm
 from tf_balancer._compat import keras
 from tf_balancer.config import OptimizeConfig, VerifyConfig
 from tf_balancer.errors import ConfigError, ExportError, ModelLoadError, VerificationError
+from tf_balancer.export.savedmodel import REPORT_NAME, optimize_saved_model
 from tf_balancer.graph.trace import trace
-from tf_balancer.savedmodel import REPORT_NAME, optimize_saved_model
 
 _BN_OPS = ("FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3")
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _CONFIGS = sorted(glob.glob(os.path.join(_ROOT, "configs", "*.yaml")))
 
 

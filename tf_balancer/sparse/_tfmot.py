@@ -9,7 +9,7 @@ not pick up tf_keras.
 Prunable layers are those whose kernels tfmot's registry prunes: Conv1D/2D/3D,
 Conv2DTranspose/Conv3DTranspose, Dense, SeparableConv1D/2D (pointwise kernel),
 Embedding, and custom layers with ``get_prunable_weights``. The public
-:func:`prunable_kernels` is re-exported by :mod:`tf_balancer.sparsity`.
+:func:`prunable_kernels` is re-exported by :mod:`tf_balancer.sparse.wrapping`.
 
 Example:
     >>> from tf_balancer._compat import keras
@@ -91,7 +91,7 @@ def prunable_kernels(model: Any) -> dict[str, list[np.ndarray]]:
     """Layer name -> its prunable kernels as numpy arrays, as the forward pass sees them.
 
     For a layer inside a pruning wrapper the kernel is ``weight * mask`` and the
-    key is the wrapped layer's own name (the name :func:`~tf_balancer.sparsity.strip`
+    key is the wrapped layer's own name (the name :func:`~tf_balancer.sparse.wrapping.strip`
     restores).
 
     Raises:

@@ -16,9 +16,9 @@ import tensorflow as tf
 
 from tf_balancer._compat import keras
 from tf_balancer.analysis import analyze
-from tf_balancer.callback import BalanceCallback
 from tf_balancer.demo import build_digits_cnn, compile_classifier
 from tf_balancer.errors import ExportError
+from tf_balancer.training.callback import BalanceCallback
 
 pytestmark = pytest.mark.slow
 
@@ -316,7 +316,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from tf_balancer.callback import BalanceCallback
+    from tf_balancer.training.callback import BalanceCallback
     from tf_balancer.demo import build_digits_cnn, compile_classifier, load_digits_data
 
     data = load_digits_data(0)
@@ -343,7 +343,7 @@ _MIRRORED_SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("importance", ["magnitude", "taylor"])
 def test_mirrored_strategy_on_two_logical_cpus(importance):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     done = subprocess.run(
         [sys.executable, "-c", _MIRRORED_SCRIPT, importance],
         capture_output=True,

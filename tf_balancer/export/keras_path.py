@@ -1,4 +1,4 @@
-"""The Keras path of :func:`~tf_balancer.savedmodel.optimize_saved_model`.
+"""The Keras path of :func:`~tf_balancer.export.savedmodel.optimize_saved_model`.
 
 A SavedModel with ``keras_metadata.pb`` is loaded with tf_keras and the
 configured passes run through :class:`~tf_balancer.optimizer.MetaOptimizer`,
@@ -32,9 +32,9 @@ from tf_balancer.attention.balance import Bounds, allocate
 from tf_balancer.attention.importance import ProbeData, group_scores
 from tf_balancer.config import OptimizeConfig
 from tf_balancer.errors import ConfigError, UnsupportedModelError
+from tf_balancer.export.signatures import Feed, Run, input_specs, save_signatures
 from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext
-from tf_balancer.savedmodel_signatures import Feed, Run, input_specs, save_signatures
 
 __all__ = ["PRUNING_PASSES", "io_names", "optimize_keras"]
 

@@ -1,4 +1,4 @@
-"""Tests of the tfmot weight-pruning helpers in ``tf_balancer.sparsity``."""
+"""Tests of the tfmot weight-pruning helpers in ``tf_balancer.sparse.wrapping``."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 import tensorflow as tf
 import tensorflow_model_optimization as tfmot
 
-from tf_balancer import sparsity
 from tf_balancer._compat import keras
 from tf_balancer.errors import ConfigError, UnsupportedModelError
+from tf_balancer.sparse import wrapping as sparsity
 
 L = keras.layers
 _WRAPPER = tfmot.sparsity.keras.prune_low_magnitude(L.Dense(1)).__class__

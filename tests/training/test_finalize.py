@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 
 from tf_balancer.analysis import analyze
-from tf_balancer.callback import BalanceCallback
 from tf_balancer.demo import build_digits_cnn, compile_classifier
 from tf_balancer.errors import ExportError
-from tf_balancer.finalize import (
+from tf_balancer.export.writers import export_result
+from tf_balancer.report import summary_markdown
+from tf_balancer.training.callback import BalanceCallback
+from tf_balancer.training.finalize import (
     LOSSLESS_PASSES,
     STRUCTURED_PASSES,
     Finalizer,
-    export_result,
-    summary_markdown,
 )
 
 

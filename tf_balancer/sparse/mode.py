@@ -1,7 +1,7 @@
-"""``mode="sparse"`` of :class:`~tf_balancer.callback.BalanceCallback`: tfmot weight pruning.
+"""``mode="sparse"`` of :class:`~tf_balancer.training.callback.BalanceCallback`: tfmot weight pruning.
 
 The model is wrapped before compiling with
-:func:`tf_balancer.sparsity.wrap_for_pruning`, which gives every prunable layer a
+:func:`tf_balancer.sparse.wrapping.wrap_for_pruning`, which gives every prunable layer a
 schedule whose final sparsity is a ``tf.Variable``. At each rebalance the callback
 computes per-layer sparsities for the ramped target (``balanced``: more sparsity
 where importance per weight is low; ``uniform``: the same everywhere) and assigns
@@ -35,16 +35,16 @@ def check_sparse_model(model: Any) -> None:
     must apply its (variable) final sparsity at once and keep doing so:
     ``end_step=0, prune_after_end=True``.
     """
-    from tf_balancer import sparsity
+    from tf_balancer.sparse import wrapping
 
-    variables = sparsity.target_variables(model)
+    variables = wrapping.target_variables(model)
     if not variables:
         raise ConfigError(
             "mode='sparse' needs a model wrapped for pruning before compile: "
-            f"`model, _ = tf_balancer.sparsity.wrap_for_pruning(model, targets, {WRAP_ARGS})`, "
+            f"`model, _ = tf_balancer.sparse.wrapping.wrap_for_pruning(model, targets, {WRAP_ARGS})`, "
             "then model.compile(...) and fit with the callback"
         )
-    for layer in sparsity.wrappers(model):
+    for layer in wrapping.wrappers(model):
         schedule = layer.pruning_schedule
         if schedule.end_step != schedule.begin_step or not schedule.prune_after_end:
             raise ConfigError(
@@ -56,24 +56,24 @@ def check_sparse_model(model: Any) -> None:
 
 def rebalance_sparsity(callback: Any, scores: Any, target: float) -> dict[int, np.ndarray]:
     """Assign per-layer sparsities for keeping ``target`` of the prunable weights."""
-    from tf_balancer import sparsity
+    from tf_balancer.sparse import wrapping
 
     model = callback.model
-    variables = sparsity.target_variables(model)
+    variables = wrapping.target_variables(model)
     goal = min(max(1.0 - target, 0.0), MAX_SPARSITY)
     if callback.strategy == "uniform":
-        targets = sparsity.uniform_sparsity_targets(model, goal)
+        targets = wrapping.uniform_sparsity_targets(model, goal)
     else:
-        targets = sparsity.balanced_sparsity_targets(model, goal, max_sparsity=MAX_SPARSITY)
-    sparsity.set_targets(variables, {k: v for k, v in targets.items() if k in variables})
+        targets = wrapping.balanced_sparsity_targets(model, goal, max_sparsity=MAX_SPARSITY)
+    wrapping.set_targets(variables, {k: v for k, v in targets.items() if k in variables})
     return {g.id: np.arange(g.size) for g in callback.analysis.graph.prunable_groups}
 
 
 def sparse_ratios(callback: Any) -> tuple[float, float, float]:
     """(FLOPs ratio, non-zero params ratio, weight sparsity): dense FLOPs do not change."""
-    from tf_balancer import sparsity
+    from tf_balancer.sparse import wrapping
 
-    kernels = [k for ks in sparsity.prunable_kernels(callback.model).values() for k in ks]
+    kernels = [k for ks in wrapping.prunable_kernels(callback.model).values() for k in ks]
     zeros = sum(int(np.count_nonzero(k == 0)) for k in kernels)
     total = max(callback.analysis.cost.params, 1)
-    return 1.0, 1.0 - zeros / total, sparsity.overall_sparsity(callback.model)
+    return 1.0, 1.0 - zeros / total, wrapping.overall_sparsity(callback.model)

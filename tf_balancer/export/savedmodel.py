@@ -19,8 +19,8 @@ temporary directory next to ``dst`` and renamed into place only at the end;
 ``src`` is only read.
 
 This module checks the inputs and puts the report together; the two paths are
-:mod:`tf_balancer.savedmodel_keras` and :mod:`tf_balancer.graph.plain_savedmodel`,
-and :mod:`tf_balancer.savedmodel_signatures` feeds, saves and verifies signatures.
+:mod:`tf_balancer.export.keras_path` and :mod:`tf_balancer.export.graph_path`,
+and :mod:`tf_balancer.export.signatures` feeds, saves and verifies signatures.
 
 Example:
     >>> report = optimize_saved_model("model", "model_opt", "configs/lossless.yaml")  # doctest: +SKIP
@@ -43,17 +43,18 @@ from tensorflow.python.saved_model import loader_impl
 from tf_balancer.analysis import load_model
 from tf_balancer.config import OptimizeConfig, load_config
 from tf_balancer.errors import ConfigError, ExportError, ModelLoadError
-from tf_balancer.graph.plain_savedmodel import graph_stats, optimize_signatures
-from tf_balancer.graph.trace import load_saved_model
-from tf_balancer.report import atomic_directory, directory_size, write_json
-from tf_balancer.savedmodel_keras import PRUNING_PASSES, io_names, optimize_keras
-from tf_balancer.savedmodel_signatures import (
+from tf_balancer.export.graph_path import graph_stats, optimize_signatures
+from tf_balancer.export.keras_path import PRUNING_PASSES, io_names, optimize_keras
+from tf_balancer.export.signatures import (
     Run,
     make_feed,
     plain_specs,
     save_signatures,
     verify_signatures,
 )
+from tf_balancer.export.writers import atomic_directory
+from tf_balancer.graph.trace import load_saved_model
+from tf_balancer.report import directory_size, write_json
 
 __all__ = ["optimize_saved_model", "format_summary", "REPORT_NAME", "KERAS_ONLY_PASSES"]
 

@@ -1,7 +1,7 @@
-"""Optimization recipes: frozen dataclasses, validation, YAML load/dump.
+"""Optimization recipes: frozen dataclasses validated in ``__post_init__``.
 
 A recipe (``configs/*.yaml``) loads only into :class:`OptimizeConfig`; every
-value is checked in ``__post_init__`` (by the checks in :mod:`tf_balancer._validate`)
+value is checked in ``__post_init__`` (by the checks in :mod:`tf_balancer.config.checks`)
 and a bad one raises :class:`~tf_balancer.errors.ConfigError` naming the dotted key (e.g.
 ``balance.round_to``), the value given and what is allowed. Unknown keys, at
 any level, are rejected the same way.
@@ -29,13 +29,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-import yaml
-
-from tf_balancer import _validate as checks
+from tf_balancer.config import checks, names
 from tf_balancer.errors import ConfigError
 
 __all__ = [
@@ -43,8 +40,6 @@ __all__ = [
     "SparsityConfig",
     "VerifyConfig",
     "OptimizeConfig",
-    "load_config",
-    "dump_config",
     "DEFAULT_PASSES",
 ]
 
@@ -136,7 +131,7 @@ class BalanceConfig(_Section):
         "target": checks.real(lambda v: 0 < v <= 1, "a number in (0, 1]"),
         "target_metric": checks.one_of(*_TARGET_METRICS),
         "strategy": checks.one_of(*_BALANCE_STRATEGIES),
-        "importance": lambda key, value: checks.importance(key, value),
+        "importance": lambda key, value: names.importance(key, value),
         "min_keep": checks.integer(1),
         "max_prune_fraction": checks.real(lambda v: 0 < v < 1, "a number in (0, 1)"),
         "round_to": checks.integer(1),
@@ -263,7 +258,7 @@ class OptimizeConfig(_Section):
     """
 
     _CHECKS: ClassVar[dict[str, checks.Check]] = {
-        "passes": lambda key, value: checks.pass_names(value),
+        "passes": lambda key, value: names.pass_names(value),
         "balance": checks.section(BalanceConfig, optional=True),
         "sparsity": checks.section(SparsityConfig, optional=True),
         "verify": checks.section(VerifyConfig, optional=False),
@@ -278,7 +273,7 @@ class OptimizeConfig(_Section):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        checks.pass_sections(self)
+        _check_pass_sections(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> OptimizeConfig:
@@ -324,55 +319,21 @@ class OptimizeConfig(_Section):
         return dataclasses.replace(self, **overrides)
 
 
-# --------------------------------------------------------------------------- YAML
-
-
-def load_config(path: str | os.PathLike[str]) -> OptimizeConfig:
-    """Read a YAML recipe (``yaml.safe_load``) into a validated :class:`OptimizeConfig`.
-
-    Example:
-        >>> config = load_config("configs/lossless.yaml")  # doctest: +SKIP
-        >>> config.passes[0]  # doctest: +SKIP
-        'strip_training_ops'
-
-    Raises:
-        ConfigError: if the file is missing or unreadable, is not valid YAML, its
-            top level is not a mapping, or a value is invalid (the message starts
-            with the path).
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = yaml.safe_load(handle)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"config file {path!r} not found; pass the path of a YAML recipe such as "
-            "configs/lossless.yaml"
-        ) from None
-    except OSError as err:
-        raise ConfigError(f"cannot read config file {path!r}: {err}") from err
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML, fix the syntax: {err}") from err
-    if not isinstance(data, Mapping):
-        raise ConfigError(
-            f"{path}: the top level must be a mapping of keys (passes, balance, ...), "
-            f"got {type(data).__name__}; see configs/README.md"
-        )
-    try:
-        return OptimizeConfig.from_dict(data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from err
-
-
-def dump_config(config: OptimizeConfig, path: str | os.PathLike[str]) -> None:
-    """Write ``config`` as YAML that :func:`load_config` reads back to an equal config.
-
-    Example:
-        >>> dump_config(OptimizeConfig(), "/tmp/recipe.yaml")  # doctest: +SKIP
-        >>> load_config("/tmp/recipe.yaml") == OptimizeConfig()  # doctest: +SKIP
-        True
-    """
-    if not isinstance(config, OptimizeConfig):
-        raise checks.reject("config", config, "an OptimizeConfig")
-    with open(os.fspath(path), "w", encoding="utf-8") as handle:
-        yaml.safe_dump(config.to_dict(), handle, sort_keys=False, default_flow_style=None)
+def _check_pass_sections(config: OptimizeConfig) -> None:
+    """Check that ``balance``/``sparsity`` are set exactly when their pass is listed."""
+    for pass_name, name, recipe in (
+        ("prune_channels", "balance", "configs/structured_50_flops.yaml"),
+        ("prune_weights", "sparsity", "configs/sparse_80.yaml"),
+    ):
+        listed = pass_name in config.passes
+        has_section = getattr(config, name) is not None
+        if listed and not has_section:
+            raise ConfigError(
+                f"{name}: passes contains {pass_name!r} but {name!r} is not set; "
+                f"add a {name}: section (see {recipe}) or remove {pass_name!r} from passes"
+            )
+        if has_section and not listed:
+            raise ConfigError(
+                f"{name}: {name!r} is set but {pass_name!r} is not in passes; "
+                f"add {pass_name!r} to passes (see {recipe}) or remove the {name}: section"
+            )

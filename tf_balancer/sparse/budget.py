@@ -2,8 +2,8 @@
 
 The unstructured counterpart of :func:`~tf_balancer.attention.balance.allocate`:
 given a mean sparsity over all prunable weights, decide how sparse each
-prunable layer (see :func:`~tf_balancer.sparsity.prunable_kernels`) should be.
-Both functions are re-exported by :mod:`tf_balancer.sparsity`; importing this
+prunable layer (see :func:`~tf_balancer.sparse.wrapping.prunable_kernels`) should be.
+Both functions are re-exported by :mod:`tf_balancer.sparse.wrapping`; importing this
 module imports tfmot.
 
 Example:
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from tf_balancer._tfmot import prunable_kernels
-from tf_balancer._validate import check_sparsity
+from tf_balancer.config.checks import check_sparsity
 from tf_balancer.errors import BalanceError, ConfigError
+from tf_balancer.sparse._tfmot import prunable_kernels
 
 __all__ = ["balanced_sparsity_targets", "uniform_sparsity_targets"]
 

@@ -14,10 +14,10 @@ import pytest
 import tensorflow as tf
 
 from tf_balancer._compat import keras
-from tf_balancer.callback import BalanceCallback
 from tf_balancer.demo import build_digits_cnn, compile_classifier
 from tf_balancer.errors import ConfigError, UnsupportedModelError
-from tf_balancer.training_state import STATE_ATTRIBUTE
+from tf_balancer.training.callback import BalanceCallback
+from tf_balancer.training.state import STATE_ATTRIBUTE
 
 BALANCER_KEYS = (
     "balancer/attention_balance",

@@ -28,7 +28,7 @@ from tf_balancer.passes.base import (
     unregister_pass,
 )
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 class _StandIn(GraphPass):

@@ -10,11 +10,11 @@ from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import channel_masks
 from tf_balancer.demo import build_digits_cnn
 from tf_balancer.graph.layer_graph import LayerGraph
-from tf_balancer.training_state import (
+from tf_balancer.training.ramp import polynomial_ramp
+from tf_balancer.training.state import (
     STATE_ATTRIBUTE,
     BalanceState,
     MaskApplier,
-    polynomial_ramp,
 )
 
 SIZES = {1: 8, 2: 8, 5: 16}

@@ -10,9 +10,7 @@ Masks are re-applied after every training batch by one ``tf.function`` whose
 mask tensors are variables too, so a rebalance changes values, never the
 traced function: nothing is recompiled.
 
-Example:
-    >>> polynomial_ramp(epoch=0, begin=0, end=4, final=0.5, power=3)
-    0.756
+The target ramp itself is :func:`tf_balancer.training.ramp.polynomial_ramp`.
 """
 
 from __future__ import annotations
@@ -27,21 +25,9 @@ from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import channel_masks
 from tf_balancer.graph.layer_graph import LayerGraph
 
-__all__ = ["polynomial_ramp", "BalanceState", "MaskApplier"]
+__all__ = ["BalanceState", "MaskApplier"]
 
 STATE_ATTRIBUTE = "_tf_balancer_state"
-
-
-def polynomial_ramp(epoch: int, begin: int, end: int, final: float, power: int = 3) -> float:
-    """Target at ``epoch`` on tfmot's ``PolynomialDecay`` curve from 1 down to ``final``.
-
-    The first rebalance (``epoch == begin``) already moves part of the way; the
-    one at ``end`` reaches ``final``.
-    """
-    if end <= begin:
-        return final
-    progress = min(max((epoch - begin + 1) / (end - begin + 1), 0.0), 1.0)
-    return round(final + (1.0 - final) * (1.0 - progress) ** power, 6)
 
 
 class BalanceState:

@@ -17,9 +17,9 @@ tf_keras if nothing touched it before); this module restores the variable to
 what it was, but the ``tf.keras`` resolution cannot be undone.
 
 This is the public module of weight pruning: the schedule
-(:mod:`tf_balancer.pruning_schedule`), the per-layer targets
-(:mod:`tf_balancer.attention.sparsity_budget`) and :func:`prunable_kernels`
-(``tf_balancer._tfmot``) are defined elsewhere and re-exported here.
+(:mod:`tf_balancer.sparse.schedule`), the per-layer targets
+(:mod:`tf_balancer.sparse.budget`) and :func:`prunable_kernels`
+(``tf_balancer.sparse._tfmot``) are defined elsewhere and re-exported here.
 
 Example:
     >>> from tf_balancer._compat import keras
@@ -41,14 +41,20 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import ensure_keras2_model, keras
-from tf_balancer._tfmot import PruneLowMagnitude, kernel_vars, leaf_layers, prunable_kernels, tfmot
-from tf_balancer._validate import check_sparsity
-from tf_balancer.attention.sparsity_budget import (
+from tf_balancer.config.checks import check_sparsity
+from tf_balancer.errors import ConfigError, UnsupportedModelError
+from tf_balancer.sparse._tfmot import (
+    PruneLowMagnitude,
+    kernel_vars,
+    leaf_layers,
+    prunable_kernels,
+    tfmot,
+)
+from tf_balancer.sparse.budget import (
     balanced_sparsity_targets,
     uniform_sparsity_targets,
 )
-from tf_balancer.errors import ConfigError, UnsupportedModelError
-from tf_balancer.pruning_schedule import VariablePolynomialDecay
+from tf_balancer.sparse.schedule import VariablePolynomialDecay
 
 __all__ = [
     "VariablePolynomialDecay",

@@ -1,6 +1,6 @@
 """End of training: compact, fine-tune, optimize, evaluate and export.
 
-Used by :class:`~tf_balancer.callback.BalanceCallback`; kept apart so the
+Used by :class:`~tf_balancer.training.callback.BalanceCallback`; kept apart so the
 callback stays about *when* things happen and this module about *what*.
 """
 
@@ -8,24 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from typing import Any
 
-from tf_balancer._compat import keras
 from tf_balancer.analysis import analyze
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext
-from tf_balancer.report import (
-    atomic_directory,
-    evaluate_model,
-    markdown_table,
-    saved_model_size,
-    write_json,
-    write_report_png,
-)
+from tf_balancer.report import evaluate_model, saved_model_size, summary_markdown
 
-__all__ = ["Finalizer", "export_result", "summary_markdown"]
+__all__ = ["Finalizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +63,7 @@ class Finalizer:
         )
         model = cb.model
         if cb.mode == "sparse":
-            from tf_balancer.sparsity import strip
+            from tf_balancer.sparse.wrapping import strip
 
             model = strip(model)
         first, second = self.passes()
@@ -164,53 +155,3 @@ class Finalizer:
         }
         logger.debug("\n%s", summary_markdown(report))
         return report
-
-
-_SUMMARY_ROWS = (
-    ("accuracy", "accuracy"),
-    ("macro recall", "recall"),
-    ("macro F1", "f1"),
-    ("FLOPs", "flops"),
-    ("params", "params"),
-    ("latency ms (batch 1)", "latency_ms_b1"),
-    ("latency ms (batch 64)", "latency_ms_b64"),
-    ("SavedModel bytes", "saved_model_bytes"),
-    ("SavedModel gzip bytes", "saved_model_gzip_bytes"),
-)
-
-
-def summary_markdown(report: dict[str, Any]) -> str:
-    """Before/after markdown table of a callback report."""
-    rows = []
-    for label, key in _SUMMARY_ROWS:
-        before, after = report["dense"].get(key), report["final"].get(key)
-        if before is None or after is None:
-            continue
-        ratio = f"{after / before:.3f}x" if before else ""
-        rows.append({"metric": label, "dense": before, "optimized": after, "ratio": ratio})
-    return markdown_table(rows, ("metric", "dense", "optimized", "ratio"))
-
-
-def export_result(path: str, model: Any, report: dict[str, Any], overwrite: bool = False) -> str:
-    """Atomically write ``saved_model/``, ``report.json``, ``report.png``, ``report.md``."""
-    with atomic_directory(path, overwrite) as tmp:
-        if isinstance(model, keras.Model):
-            model.save(os.path.join(tmp, "saved_model"), include_optimizer=False)
-        write_json(os.path.join(tmp, "report.json"), report)
-        write_report_png(os.path.join(tmp, "report.png"), report.get("layers", []), "tf_balancer")
-        layers = markdown_table(
-            report.get("layers", []),
-            (
-                "layer",
-                "attention",
-                "channels_before",
-                "channels_after",
-                "flops_before",
-                "flops_after",
-            ),
-        )
-        with open(os.path.join(tmp, "report.md"), "w", encoding="utf-8") as handle:
-            handle.write(
-                f"# tf_balancer report\n\n{summary_markdown(report)}\n\n## Layers\n\n{layers}\n"
-            )
-    return os.path.abspath(path)

@@ -1,8 +1,8 @@
 """A tfmot pruning schedule whose target sparsity is a ``tf.Variable``.
 
-:class:`VariablePolynomialDecay` is what :func:`~tf_balancer.sparsity.wrap_for_pruning`
+:class:`VariablePolynomialDecay` is what :func:`~tf_balancer.sparse.wrapping.wrap_for_pruning`
 gives every wrapped layer, so the balancer can move a layer's target mid-``fit``
-without recompiling. It is re-exported by :mod:`tf_balancer.sparsity` and
+without recompiling. It is re-exported by :mod:`tf_balancer.sparse.wrapping` and
 registered with Keras as ``tf_balancer>VariablePolynomialDecay``.
 
 Example:
@@ -19,9 +19,9 @@ from typing import Any
 import tensorflow as tf
 
 from tf_balancer._compat import keras
-from tf_balancer._tfmot import tfmot
-from tf_balancer._validate import check_sparsity
+from tf_balancer.config.checks import check_sparsity
 from tf_balancer.errors import ConfigError
+from tf_balancer.sparse._tfmot import tfmot
 
 __all__ = ["VariablePolynomialDecay"]
 

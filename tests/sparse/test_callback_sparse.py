@@ -5,17 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tf_balancer import BalanceCallback, ConfigError, sparsity
+from tf_balancer import BalanceCallback, ConfigError
 from tf_balancer._compat import keras
 from tf_balancer.demo import build_digits_cnn, compile_classifier, load_digits_data
+from tf_balancer.sparse import wrapping
 
 TARGET = 0.3  # keep 30% of the prunable weights: 70% sparsity
 
 
 def _wrapped(**kwargs):
     base = build_digits_cnn(width=8, seed=0)
-    names = list(sparsity.prunable_kernels(base))
-    model, variables = sparsity.wrap_for_pruning(base, {n: 0.0 for n in names}, **kwargs)
+    names = list(wrapping.prunable_kernels(base))
+    model, variables = wrapping.wrap_for_pruning(base, {n: 0.0 for n in names}, **kwargs)
     return compile_classifier(model), variables
 
 
@@ -51,7 +52,7 @@ def test_sparse_mode_reaches_the_target_sparsity(sparse_run):
     logged = history.history["balancer/sparsity"]
     assert logged == sorted(logged), "sparsity ramps up"
     assert logged[-1] == pytest.approx(1 - TARGET, abs=0.02)
-    assert sparsity.overall_sparsity(model) == pytest.approx(1 - TARGET, abs=0.02)
+    assert wrapping.overall_sparsity(model) == pytest.approx(1 - TARGET, abs=0.02)
     assert history.history["balancer/flops_ratio"][-1] == 1.0  # unstructured: dense FLOPs
 
 
@@ -67,7 +68,7 @@ def test_sparse_mode_balances_per_layer_targets_without_recompiling(sparse_run):
 def test_sparse_mode_exports_a_stripped_model_that_keeps_the_zeros(sparse_run):
     model, _, callback, _, _ = sparse_run
     optimized = callback.optimized_model
-    assert not sparsity.wrappers(optimized)
+    assert not wrapping.wrappers(optimized)
     assert all(type(layer).__name__ != "PruneLowMagnitude" for layer in optimized.layers), (
         "wrappers stripped"
     )

@@ -28,9 +28,10 @@ from tf_balancer.attention.importance import (
     group_scores,
 )
 from tf_balancer.errors import BalanceError, ConfigError
-from tf_balancer.finalize import Finalizer
 from tf_balancer.report import classification_scores, log_layer_summaries
-from tf_balancer.training_state import BalanceState, MaskApplier, polynomial_ramp
+from tf_balancer.training.finalize import Finalizer
+from tf_balancer.training.ramp import polynomial_ramp
+from tf_balancer.training.state import BalanceState, MaskApplier
 
 __all__ = ["BalanceCallback"]
 
@@ -82,7 +83,7 @@ class BalanceCallback(keras.callbacks.Callback):
         target_metric: ``"flops"`` or ``"params"``. Defaults to ``"flops"``.
         mode: ``"structured"`` (channel masks, then compaction: real speed-ups) or
             ``"sparse"`` (tfmot weight pruning; smaller compressed files only; the
-            model must be wrapped with ``tf_balancer.sparsity.wrap_for_pruning(...,
+            model must be wrapped with ``tf_balancer.sparse.wrapping.wrap_for_pruning(...,
             prune_after_end=True)`` before compiling; ``target`` is then the
             fraction of prunable weights kept). Defaults to ``"structured"``.
         importance: criterion name or ``{name: weight}``; see
@@ -226,8 +227,8 @@ class BalanceCallback(keras.callbacks.Callback):
         if self.mode == "sparse":
             import tensorflow_model_optimization as tfmot
 
-            from tf_balancer.sparse_mode import check_sparse_model
-            from tf_balancer.sparsity import strip
+            from tf_balancer.sparse.mode import check_sparse_model
+            from tf_balancer.sparse.wrapping import strip
 
             check_sparse_model(model)
             analysed = strip(model)  # shares the wrapped layers' weights
@@ -322,7 +323,7 @@ class BalanceCallback(keras.callbacks.Callback):
             self.applier.apply()
             keep = plan.keep
         else:
-            from tf_balancer.sparse_mode import rebalance_sparsity
+            from tf_balancer.sparse.mode import rebalance_sparsity
 
             keep = rebalance_sparsity(self, scores, target)
         self.state.record(epoch, target, keep, self._attention)
@@ -350,7 +351,7 @@ class BalanceCallback(keras.callbacks.Callback):
     def current_ratios(self) -> tuple[float, float, float]:
         """``(flops_ratio, params_ratio, sparsity)`` of the current plan."""
         if self.mode == "sparse":
-            from tf_balancer.sparse_mode import sparse_ratios
+            from tf_balancer.sparse.mode import sparse_ratios
 
             return sparse_ratios(self)
         counts = {g: len(idx) for g, idx in self.state.keep_indices().items()}
@@ -411,6 +412,6 @@ class BalanceCallback(keras.callbacks.Callback):
             raise ConfigError(
                 "nothing to export yet: call model.fit(..., callbacks=[callback]) first"
             )
-        from tf_balancer.finalize import export_result
+        from tf_balancer.export.writers import export_result
 
         return export_result(path, self.optimized_model, self.report, overwrite)

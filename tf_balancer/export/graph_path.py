@@ -1,6 +1,6 @@
 """GraphDef-level optimization of SavedModel signatures, and their graph statistics.
 
-The plain path of :func:`~tf_balancer.savedmodel.optimize_saved_model` (for a
+The plain path of :func:`~tf_balancer.export.savedmodel.optimize_saved_model` (for a
 SavedModel without ``keras_metadata.pb``, e.g. a ``tf.Module``): each
 signature is frozen, its batch norms folded (``fold_batchnorm``, with
 :func:`~tf_balancer.graph.graphdef_fold.fold_batchnorm_graphdef`) and Grappler
