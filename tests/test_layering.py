@@ -17,6 +17,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "tf_balancer"
 RANKS = {
     "tf_balancer.errors": 0,
     "tf_balancer._compat": 0,
+    "tf_balancer._quiet": 0,
     "tf_balancer.config.checks": 0,
     "tf_balancer.metrics": 0,
     "tf_balancer.report": 1,

@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 from tf_balancer._compat import is_keras3_object, is_keras_model, keras
+from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, ModelLoadError
 from tf_balancer.graph.cost import CostReport, PlanCoster, measured_layer_flops
 from tf_balancer.graph.layer_graph import LayerGraph
@@ -44,6 +45,7 @@ class ModelAnalysis:
         return self.coster.report(keep)
 
 
+@quietly
 def analyze(model: Any, batch_size: int = 1) -> ModelAnalysis:
     """Trace, build the layer graph and cost a tf_keras model (not modified).
 
@@ -212,6 +214,7 @@ def _rows_from_graph(traced: TracedGraph) -> list[InspectRow]:
     ]
 
 
+@quietly
 def inspect(model_or_path: Any, batch_size: int = 1) -> InspectResult:
     """Analyse a tf_keras model or a SavedModel / Keras file path.
 

@@ -145,10 +145,29 @@ def _cmd_demo(args: list[str]) -> int:
 _HANDLERS = {"inspect": _cmd_inspect, "optimize": _cmd_optimize, "demo": _cmd_demo}
 
 
+def _plain_progress_lines() -> None:
+    """tf_balancer's progress as ``tf_balancer: ...`` on stdout, not absl's log format."""
+    import logging
+
+    logger = logging.getLogger("tf_balancer")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("tf_balancer: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def main(argv: list[str]) -> int:
     from tf_balancer.errors import TFBalancerError, VerificationError
 
+    _plain_progress_lines()
+
     command, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
+    if command == "demo" or (command in _HANDLERS and args):
+        from tf_balancer._quiet import quiet_tensorflow_startup
+
+        quiet_tensorflow_startup()
     handler = _HANDLERS.get(command)
     try:
         if handler is None:

@@ -82,10 +82,12 @@ def compile_classifier(model: keras.Model, learning_rate: float = 3e-3) -> keras
 def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     """Train the digits CNN with ``BalanceCallback`` to 50% FLOPs and export the result.
 
-    The dense model trains for ``epochs // 3`` epochs, pruning then ramps to the
-    target over the following epochs, the compacted model is fine-tuned for 2
-    epochs, and ``output`` receives the optimized SavedModel, report.json,
-    report.png, report.md and the TensorBoard logs.
+    The callback runs on its defaults: Taylor importance streamed from the
+    training batches, the default schedule (the dense model trains one epoch,
+    pruning ramps to the target, the last quarter of the epochs recovers). The
+    compacted model is fine-tuned for 2 epochs (best epoch kept), and ``output``
+    receives the optimized SavedModel, report.json, report.png, report.md and the
+    TensorBoard logs.
 
     Returns:
         The callback's report (a dict).
@@ -94,20 +96,14 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     import shutil
     import sys
 
-    from tf_balancer.report import summary_markdown
     from tf_balancer.training.callback import BalanceCallback
+    from tf_balancer.training.ramp import default_schedule
 
     data = load_digits_data(seed)
     model = compile_classifier(build_digits_cnn(seed=seed))
-    begin = max(epochs // 3, 1)
+    schedule = default_schedule(epochs)
     callback = BalanceCallback(
         target=0.5,
-        mode="structured",
-        strategy="balanced",
-        importance="taylor",
-        begin_epoch=begin,
-        end_epoch=max(epochs - 2, begin),
-        probe_data=(data.x_train[:512], data.y_train[:512]),
         validation_data=(data.x_val, data.y_val),
         finetune_epochs=2,
         finetune_data=(data.x_train, data.y_train),
@@ -115,7 +111,10 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     )
     shutil.rmtree(os.path.join(output, "tensorboard"), ignore_errors=True)  # one run per log dir
     print(f"[1/3] Training a small CNN on scikit-learn digits for {epochs} epochs;")
-    print(f"      pruning ramps to 50% FLOPs from epoch {begin + 1} (balanced, taylor importance).")
+    print(
+        f"      pruning ramps to 50% FLOPs over epochs {schedule[0] + 1}-{schedule[-1] + 1} "
+        "(balanced budgets, Taylor importance from the training gradients)."
+    )
     model.fit(
         data.x_train,
         data.y_train,
@@ -125,11 +124,10 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
         callbacks=[callback],
         verbose=2,
     )
-    print("[2/3] Removed pruned channels, fine-tuned, folded BatchNorm, fused activations.")
+    print("[2/3] Removed pruned channels, fine-tuned, folded BatchNorm, fused activations;")
+    print("      the table above compares the dense model (at the first rebalance) with the result.")
     path = callback.export(os.path.join(output, "result"), overwrite=True)
-    print("[3/3] Before (dense, at the first rebalance) vs after (optimized):\n")
-    print(summary_markdown(callback.report))
-    print(f"\nWrote {output}/")
+    print(f"[3/3] Wrote {output}/")
     print(
         f"  result/saved_model/  the optimized SavedModel: tf.saved_model.load('{path}/saved_model')"
     )

@@ -41,7 +41,7 @@ import tensorflow as tf
 
 from tf_balancer._compat import keras
 
-__all__ = ["LABEL_MODES", "MacroRecall", "MacroF1", "macro_scores"]
+__all__ = ["LABEL_MODES", "MacroRecall", "MacroF1", "macro_scores", "task_metrics"]
 
 LABEL_MODES = ("auto", "sparse", "one_hot")
 
@@ -380,3 +380,52 @@ def macro_scores(
         "recall": float(recall.mean()),
         "f1": float(f1.mean()),
     }
+
+
+_SPARSE_LOSSES = ("sparse_categorical_crossentropy", "sparse_categorical_focal_crossentropy")
+_ONE_HOT_LOSSES = ("categorical_crossentropy", "categorical_focal_crossentropy")
+_BINARY_LOSSES = ("binary_crossentropy", "binary_focal_crossentropy")
+
+
+def _loss_name_and_logits(loss: Any) -> tuple[str, bool]:
+    """``(snake_case name, from_logits)`` of a compiled loss (string, Loss or function)."""
+    if isinstance(loss, str):
+        return loss.lower(), False
+    config = loss.get_config() if hasattr(loss, "get_config") else {}
+    name = type(loss).__name__ if hasattr(loss, "get_config") else getattr(loss, "__name__", "")
+    snake = "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+    return snake, bool(config.get("from_logits", False))
+
+
+def task_metrics(model: Any) -> list[Any]:
+    """Macro recall and F1 metrics that fit the model's task, or ``[]``.
+
+    The task is read from the compiled loss and the output shape: a sparse or
+    categorical cross-entropy over ``C > 1`` outputs is ``C``-class classification
+    (sparse or one-hot labels; logits or probabilities: the argmax is the same); a
+    binary cross-entropy over one output is binary classification (threshold 0 for
+    ``from_logits=True``, else 0.5). Regression losses, multi-label outputs and
+    models with several outputs or losses get no recall/F1 (``[]``).
+
+    Example:
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+        >>> model.compile(loss="sparse_categorical_crossentropy")
+        >>> [m.name for m in task_metrics(model)]
+        ['macro_recall', 'macro_f1']
+    """
+    loss = getattr(model, "loss", None)
+    outputs = getattr(model, "outputs", None) or []
+    if loss is None or isinstance(loss, (list, tuple, dict)) or len(outputs) != 1:
+        return []
+    width = outputs[0].shape[-1]
+    name, from_logits = _loss_name_and_logits(loss)
+    if name in _SPARSE_LOSSES + _ONE_HOT_LOSSES and width and width > 1:
+        mode = "sparse" if name in _SPARSE_LOSSES else "one_hot"
+        num_classes, from_logits = int(width), False
+    elif name in _BINARY_LOSSES and width == 1:
+        mode, num_classes = "auto", 2
+    else:
+        return []
+    return [
+        cls(num_classes, label_mode=mode, from_logits=from_logits) for cls in (MacroRecall, MacroF1)
+    ]

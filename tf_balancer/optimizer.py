@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from tf_balancer._compat import is_keras_model
+from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, PassError, VerificationError
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.passes.base import GraphPass, PassContext, get_pass
@@ -129,6 +130,7 @@ class MetaOptimizer:
                 raise ConfigError(f"pass {p.name!r} does not return a Keras model; put it last")
         self.rtol, self.atol, self.fail_on_error = rtol, atol, fail_on_error
 
+    @quietly
     def run(self, model: Any, ctx: PassContext | None = None) -> tuple[Any, OptimizationReport]:
         """Optimize ``model`` (never modified); returns the new model and the report."""
         ctx = ctx or PassContext()

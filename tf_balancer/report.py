@@ -188,12 +188,18 @@ _SUMMARY_ROWS = (
 
 
 def summary_markdown(report: dict[str, Any]) -> str:
-    """Before/after markdown table of a callback report."""
+    """Before/after markdown table of a callback report.
+
+    The dense column names the model it describes: ``dense (epoch N)`` is the
+    model after ``N`` trained epochs (the snapshot taken at the first rebalance).
+    """
+    epochs = report["dense"].get("trained_epochs")
+    dense = "dense" if epochs is None else f"dense (epoch {epochs})"
     rows = []
     for label, key in _SUMMARY_ROWS:
         before, after = report["dense"].get(key), report["final"].get(key)
         if before is None or after is None:
             continue
         ratio = f"{after / before:.3f}x" if before else ""
-        rows.append({"metric": label, "dense": before, "optimized": after, "ratio": ratio})
-    return markdown_table(rows, ("metric", "dense", "optimized", "ratio"))
+        rows.append({"metric": label, dense: before, "optimized": after, "ratio": ratio})
+    return markdown_table(rows, ("metric", dense, "optimized", "ratio"))

@@ -65,7 +65,6 @@ def _weights(model) -> list[np.ndarray]:
         {"begin_epoch": 3, "end_epoch": 2},
         {"begin_epoch": -1},
         {"every_n_epochs": 0},
-        {"finetune_epochs": 2},
         {"finetune_epochs": -1, "finetune_data": ([0], [0])},
         {"min_keep": 0},
         {"max_prune_fraction": 1.0},
@@ -87,6 +86,8 @@ def test_logs_have_balancer_keys_with_sane_values(digits):
         target=0.5,
         probe_data=probe,
         validation_data=(digits.x_val, digits.y_val),
+        begin_epoch=0,
+        end_epoch=4,
         verbose=0,
     )
     model = _model()
@@ -145,10 +146,16 @@ def test_schedule_respects_begin_end_and_period():
     assert callback.target_at(1) > callback.target_at(3) == pytest.approx(0.5)
 
 
-def test_default_end_epoch_is_last_epoch_of_fit():
+def test_default_end_epoch_leaves_the_last_quarter_of_fit_to_recover():
     callback = BalanceCallback(importance="magnitude", begin_epoch=2, every_n_epochs=3)
     _start(callback, _model(), epochs=10)
-    assert callback.schedule == [2, 5, 8]
+    assert callback.schedule == [2, 5]  # final target by epoch 7: epochs 7..9 recover
+
+
+def test_default_schedule_starts_after_one_trained_epoch():
+    callback = BalanceCallback(importance="magnitude")
+    _start(callback, _model(), epochs=8)
+    assert callback.schedule == [1, 2, 3, 4, 5]
 
 
 def test_state_is_attached_to_the_model_at_set_model():
@@ -198,12 +205,21 @@ def test_subclassed_model_raises_unsupported_model_error():
         callback.on_train_begin()
 
 
-def test_taylor_without_probe_data_raises_config_error_naming_probe_data():
-    callback = BalanceCallback(importance="taylor")
+@pytest.mark.parametrize("importance", ["activation", "apoz", {"taylor": 1, "apoz": 1}])
+def test_probe_criteria_without_probe_data_raise_config_error_naming_probe_data(importance):
+    callback = BalanceCallback(importance=importance)
     callback.set_model(_model())
     callback.set_params({"epochs": 2})
     with pytest.raises(ConfigError, match="probe_data"):
         callback.on_train_begin()
+
+
+def test_taylor_without_probe_data_streams_from_training():
+    callback = BalanceCallback(importance="taylor")
+    _start(callback, _model(), epochs=2)
+    assert callback.stream is not None and callback.hooks.installed
+    callback.on_train_end()
+    assert not callback.hooks.installed
 
 
 def test_taylor_with_probe_inputs_only_raises_config_error(digits):
@@ -266,7 +282,7 @@ def test_inf_loss_also_counts_as_divergence():
 
 
 def test_callback_instance_can_be_reused_for_a_second_fit():
-    callback = BalanceCallback(target=0.5, importance="magnitude", verbose=0)
+    callback = BalanceCallback(target=0.5, importance="magnitude", begin_epoch=0, verbose=0)
     first = _model(seed=0)
     _start(callback, first, epochs=3)
     for epoch in range(3):
@@ -298,7 +314,7 @@ def test_callback_instance_can_be_reused_for_a_second_fit():
 def test_evaluate_with_the_callback_keeps_the_training_state(digits):
     # model.evaluate/predict(callbacks=[callback]) call set_model too; they must not wipe
     # the rebalancing state (nor the attached checkpoint) of the model being trained.
-    callback = BalanceCallback(target=0.5, importance="magnitude", verbose=0)
+    callback = BalanceCallback(target=0.5, importance="magnitude", begin_epoch=0, verbose=0)
     model = _model()
     _start(callback, model, epochs=3)
     _epoch(callback, 0)
@@ -311,14 +327,18 @@ def test_evaluate_with_the_callback_keeps_the_training_state(digits):
 
 
 def test_restored_state_reapplies_masks_at_next_epoch(tmp_path):
-    trained = BalanceCallback(target=0.5, importance="magnitude", end_epoch=1, verbose=0)
+    trained = BalanceCallback(
+        target=0.5, importance="magnitude", begin_epoch=0, end_epoch=1, verbose=0
+    )
     _start(trained, _model(), epochs=4)
     _epoch(trained, 0)
     _epoch(trained, 1)
     path = tf.train.Checkpoint(state=trained.state.checkpoint).save(str(tmp_path / "state"))
 
     model = _model()  # same seed, unmasked weights
-    resumed = BalanceCallback(target=0.5, importance="magnitude", end_epoch=1, verbose=0)
+    resumed = BalanceCallback(
+        target=0.5, importance="magnitude", begin_epoch=0, end_epoch=1, verbose=0
+    )
     _start(resumed, model, epochs=4)
     tf.train.Checkpoint(state=resumed.state.checkpoint).restore(path)
     logs = _epoch(resumed, 2)  # not scheduled: only re-syncs the masks

@@ -54,6 +54,7 @@ def trained(digits, tmp_path_factory):
         probe_data=(digits.x_train[:128], digits.y_train[:128]),
         validation_data=(digits.x_val, digits.y_val),
         begin_epoch=1,
+        end_epoch=EPOCHS - 1,
         log_dir=str(root / "tb"),
         verbose=0,
     )
@@ -260,7 +261,14 @@ def _resume_fit(digits, callbacks, seed: int = 0):
 def _resume_callback(digits) -> BalanceCallback:
     # magnitude ignores the probe data; it only feeds the final passes' verification
     probe = (digits.x_train[:64], digits.y_train[:64])
-    return BalanceCallback(target=TARGET, importance="magnitude", probe_data=probe, verbose=0)
+    return BalanceCallback(
+        target=TARGET,
+        importance="magnitude",
+        probe_data=probe,
+        begin_epoch=0,
+        end_epoch=EPOCHS - 1,
+        verbose=0,
+    )
 
 
 @pytest.fixture(scope="module")

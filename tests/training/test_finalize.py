@@ -34,7 +34,7 @@ def _drive(callback: BalanceCallback, model, epochs: int) -> BalanceCallback:
 
 
 def test_default_structured_passes_split_after_prune_channels():
-    first, second = Finalizer(BalanceCallback()).passes()
+    first, second = Finalizer(BalanceCallback().finalize_inputs()).passes()
     assert first == ("prune_channels",)
     assert second == ("strip_training_ops", "fold_batchnorm", "fuse_activation")
     assert first + second == STRUCTURED_PASSES
@@ -42,23 +42,29 @@ def test_default_structured_passes_split_after_prune_channels():
 
 def test_custom_passes_split_right_after_prune_channels():
     callback = BalanceCallback(passes=["fold_batchnorm", "prune_channels", "fuse_activation"])
-    first, second = Finalizer(callback).passes()
+    first, second = Finalizer(callback.finalize_inputs()).passes()
     assert first == ("fold_batchnorm", "prune_channels")
     assert second == ("fuse_activation",)
 
 
 def test_passes_without_prune_channels_all_run_after_finetuning():
     callback = BalanceCallback(passes=("strip_training_ops", "fold_batchnorm"))
-    assert Finalizer(callback).passes() == ((), ("strip_training_ops", "fold_batchnorm"))
+    assert Finalizer(callback.finalize_inputs()).passes() == (
+        (),
+        ("strip_training_ops", "fold_batchnorm"),
+    )
 
 
 def test_sparse_mode_defaults_to_lossless_passes():
-    assert Finalizer(BalanceCallback(mode="sparse")).passes() == ((), LOSSLESS_PASSES)
+    assert Finalizer(BalanceCallback(mode="sparse").finalize_inputs()).passes() == (
+        (),
+        LOSSLESS_PASSES,
+    )
 
 
 def test_explicit_empty_passes_runs_no_pass():
     # passes=() is an explicit choice ("run nothing"), not "use the defaults".
-    assert Finalizer(BalanceCallback(passes=())).passes() == ((), ())
+    assert Finalizer(BalanceCallback(passes=()).finalize_inputs()).passes() == ((), ())
 
 
 def _report() -> dict:
@@ -125,11 +131,13 @@ def finalized(digits):
         target=0.5,
         importance="magnitude",
         validation_data=(digits.x_val[:200], digits.y_val[:200]),
+        begin_epoch=0,
+        end_epoch=2,
         verbose=0,
     )
     model = compile_classifier(build_digits_cnn(width=8, seed=0))
     _drive(callback, model, epochs=3)
-    optimized, report = Finalizer(callback).run()
+    optimized, report = Finalizer(callback.finalize_inputs()).run()
     return callback, optimized, report
 
 

@@ -9,7 +9,8 @@ its mean over all prunable channels so the weights mean what they say).
 Built-in criteria:
     ``magnitude``   L1 norm of the channel's output-side weights (``p=2`` for L2).
     ``taylor``      first-order Taylor: ``|sum(w * dL/dw)|`` over the channel's
-                    weights, accumulated over probe batches (needs labels).
+                    weights, accumulated over the training batches during ``fit``
+                    (a :class:`GradientStream`) or over probe batches (needs labels).
     ``activation``  mean ``|a|`` of the channel over probe batches, measured
                     after the BatchNorm/activation the producer feeds.
     ``apoz``        ``1 - APoZ`` (average percentage of zeros) at the same point.
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tf_balancer.attention.streaming import GradientStream, producer_weights
 from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.layer_specs import spec_for
@@ -57,14 +59,15 @@ class ProbeData:
         y: labels, needed by ``taylor``.
         loss: ``loss(y_true, y_pred) -> scalar``; defaults to the model's compiled loss.
         batch_size: probe batch size.
-        max_batches: at most this many batches are used.
+        max_batches: at most this many batches are used; None (the default) uses
+            every sample given.
     """
 
     x: Any
     y: Any = None
     loss: Callable[[Any, Any], Any] | None = None
     batch_size: int = 64
-    max_batches: int = 4
+    max_batches: int | None = None
 
     def batches(self) -> list[tuple[Any, Any]]:
         n = len(self.x[0] if isinstance(self.x, (list, tuple)) else self.x)
@@ -163,20 +166,19 @@ def _require_probe(probe: ProbeData | None, criterion: str, labels: bool = False
 
 
 @register_importance("taylor")
-def taylor(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
-    """First-order Taylor ``|sum_w w * dL/dw|`` per output channel, over probe batches."""
+def taylor(graph: LayerGraph, probe: ProbeData | GradientStream | None) -> dict[str, np.ndarray]:
+    """First-order Taylor ``|sum_w w * dL/dw|`` per output channel.
+
+    From a :class:`~tf_balancer.attention.streaming.GradientStream` (the training
+    batches' gradients, accumulated during ``fit``) or from probe batches.
+    """
+    if isinstance(probe, GradientStream):
+        return probe.scores()
     probe = _require_probe(probe, "taylor", labels=True)
     model = rebuild(graph.walk, lambda call: call.layer)  # shares the original weights
     loss_fn = probe.loss or _default_loss(graph)
-    producers = dict(_producers(graph))
-    variables, owners = [], []
-    for name, node in producers.items():
-        spec = spec_for(node.layer, len(node.input_shapes[0]))
-        for attr, axis in spec.out_axes.items():
-            weight = getattr(node.layer, attr, None)
-            if weight is not None:
-                variables.append(weight)
-                owners.append((name, axis % len(weight.shape)))
+    owners = producer_weights(graph)
+    variables = [weight for _, weight, _ in owners]
 
     def gradients(xb: Any, yb: Any) -> list[Any]:
         with tf.GradientTape() as tape:
@@ -186,11 +188,11 @@ def taylor(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
             loss = loss_fn(yb, predictions)
         return tape.gradient(loss, variables)
 
-    scores = {name: 0.0 for name in producers}
+    scores = {name: 0.0 for name, _ in _producers(graph)}
     for xb, yb in probe.batches():
         grads = _replicated(gradients, xb, tf.convert_to_tensor(yb))
         per_channel: dict[str, Any] = {}
-        for (name, axis), var, grad in zip(owners, variables, grads, strict=True):
+        for (name, var, axis), grad in zip(owners, grads, strict=True):
             if grad is not None:
                 contrib = _sum_except(var.numpy() * np.asarray(grad), axis)
                 per_channel[name] = per_channel.get(name, 0.0) + contrib

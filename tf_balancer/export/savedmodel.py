@@ -40,6 +40,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.python.saved_model import loader_impl
 
+from tf_balancer._quiet import quietly
 from tf_balancer.analysis import load_model
 from tf_balancer.config import OptimizeConfig, load_config
 from tf_balancer.errors import ConfigError, ExportError, ModelLoadError
@@ -153,6 +154,7 @@ def _optimize_plain(signatures: Mapping[str, Any], config: OptimizeConfig, path:
 # --------------------------------------------------------------------------- entry point
 
 
+@quietly
 def optimize_saved_model(
     src: str | os.PathLike,
     dst: str | os.PathLike,

@@ -13,6 +13,7 @@ import tempfile
 from typing import Any
 
 from tf_balancer._compat import keras
+from tf_balancer._quiet import quietly
 from tf_balancer.errors import ExportError
 from tf_balancer.report import markdown_table, summary_markdown, write_json, write_report_png
 
@@ -58,6 +59,7 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
             shutil.rmtree(old, ignore_errors=True)
 
 
+@quietly
 def export_result(path: str, model: Any, report: dict[str, Any], overwrite: bool = False) -> str:
     """Atomically write ``saved_model/``, ``report.json``, ``report.png``, ``report.md``."""
     with atomic_directory(path, overwrite) as tmp:

@@ -320,7 +320,7 @@ def fold_batchnorm_graphdef(
             _LOG.debug("not folding %s: %s", name, reason)
             continue
         folded.append(name)
-    _LOG.info("folded %d batch norm(s), skipped %d", len(folded), len(skipped))
+    _LOG.debug("folded %d batch norm(s), skipped %d", len(folded), len(skipped))
     stats = {
         "folds": len(folded),
         "folded": folded,

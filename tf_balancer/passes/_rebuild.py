@@ -186,5 +186,5 @@ def rebuilt_result(
     from tf_balancer.passes.base import PassResult
 
     new_model = rebuild_with(model, walk, replacements)
-    _log.info("%s", message)
+    _log.debug("%s", message)
     return PassResult(new_model, changed=True, message=message, stats=dict(stats))

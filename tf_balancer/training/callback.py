@@ -27,10 +27,14 @@ from tf_balancer.attention.importance import (
     balance_score,
     group_scores,
 )
+from tf_balancer.attention.streaming import GradientStream
 from tf_balancer.errors import BalanceError, ConfigError
+from tf_balancer.metrics import task_metrics
 from tf_balancer.report import classification_scores, log_layer_summaries
-from tf_balancer.training.finalize import Finalizer
-from tf_balancer.training.ramp import polynomial_ramp
+from tf_balancer.training.finalize import FinalizeInputs, Finalizer
+from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
+from tf_balancer.training.hooks import FitHooks
+from tf_balancer.training.ramp import default_schedule, polynomial_ramp
 from tf_balancer.training.state import BalanceState, MaskApplier
 
 __all__ = ["BalanceCallback"]
@@ -38,7 +42,7 @@ __all__ = ["BalanceCallback"]
 logger = logging.getLogger(__name__)
 
 MODES = ("structured", "sparse")
-DATA_CRITERIA = ("taylor", "activation", "apoz")
+PROBE_CRITERIA = ("activation", "apoz")  # need probe inputs; taylor can stream from fit
 
 
 def _ensure_visible_logging() -> None:
@@ -62,9 +66,13 @@ def _as_probe(data: Any) -> ProbeData | None:
 class BalanceCallback(keras.callbacks.Callback):
     """Balance pruning budgets against cost while training, then compact the model.
 
+    With no arguments it prunes to half the FLOPs using first-order Taylor
+    importance accumulated from the gradients of ``fit``'s own training batches
+    (no probe data, no extra passes, nothing recompiled).
+
     During ``fit``, every ``every_n_epochs`` epochs between ``begin_epoch`` and
-    ``end_epoch`` the callback recomputes channel importance on the probe batches,
-    allocates per-group keep counts for a target that ramps (polynomially, like
+    ``end_epoch`` the callback recomputes channel importance (from the training
+    gradients since the last rebalance, or from ``probe_data``), allocates per-group keep counts for a target that ramps (polynomially, like
     tfmot's ``PolynomialDecay``) from 1 down to ``target``, and masks the pruned
     channels; masks are re-applied after every batch, so training continues on the
     rebalanced network without recompiling. At the end of training the
@@ -75,8 +83,12 @@ class BalanceCallback(keras.callbacks.Callback):
     Each epoch it adds to the Keras ``logs`` (so History, CSVLogger and
     TensorBoard see them; list this callback before those):
     ``balancer/attention_balance``, ``balancer/flops_ratio``,
-    ``balancer/params_ratio``, ``balancer/sparsity`` and, with validation data,
-    ``balancer/val_accuracy``, ``balancer/val_recall``, ``balancer/val_f1``.
+    ``balancer/params_ratio``, ``balancer/sparsity`` and, with ``validation_data``
+    given to the callback, ``balancer/val_accuracy``, ``balancer/val_recall``,
+    ``balancer/val_f1``. For classifiers (read from the compiled loss) the train
+    and test steps also compute ``macro_recall`` and ``macro_f1``, so
+    ``fit(validation_data=...)`` or ``validation_split`` puts ``val_macro_recall``
+    and ``val_macro_f1`` in History every epoch.
 
     Args:
         target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
@@ -87,23 +99,35 @@ class BalanceCallback(keras.callbacks.Callback):
             prune_after_end=True)`` before compiling; ``target`` is then the
             fraction of prunable weights kept). Defaults to ``"structured"``.
         importance: criterion name or ``{name: weight}``; see
-            :mod:`tf_balancer.attention.importance`. Defaults to ``"taylor"``.
+            :mod:`tf_balancer.attention.importance`. ``taylor`` streams from the
+            training batches unless ``probe_data`` is given; ``activation`` and
+            ``apoz`` need ``probe_data``. Defaults to ``"taylor"``.
         strategy: ``"balanced"``, ``"uniform"`` or ``"global"``. Defaults to ``"balanced"``.
-        begin_epoch: first epoch (0-based) that rebalances. Defaults to 0.
+        begin_epoch: first epoch (0-based) that rebalances. Defaults to None:
+            1 (0 for a one-epoch ``fit``), so the dense model trains first.
         end_epoch: last epoch that may rebalance; the final target is reached
-            there. Defaults to None: the last epoch of ``fit``.
+            there. Defaults to None: early enough to leave the last quarter of
+            ``fit``'s epochs (at least one) to recover; see
+            :func:`tf_balancer.training.ramp.default_schedule`.
         every_n_epochs: rebalance period in epochs. Defaults to 1.
         probe_data: ``(x, y)``, ``x`` or a ``ProbeData`` used for importance
-            (``taylor`` needs labels). Defaults to None.
+            instead of the training stream (all samples given are used).
+            Defaults to None.
         validation_data: ``(x, y)`` for the ``balancer/val_*`` logs and the
             before/after report. Defaults to None.
         passes: passes run at the end of training. Defaults to None:
             ``prune_channels, strip_training_ops, fold_batchnorm, fuse_activation``
             (structured) or the last three (sparse).
-        finetune_epochs: epochs of fine-tuning after channel removal, with the
-            training optimizer's config at a tenth of its learning rate. Defaults to 0.
+        finetune_epochs: epochs of fine-tuning after channel removal: the
+            training loss and metrics, a fresh optimizer of the training type at
+            ``finetune_lr_scale`` times its current learning rate, ``fit``'s batch
+            size; the best epoch on ``validation_data`` is kept (never worse than
+            the compacted model). Skipped, with one log line, without
+            ``finetune_data``. Defaults to 0.
         finetune_data: ``(x, y)`` or a ``tf.data.Dataset`` for fine-tuning.
             Defaults to None.
+        finetune_lr_scale: fraction of the training optimizer's current learning
+            rate used for fine-tuning. Defaults to 0.1.
         log_dir: TensorBoard directory for per-layer attention and keep ratios.
             Defaults to None (no summaries).
         min_keep: channels always kept per group. Defaults to 4.
@@ -126,7 +150,7 @@ class BalanceCallback(keras.callbacks.Callback):
         mode: str = "structured",
         importance: Any = "taylor",
         strategy: str = "balanced",
-        begin_epoch: int = 0,
+        begin_epoch: int | None = None,
         end_epoch: int | None = None,
         every_n_epochs: int = 1,
         probe_data: Any = None,
@@ -134,6 +158,7 @@ class BalanceCallback(keras.callbacks.Callback):
         passes: Sequence[str] | None = None,
         finetune_epochs: int = 0,
         finetune_data: Any = None,
+        finetune_lr_scale: float = FINETUNE_LR_SCALE,
         log_dir: str | None = None,
         min_keep: int = 4,
         max_prune_fraction: float = 0.9,
@@ -152,16 +177,18 @@ class BalanceCallback(keras.callbacks.Callback):
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if (
-            begin_epoch < 0
+            (begin_epoch is not None and begin_epoch < 0)
             or every_n_epochs < 1
-            or (end_epoch is not None and end_epoch < begin_epoch)
+            or (end_epoch is not None and end_epoch < (begin_epoch or 0))
         ):
             raise ConfigError(
                 "need 0 <= begin_epoch <= end_epoch and every_n_epochs >= 1, got "
                 f"begin_epoch={begin_epoch}, end_epoch={end_epoch}, every_n_epochs={every_n_epochs}"
             )
-        if finetune_epochs < 0 or (finetune_epochs and finetune_data is None):
-            raise ConfigError("finetune_epochs > 0 needs finetune_data=(x, y) or a tf.data.Dataset")
+        if finetune_epochs < 0:
+            raise ConfigError(f"finetune_epochs must be >= 0, got {finetune_epochs}")
+        if not 0.0 < finetune_lr_scale <= 1.0:
+            raise ConfigError(f"finetune_lr_scale must be in (0, 1], got {finetune_lr_scale!r}")
         for name, data in (("probe_data", probe_data), ("validation_data", validation_data)):
             if isinstance(data, tf.data.Dataset):
                 raise ConfigError(
@@ -179,6 +206,7 @@ class BalanceCallback(keras.callbacks.Callback):
         self.validation_data = validation_data
         self.passes = tuple(passes) if passes is not None else None
         self.finetune_epochs, self.finetune_data = finetune_epochs, finetune_data
+        self.finetune_lr_scale = finetune_lr_scale
         self.log_dir = log_dir
         self.bounds = Bounds(min_keep, max_prune_fraction, round_to)
         self.power, self.verbose = power, verbose
@@ -194,6 +222,10 @@ class BalanceCallback(keras.callbacks.Callback):
         self.optimized_model = None
         self.report: dict[str, Any] | None = None
         self.dense_snapshot = None
+        self.dense_epoch: int | None = None
+        self.stream: GradientStream | None = None
+        self.hooks: FitHooks | None = None
+        self._fallback_logged = False
         self.schedule: list[int] = []
         self._prepare_error: Exception | None = None
         self._synced = -1
@@ -249,27 +281,37 @@ class BalanceCallback(keras.callbacks.Callback):
             raise self._prepare_error
         if getattr(self.model, "optimizer", None) is None:
             raise ConfigError("the model is not compiled; call model.compile(...) before fit")
-        criteria = [self.importance] if isinstance(self.importance, str) else list(self.importance)
-        needs = [c for c in criteria if c in DATA_CRITERIA]
+        needs = [c for c in self._criteria() if c in PROBE_CRITERIA]
         if needs and self.probe is None:
             raise ConfigError(
                 f"importance {needs} needs probe_data=(x, y) (a few batches of training data); "
-                "or use importance='magnitude' or 'bn_scale'"
+                "or use importance='taylor' (streamed from training), 'magnitude' or 'bn_scale'"
             )
-        if "taylor" in needs and self.probe.y is None:
-            raise ConfigError("importance 'taylor' needs labels: pass probe_data=(x, y)")
-        if self.finetune_epochs and self.validation_data is None:
+        if "taylor" in self._criteria() and self.probe is not None and self.probe.y is None:
             raise ConfigError(
-                "fine-tuning reports before/after metrics: pass validation_data=(x, y)"
+                "importance 'taylor' with probe_data needs labels: pass probe_data=(x, y), "
+                "or leave probe_data out to use the training batches' gradients"
             )
+        if self.finetune_epochs and self.finetune_data is not None and self.validation_data is None:
+            raise ConfigError(
+                "fine-tuning keeps the best epoch on validation data: pass validation_data=(x, y)"
+            )
+
+    def _criteria(self) -> list[str]:
+        return [self.importance] if isinstance(self.importance, str) else list(self.importance)
 
     def on_train_begin(self, logs=None) -> None:
         if self._finished:  # the instance is reused for another fit
             self._start_over(self.model)
         self._check_ready()
         epochs = int(self.params.get("epochs", 1)) if self.params else 1
-        end = self.end_epoch if self.end_epoch is not None else epochs - 1
-        self.schedule = list(range(self.begin_epoch, end + 1, self.every_n_epochs))
+        self.schedule = default_schedule(
+            epochs, self.begin_epoch, self.end_epoch, self.every_n_epochs
+        )
+        streams = "taylor" in self._criteria() and self.probe is None
+        self.stream = GradientStream(self.analysis.graph) if streams else None
+        self.hooks = FitHooks(self.model, self.stream, task_metrics(self.model))
+        self.hooks.install()
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(self.log_dir)
         if self._step_callback is not None:
@@ -300,7 +342,13 @@ class BalanceCallback(keras.callbacks.Callback):
         r = self.schedule.index(epoch)
         return polynomial_ramp(r, 0, len(self.schedule) - 1, self.target, self.power)
 
+    def on_test_begin(self, logs=None) -> None:
+        if self.hooks is not None:
+            self.hooks.reset_metrics()
+
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if self.hooks is not None:
+            self.hooks.reset_metrics()
         if self._diverged:
             return
         self._sync_masks()
@@ -312,8 +360,9 @@ class BalanceCallback(keras.callbacks.Callback):
             from tf_balancer.graph.walk import clone_flat
 
             self.dense_snapshot = clone_flat(self.analysis.graph.walk)[0]
+            self.dense_epoch = epoch
         target = self.target_at(epoch)
-        scores = group_scores(self.analysis.graph, self.probe, self.importance)
+        scores = group_scores(self.analysis.graph, *self._signals())
         self._attention = attention_weights(scores)
         if self.mode == "structured":
             plan = allocate(
@@ -326,11 +375,32 @@ class BalanceCallback(keras.callbacks.Callback):
             from tf_balancer.sparse.mode import rebalance_sparsity
 
             keep = rebalance_sparsity(self, scores, target)
+        if self.stream is not None:
+            self.stream.reset()
         self.state.record(epoch, target, keep, self._attention)
         self._synced = int(self.state.rebalances.numpy())
         if self.verbose:
             unit = self.target_metric if self.mode == "structured" else "weights kept"
             logger.info("epoch %d: rebalanced to target %.3f %s", epoch + 1, target, unit)
+
+    def _signals(self) -> tuple[Any, Any]:
+        """``(signals, importance)`` for this rebalance.
+
+        The training stream when it has seen batches; before the first batch
+        (a rebalance at epoch 0) streamed Taylor falls back to ``magnitude``.
+        """
+        if self.stream is None:
+            return self.probe, self.importance
+        if self.stream.batches:
+            return self.stream, self.importance
+        if not self._fallback_logged:
+            logger.info("no training batch seen yet: this rebalance uses magnitude importance")
+            self._fallback_logged = True
+        if isinstance(self.importance, str):
+            return None, "magnitude"
+        weights = dict(self.importance)
+        weights["magnitude"] = weights.get("magnitude", 0.0) + weights.pop("taylor")
+        return None, weights
 
     def on_train_batch_end(self, batch: int, logs=None) -> None:
         if self._diverged:
@@ -393,13 +463,48 @@ class BalanceCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------ train end
     def on_train_end(self, logs=None) -> None:
         self._finished = True
+        if self.hooks is not None:
+            self.hooks.remove()
         if self._writer is not None:
             self._writer.close()
         if self._diverged:
             logger.warning("training diverged; skipping compaction and the report")
             return
-        finalizer = Finalizer(self)
-        self.optimized_model, self.report = finalizer.run()
+        self.optimized_model, self.report = Finalizer(self.finalize_inputs()).run()
+
+    def finalize_inputs(self) -> FinalizeInputs:
+        """What the end of training works on: model, plan, data, settings."""
+        rebalanced = self.state is not None and int(self.state.rebalances.numpy()) > 0
+        if self.dense_snapshot is not None:
+            dense, dense_epoch = self.dense_snapshot, self.dense_epoch
+        else:  # never rebalanced: the model is dense; resumed: dense weights are gone
+            dense, dense_epoch = (None, None) if rebalanced else (self.model, None)
+        batch = int(self.hooks.batch_size.numpy()) if self.hooks is not None else 0
+        return FinalizeInputs(
+            mode=self.mode,
+            passes=self.passes,
+            model=self.model,
+            analysis=self.analysis,
+            plan=KeepPlan(self.state.keep_indices(), self._sizes()) if self.state else None,
+            finetune=FinetuneSettings(
+                epochs=self.finetune_epochs,
+                data=self.finetune_data,
+                batch_size=batch or 32,
+                lr_scale=self.finetune_lr_scale,
+            ),
+            validation_data=self.validation_data,
+            probe_x=self.probe.x if self.probe is not None else None,
+            dense_model=dense,
+            dense_epoch=dense_epoch,
+            attention=self._attention,
+            attention_history=self.state.attention_history().tolist() if self.state else [],
+            settings={
+                "target": self.target,
+                "target_metric": self.target_metric,
+                "strategy": self.strategy,
+                "importance": self.importance,
+            },
+        )
 
     def export(self, path: str, overwrite: bool = False) -> str:
         """Write the optimized SavedModel, report.json, report.png and report.md atomically.

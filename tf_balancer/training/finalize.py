@@ -1,7 +1,9 @@
 """End of training: compact, fine-tune, optimize, evaluate and export.
 
-Used by :class:`~tf_balancer.training.callback.BalanceCallback`; kept apart so the
-callback stays about *when* things happen and this module about *what*.
+Used by :class:`~tf_balancer.training.callback.BalanceCallback` at the end of
+``fit`` and by :func:`~tf_balancer.training.oneshot.prune` for one-shot pruning;
+both describe the job as :class:`FinalizeInputs`, so the callback stays about
+*when* things happen and this module about *what*.
 """
 
 from __future__ import annotations
@@ -10,38 +12,73 @@ import dataclasses
 import logging
 from typing import Any
 
-from tf_balancer.analysis import analyze
+from tf_balancer._quiet import quietly
+from tf_balancer.analysis import ModelAnalysis, analyze
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext
 from tf_balancer.report import evaluate_model, saved_model_size, summary_markdown
+from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings, finetune
 
-__all__ = ["Finalizer"]
+__all__ = ["FinalizeInputs", "Finalizer", "FINETUNE_LR_SCALE"]
 
 logger = logging.getLogger(__name__)
 
 STRUCTURED_PASSES = ("prune_channels", "strip_training_ops", "fold_batchnorm", "fuse_activation")
 LOSSLESS_PASSES = ("strip_training_ops", "fold_batchnorm", "fuse_activation")
-FINETUNE_LR_SCALE = 0.1
-"""Fine-tuning uses the training optimizer's config at this fraction of its learning rate."""
 
 
 def _first(data: Any, n: int) -> Any:
     return [a[:n] for a in data] if isinstance(data, (list, tuple)) else data[:n]
 
 
-class Finalizer:
-    """Turns a trained, masked model into the optimized model and its report."""
+@dataclasses.dataclass
+class FinalizeInputs:
+    """Everything the end of a pruning job needs.
 
-    def __init__(self, callback: Any):
-        self.cb = callback
-        self.analysis = callback.analysis
+    Attributes:
+        mode: ``"structured"`` or ``"sparse"``.
+        passes: pass names, or None for the mode's default.
+        model: the trained model (masked, for the structured mode during ``fit``).
+        analysis: its analysis.
+        plan: the channels to keep (structured mode).
+        finetune: fine-tuning settings.
+        validation_data: ``(x, y)`` for the report and fine-tuning, or None.
+        probe_x: verification inputs when there is no validation data, or None.
+        dense_model: the model the report's dense column describes, or None.
+        dense_epoch: epochs ``dense_model`` had trained, or None.
+        attention: group id -> attention weight of the last rebalance.
+        attention_history: per rebalance, the groups' attention weights.
+        settings: target, target_metric, strategy, importance (for the report).
+    """
+
+    mode: str = "structured"
+    passes: tuple[str, ...] | None = None
+    model: Any = None
+    analysis: ModelAnalysis | None = None
+    plan: KeepPlan | None = None
+    finetune: FinetuneSettings = dataclasses.field(default_factory=FinetuneSettings)
+    validation_data: Any = None
+    probe_x: Any = None
+    dense_model: Any = None
+    dense_epoch: int | None = None
+    attention: dict[int, float] = dataclasses.field(default_factory=dict)
+    attention_history: list = dataclasses.field(default_factory=list)
+    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class Finalizer:
+    """Turns a trained (masked) model into the optimized model and its report."""
+
+    def __init__(self, inputs: FinalizeInputs):
+        self.inputs = inputs
+        self.analysis = inputs.analysis
+        self.finetune_log: dict[str, Any] | None = None
 
     def passes(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(before fine-tuning, after fine-tuning): split right after prune_channels."""
-        default = STRUCTURED_PASSES if self.cb.mode == "structured" else LOSSLESS_PASSES
-        names = self.cb.passes if self.cb.passes is not None else default
-        names = tuple(names)
+        default = STRUCTURED_PASSES if self.inputs.mode == "structured" else LOSSLESS_PASSES
+        names = tuple(self.inputs.passes if self.inputs.passes is not None else default)
         if "prune_channels" in names:
             cut = names.index("prune_channels") + 1
             return names[:cut], names[cut:]
@@ -49,59 +86,67 @@ class Finalizer:
 
     def probe_inputs(self) -> Any:
         """Verification inputs: validation or probe data, else None (random inputs)."""
-        if self.cb.validation_data is not None:
-            return _first(self.cb.validation_data[0], 16)
-        if self.cb.probe is not None:
-            return _first(self.cb.probe.x, 16)
+        if self.inputs.validation_data is not None:
+            return _first(self.inputs.validation_data[0], 16)
+        if self.inputs.probe_x is not None:
+            return _first(self.inputs.probe_x, 16)
         return None
 
+    @quietly
     def run(self) -> tuple[Any, dict[str, Any]]:
-        cb = self.cb
-        plan = KeepPlan(cb.state.keep_indices(), cb._sizes())
+        job = self.inputs
+        plan = job.plan
         ctx = PassContext(
-            probe_inputs=self.probe_inputs(), plan=plan if cb.mode == "structured" else None
+            probe_inputs=self.probe_inputs(), plan=plan if job.mode == "structured" else None
         )
-        model = cb.model
-        if cb.mode == "sparse":
+        model = job.model
+        if job.mode == "sparse":
             from tf_balancer.sparse.wrapping import strip
 
             model = strip(model)
         first, second = self.passes()
+        logger.info(
+            "end of training: %s, then measuring dense vs optimized", ", ".join(first + second)
+        )
         records = []
         if first:
-            logger.info("end of training: running %s", ", ".join(first))
             model, report = MetaOptimizer(first).run(model, ctx)
             records += report.records
-        if cb.finetune_epochs:
-            logger.info("fine-tuning the compacted model for %d epochs", cb.finetune_epochs)
-            model = self.finetune(model)
+        model = self.finetune(model)
         if second:
-            logger.info("running %s", ", ".join(second))
             model, report = MetaOptimizer(second).run(model, dataclasses.replace(ctx, plan=None))
             records += report.records
-        logger.info("measuring dense vs optimized (accuracy, latency, SavedModel size)")
-        return model, self.build_report(model, plan, records)
+        report = self.build_report(model, plan, records)
+        logger.info("result:\n%s", summary_markdown(report))
+        return model, report
 
     def finetune(self, model: Any) -> Any:
-        cb = self.cb
-        config = cb.model.optimizer.get_config()
-        if isinstance(config.get("learning_rate"), float):
-            config["learning_rate"] *= FINETUNE_LR_SCALE  # fresh optimizer state: step gently
-        model.compile(optimizer=type(cb.model.optimizer).from_config(config), loss=cb.model.loss)
-        data = cb.finetune_data
-        kwargs = {"epochs": cb.finetune_epochs, "verbose": 0}
-        if isinstance(data, tuple):
-            model.fit(data[0], data[1], batch_size=32, **kwargs)
-        else:
-            model.fit(data, **kwargs)
+        """Fine-tune when asked and possible; otherwise say why not, once."""
+        settings, job = self.inputs.finetune, self.inputs
+        if not settings.epochs:
+            return model
+        if settings.data is None:
+            logger.info(
+                "finetune_epochs=%d but no finetune_data: skipping fine-tuning "
+                "(pass finetune_data=(x, y) to fine-tune the compacted model)",
+                settings.epochs,
+            )
+            return model
+        if job.validation_data is None:
+            logger.info("fine-tuning needs validation_data to keep the best weights: skipped")
+            return model
+        if model is job.model:  # nothing was compacted; never recompile the user's model
+            logger.info("no channel was removed: fine-tuning skipped")
+            return model
+        model, self.finetune_log = finetune(model, job.model, settings, job.validation_data)
         return model
 
     def summarize(self, model: Any) -> dict[str, Any]:
         analysis = analyze(model)
         summary: dict[str, Any] = {"flops": analysis.cost.flops, "params": analysis.cost.params}
-        if self.cb.validation_data is not None:
-            x, y = self.cb.validation_data[0], self.cb.validation_data[1]
-            summary.update(evaluate_model(model, x, y))
+        validation = self.inputs.validation_data
+        if validation is not None:
+            summary.update(evaluate_model(model, validation[0], validation[1]))
         sizes = saved_model_size(model)
         summary["saved_model_bytes"], summary["saved_model_gzip_bytes"] = (
             sizes["bytes"],
@@ -109,11 +154,13 @@ class Finalizer:
         )
         return summary
 
-    def layer_rows(self, plan: KeepPlan) -> list[dict[str, Any]]:
+    def layer_rows(self, plan: KeepPlan | None) -> list[dict[str, Any]]:
+        if plan is None:
+            return []
         graph = self.analysis.graph
         before = self.analysis.cost.layers
         after = self.analysis.cost_under(plan.keep_counts).layers
-        attention = self.cb._attention
+        attention = self.inputs.attention
         rows = []
         for group in graph.prunable_groups:
             for name in group.nodes("producer"):
@@ -131,27 +178,27 @@ class Finalizer:
                 )
         return rows
 
-    def build_report(self, model: Any, plan: KeepPlan, records: list) -> dict[str, Any]:
-        cb = self.cb
-        dense = cb.dense_snapshot if cb.dense_snapshot is not None else cb.model
-        dense_summary = self.summarize(dense)
-        if cb.dense_snapshot is None and int(cb.state.rebalances.numpy()) > 0:
+    def dense_summary(self) -> dict[str, Any]:
+        """The dense column: the model named by ``dense_model`` and ``dense_epoch``."""
+        job = self.inputs
+        if job.dense_model is None:
             # A resumed run: the dense weights were not checkpointed, only the structure.
-            for key in ("accuracy", "recall", "f1"):
-                dense_summary.pop(key, None)
-            dense_summary.update(flops=self.analysis.cost.flops, params=self.analysis.cost.params)
+            return {"flops": self.analysis.cost.flops, "params": self.analysis.cost.params}
+        summary = self.summarize(job.dense_model)
+        summary["trained_epochs"] = job.dense_epoch
+        return summary
+
+    def build_report(self, model: Any, plan: KeepPlan | None, records: list) -> dict[str, Any]:
+        job = self.inputs
         report = {
-            "mode": cb.mode,
-            "target": cb.target,
-            "target_metric": cb.target_metric,
-            "strategy": cb.strategy,
-            "importance": cb.importance,
-            "finetune_epochs": cb.finetune_epochs,
-            "dense": dense_summary,
+            "mode": job.mode,
+            **job.settings,
+            "finetune_epochs": job.finetune.epochs,
+            "dense": self.dense_summary(),
             "final": self.summarize(model),
+            "finetune": self.finetune_log,
             "layers": self.layer_rows(plan),
             "passes": [dataclasses.asdict(r) for r in records],
-            "attention_history": cb.state.attention_history().tolist(),
+            "attention_history": list(job.attention_history),
         }
-        logger.debug("\n%s", summary_markdown(report))
         return report

@@ -1,0 +1,130 @@
+"""First-order Taylor importance streamed from the training batches' own gradients.
+
+:class:`GradientStream` accumulates, for every output channel of every producer,
+``|sum_w w * dL/dw|`` over the weights of that channel, once per training batch
+(Molchanov et al., 2019, "Importance Estimation for Neural Network Pruning"). It
+is fed the ``(gradient, variable)`` pairs the optimizer applies, so it costs one
+multiply-and-reduce per producer weight per step: no extra forward or backward
+pass, no probe data, and the model keeps its compiled loss, optimizer and metrics.
+Whatever the compiled loss is (weighted multi-output losses included), these are
+its gradients.
+
+The accumulators are ``ON_READ``/``SUM`` variables: under a ``tf.distribute``
+strategy every replica adds its own batch, and reading sums the replicas.
+
+A stream is passed to :func:`~tf_balancer.attention.importance.group_scores` in
+place of :class:`~tf_balancer.attention.importance.ProbeData`; the ``taylor``
+criterion then reads it instead of running probe batches.
+
+Example:
+    >>> stream = GradientStream(graph)                    # doctest: +SKIP
+    >>> stream.update(zip(grads, model.trainable_variables))  # inside train_step
+    >>> group_scores(graph, stream, "taylor")             # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.graph.layer_specs import spec_for
+
+__all__ = ["GradientStream", "producer_weights"]
+
+
+def producer_weights(graph: LayerGraph) -> list[tuple[str, Any, int]]:
+    """``(producer name, weight variable, output-channel axis)`` of every prunable producer."""
+    out = []
+    for group in graph.prunable_groups:
+        for name in group.nodes("producer"):
+            node = graph.nodes[name]
+            spec = spec_for(node.layer, len(node.input_shapes[0]))
+            for attr, axis in spec.out_axes.items():
+                weight = getattr(node.layer, attr, None)
+                if weight is not None:
+                    out.append((name, weight, axis % len(weight.shape)))
+    return out
+
+
+def _sum_except(tensor: tf.Tensor, axis: int) -> tf.Tensor:
+    rank = tensor.shape.rank
+    return tf.reduce_sum(tensor, axis=[i for i in range(rank) if i != axis])
+
+
+class GradientStream:
+    """Per-channel first-order Taylor scores accumulated from applied gradients.
+
+    Args:
+        graph: the layer graph whose prunable producers are scored.
+    """
+
+    def __init__(self, graph: LayerGraph):
+        self.owners = producer_weights(graph)
+        self._by_variable = {_key(weight): i for i, (_, weight, _) in enumerate(self.owners)}
+        names = dict.fromkeys(name for name, _, _ in self.owners)
+        sizes = {
+            name: int(weight.shape[axis]) for name, weight, axis in self.owners if name in names
+        }
+        accumulate = {
+            "synchronization": tf.VariableSynchronization.ON_READ,
+            "aggregation": tf.VariableAggregation.SUM,
+            "trainable": False,
+        }
+        self.scores_var = {
+            name: tf.Variable(tf.zeros(sizes[name], tf.float32), name="taylor", **accumulate)
+            for name in names
+        }
+        self.steps = tf.Variable(0, dtype=tf.int64, name="taylor_steps", **accumulate)
+
+    def update(self, grads_and_vars: Iterable[tuple[Any, Any]]) -> None:
+        """Add one batch: ``|sum over a channel's weights of w * g|`` per channel.
+
+        Graph-mode safe (called inside the traced train step). Pairs whose variable
+        is not a producer weight, or whose gradient is None, are ignored.
+        """
+        per_channel: dict[str, tf.Tensor] = {}
+        for grad, var in grads_and_vars:
+            index = self._by_variable.get(_key(var))
+            if grad is None or index is None or isinstance(grad, tf.IndexedSlices):
+                continue
+            name, weight, axis = self.owners[index]
+            product = tf.cast(tf.convert_to_tensor(weight), tf.float32) * tf.cast(grad, tf.float32)
+            contribution = _sum_except(product, axis)
+            per_channel[name] = (
+                per_channel[name] + contribution if name in per_channel else contribution
+            )
+        for name, value in per_channel.items():
+            self.scores_var[name].assign_add(tf.abs(value))
+        self.steps.assign_add(1)
+
+    @property
+    def batches(self) -> int:
+        """Training batches accumulated since the last :meth:`reset`."""
+        return int(self.steps.numpy())
+
+    def scores(self) -> dict[str, np.ndarray]:
+        """Producer name -> float64 per-channel scores accumulated so far."""
+        return {name: var.numpy().astype(np.float64) for name, var in self.scores_var.items()}
+
+    def reset(self) -> None:
+        """Start a new accumulation window (e.g. after a rebalance)."""
+        for var in self.scores_var.values():
+            var.assign(tf.zeros_like(var))
+        self.steps.assign(0)
+
+    def load(self, scores: Mapping[str, np.ndarray]) -> None:
+        """Set the accumulators (tests and checkpoint restore)."""
+        for name, value in scores.items():
+            self.scores_var[name].assign(np.asarray(value, np.float32))
+
+
+def _key(variable: Any) -> Any:
+    """A hashable identity for a variable, the same for a Keras 3 variable and its value."""
+    value = getattr(variable, "value", None)
+    target = value if isinstance(value, tf.Variable) else variable
+    handle = getattr(target, "_unique_id", None)
+    return handle if handle is not None else id(target)

@@ -1,0 +1,131 @@
+"""Fine-tuning a compacted model so that it never ends below where it started.
+
+The compacted model is compiled like the trained one (its loss, loss weights and
+metrics, via ``get_compile_config``) with a fresh optimizer of the same type at
+``lr_scale`` times the training optimizer's *current* learning rate (a schedule is
+evaluated at the optimizer's step). It trains for ``epochs`` epochs at ``fit``'s
+batch size; after each epoch it is evaluated on the validation data, and the best
+weights seen, counting the weights it started from, are kept.
+
+Example:
+    >>> settings = FinetuneSettings(epochs=2, data=(x, y), batch_size=64)  # doctest: +SKIP
+    >>> model, log = finetune(model, trained, settings, (x_val, y_val))    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer._compat import keras
+from tf_balancer.metrics import task_metrics
+from tf_balancer.report import classification_scores
+
+__all__ = ["FINETUNE_LR_SCALE", "FinetuneSettings", "current_learning_rate", "finetune"]
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_LR_SCALE = 0.1
+"""Fine-tuning runs at this fraction of the training optimizer's current learning rate."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneSettings:
+    """How to fine-tune.
+
+    Attributes:
+        epochs: fine-tuning epochs (0: none).
+        data: ``(x, y)`` or a ``tf.data.Dataset``.
+        batch_size: batch size for array data (``fit``'s, when the callback saw it).
+        lr_scale: fraction of the training optimizer's current learning rate.
+        learning_rate: an explicit learning rate; overrides ``lr_scale``.
+    """
+
+    epochs: int = 0
+    data: Any = None
+    batch_size: int = 32
+    lr_scale: float = FINETUNE_LR_SCALE
+    learning_rate: float | None = None
+
+
+def current_learning_rate(optimizer: Any) -> float:
+    """The learning rate ``optimizer`` applies now (a schedule evaluated at its step)."""
+    rate = optimizer.learning_rate
+    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
+        rate = rate(optimizer.iterations)
+    return float(np.asarray(tf.convert_to_tensor(rate)))
+
+
+def _fresh_optimizer(optimizer: Any, learning_rate: float) -> Any:
+    config = dict(optimizer.get_config(), learning_rate=learning_rate)
+    return type(optimizer).from_config(config)
+
+
+def compile_like(model: Any, trained: Any, optimizer: Any) -> None:
+    """Compile ``model`` with ``trained``'s loss, loss weights and metrics and ``optimizer``."""
+    kwargs: dict[str, Any] = {"loss": trained.loss}
+    config = trained.get_compile_config() if hasattr(trained, "get_compile_config") else None
+    if config:
+        try:
+            kwargs = dict(keras.saving.deserialize_keras_object(config))
+        except Exception as err:  # a custom metric Keras cannot rebuild: keep the loss
+            logger.warning("fine-tuning without the compiled metrics (%s)", err)
+    kwargs["optimizer"] = optimizer
+    model.compile(**kwargs)
+
+
+def _score(model: Any, validation: Any, classifier: bool) -> float:
+    """Validation accuracy for classifiers, else minus the compiled loss."""
+    x, y = validation[0], validation[1]
+    if classifier:
+        return classification_scores(model, x, y)["accuracy"]
+    return -float(model.evaluate(x, y, verbose=0, return_dict=True)["loss"])
+
+
+def finetune(
+    model: Any, trained: Any, settings: FinetuneSettings, validation: Any
+) -> tuple[Any, dict[str, Any]]:
+    """Fine-tune ``model`` in place; return it with a log of what happened.
+
+    Args:
+        model: the compacted model.
+        trained: the model that was trained (its compile config and optimizer are copied).
+        settings: epochs, data, batch size and learning rate.
+        validation: ``(x, y)`` scored after every epoch to keep the best weights.
+
+    Returns:
+        ``(model, log)``; ``log`` has ``learning_rate``, ``batch_size``,
+        ``scores`` (the start and each epoch) and ``best_epoch`` (0 = the start).
+    """
+    rate = settings.learning_rate
+    if rate is None:
+        rate = settings.lr_scale * current_learning_rate(trained.optimizer)
+    compile_like(model, trained, _fresh_optimizer(trained.optimizer, rate))
+    classifier = bool(task_metrics(trained))
+    scores = [_score(model, validation, classifier)]
+    best, best_weights = scores[0], model.get_weights()
+    data = settings.data
+    for _ in range(settings.epochs):
+        if isinstance(data, tuple):
+            model.fit(data[0], data[1], batch_size=settings.batch_size, epochs=1, verbose=0)
+        else:
+            model.fit(data, epochs=1, verbose=0)
+        scores.append(_score(model, validation, classifier))
+        if scores[-1] > best:
+            best, best_weights = scores[-1], model.get_weights()
+    model.set_weights(best_weights)
+    best_epoch = scores.index(best)
+    logger.info(
+        "fine-tuned %d epochs at learning rate %.3g: validation %.4f -> %.4f (kept epoch %d)",
+        settings.epochs,
+        rate,
+        scores[0],
+        best,
+        best_epoch,
+    )
+    log = {"learning_rate": rate, "batch_size": settings.batch_size, "scores": scores}
+    return model, {**log, "best_epoch": best_epoch}
