@@ -1,10 +1,14 @@
 """Compare dense, tfmot and tf_balancer recipes on scikit-learn digits (3 seeds).
 
-Every run trains the same CNN for the same number of epochs with the same seeds;
-pruning ramps from ``BEGIN`` to ``END`` and the remaining epochs train the
-pruned network. Columns: validation accuracy, macro recall and F1 (mean +- sd
-over seeds), FLOPs and params of the exported model, latency at batch 1 and 64
-(median ms), and the gzip-compressed SavedModel size.
+Every run trains the same CNN for the same number of epochs with the same seeds.
+The structured recipes use ``BalanceCallback(target=..., strategy=...)`` with
+its defaults (Taylor importance streamed from the training batches, the default
+schedule: epochs 2-9 ramp, the last quarter recovers); the sparse recipes ramp
+from ``BEGIN`` to ``END``. Columns: validation accuracy, macro recall and F1
+(mean +- sd over seeds), ``masked`` (the masked network's validation accuracy at
+the last epoch, before compaction), FLOPs and params of the exported model,
+latency at batch 1 and 64 (median ms), and the gzip-compressed SavedModel size.
+The verdicts at the end check issue 11's targets against the dense reference.
 
 Run: ``.venv/bin/python -m benchmarks.compare`` (about 10-15 minutes on 2 cores).
 Writes ``benchmarks/out/compare.md``, ``compare.json`` and ``compare.png``.
@@ -29,13 +33,18 @@ from tf_balancer.sparse import wrapping
 EPOCHS, BEGIN, END, BATCH = 12, 3, 8, 32
 SPARSITY = 0.8
 
+TARGETS = (0.5, 0.25, 0.125, 0.0625)
+ALLOWED_DROP = {0.5: 0.3, 0.25: 0.5, 0.125: 1.0, 0.0625: 2.0}  # points below dense
+
 RECIPES = (
     "dense",
     "tfmot uniform sparse 80%",
     "tf_balancer sparse balanced 80%",
-    "tf_balancer structured uniform 50% FLOPs",
-    "tf_balancer structured balanced 50% FLOPs",
-    "tf_balancer structured balanced 25% FLOPs",
+    *(
+        f"tf_balancer structured {strategy} {target:g} FLOPs"
+        for target in TARGETS
+        for strategy in ("uniform", "balanced")
+    ),
 )
 
 
@@ -43,25 +52,24 @@ def _steps(data) -> int:
     return int(np.ceil(len(data.x_train) / BATCH))
 
 
-def _fit(model, data, callbacks) -> None:
-    model.fit(
-        data.x_train, data.y_train, epochs=EPOCHS, batch_size=BATCH, callbacks=callbacks, verbose=0
+def _fit(model, data, callbacks) -> dict:
+    history = model.fit(
+        data.x_train,
+        data.y_train,
+        epochs=EPOCHS,
+        batch_size=BATCH,
+        callbacks=callbacks,
+        validation_data=(data.x_val, data.y_val),
+        verbose=0,
     )
+    return history.history
 
 
 def _structured(data, seed: int, target: float, strategy: str):
     model = compile_classifier(build_digits_cnn(seed=seed))
-    callback = BalanceCallback(
-        target=target,
-        strategy=strategy,
-        importance="taylor",
-        begin_epoch=BEGIN,
-        end_epoch=END,
-        probe_data=(data.x_train[:512], data.y_train[:512]),
-        verbose=0,
-    )
-    _fit(model, data, [callback])
-    return callback.optimized_model
+    callback = BalanceCallback(target=target, strategy=strategy, verbose=0)
+    history = _fit(model, data, [callback])
+    return callback.optimized_model, history["val_accuracy"][-1]
 
 
 def _tfmot_uniform(data, seed: int):
@@ -100,15 +108,16 @@ def _tf_balancer_sparse(data, seed: int):
 
 
 def run_recipe(name: str, data, seed: int):
+    """``(exported model, masked last-epoch validation accuracy or None)``."""
     if name == "dense":
         model = compile_classifier(build_digits_cnn(seed=seed))
         _fit(model, data, [])
-        return model
+        return model, None
     if name.startswith("tfmot"):
-        return _tfmot_uniform(data, seed)
+        return _tfmot_uniform(data, seed), None
     if "sparse" in name:
-        return _tf_balancer_sparse(data, seed)
-    target = 0.25 if "25%" in name else 0.5
+        return _tf_balancer_sparse(data, seed), None
+    target = float(name.split()[-2])
     return _structured(data, seed, target, "uniform" if "uniform" in name else "balanced")
 
 
@@ -128,7 +137,10 @@ def summarize(runs: dict[str, list[dict]]) -> list[dict]:
     rows = []
     for name, results in runs.items():
         row = {"recipe": name}
-        for key in ("accuracy", "recall", "f1"):
+        for key in ("accuracy", "recall", "f1", "masked"):
+            if results[0].get(key) is None:
+                row[key] = ""
+                continue
             values = np.array([r[key] for r in results]) * 100
             row[key] = f"{values.mean():.2f} ± {values.std(ddof=1) if len(values) > 1 else 0:.2f}"
         for key in ("flops", "params", "nonzero_params", "gzip_bytes"):
@@ -171,6 +183,7 @@ COLUMNS = (
     "accuracy",
     "recall",
     "f1",
+    "masked",
     "flops",
     "params",
     "nonzero_params",
@@ -191,7 +204,8 @@ def main(argv=None) -> None:
     for seed in range(args.seeds):
         data = load_digits_data(seed)
         for name in RECIPES:
-            runs[name].append(measure(run_recipe(name, data, seed), data))
+            model, masked = run_recipe(name, data, seed)
+            runs[name].append({**measure(model, data), "masked": masked})
             print(
                 f"seed {seed}: {name}: accuracy {runs[name][-1]['accuracy']:.4f} ({time.time() - start:.0f}s)",
                 flush=True,
@@ -211,6 +225,39 @@ def main(argv=None) -> None:
         json.dump({"rows": rows, "runs": runs, "date": stamp}, handle, indent=2, default=float)
     write_png(os.path.join(args.out, "compare.png"), runs)
     print(header + table)
+    for line in verdicts(runs):
+        print(line)
+
+
+def _mean(runs: dict[str, list[dict]], name: str, key: str = "accuracy") -> float:
+    return float(np.mean([r[key] for r in runs[name]]) * 100)
+
+
+def verdicts(runs: dict[str, list[dict]]) -> list[str]:
+    """Issue 11's targets, each as a PASS/FAIL line with the numbers."""
+    dense = _mean(runs, "dense")
+    lines = []
+    for target in TARGETS:
+        balanced = f"tf_balancer structured balanced {target:g} FLOPs"
+        uniform = f"tf_balancer structured uniform {target:g} FLOPs"
+        got, floor = _mean(runs, balanced), dense - ALLOWED_DROP[target]
+        lines.append(
+            f"{'PASS' if got >= floor else 'FAIL'}: balanced {target:g} FLOPs {got:.2f}% "
+            f">= dense {dense:.2f}% - {ALLOWED_DROP[target]} point(s)"
+        )
+        if target < 0.5:
+            other = _mean(runs, uniform)
+            lines.append(
+                f"{'PASS' if got >= other else 'FAIL'}: balanced {got:.2f}% >= uniform "
+                f"{other:.2f}% at {target:g} FLOPs"
+            )
+        for name in (balanced, uniform):
+            drops = [100 * (r["masked"] - r["accuracy"]) for r in runs[name]]
+            lines.append(
+                f"{'PASS' if max(drops) <= 0.3 else 'FAIL'}: {name}: final never below the "
+                f"masked model's last epoch by more than 0.3 point (worst {max(drops):.2f})"
+            )
+    return lines
 
 
 if __name__ == "__main__":

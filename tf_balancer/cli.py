@@ -101,6 +101,13 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(USAGE_ERROR)
 
 
+def _start_tensorflow() -> None:
+    """Import TensorFlow once the command's input checks passed, without its banner."""
+    from tf_balancer._quiet import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()
+
+
 def _cmd_inspect(args: list[str]) -> int:
     if len(args) != 1:
         raise UsageError(
@@ -108,6 +115,7 @@ def _cmd_inspect(args: list[str]) -> int:
         )
     if not os.path.exists(args[0]):  # fail fast, before TensorFlow is imported
         raise UsageError(f"{args[0]}: no such file or directory")
+    _start_tensorflow()
     from tf_balancer.analysis import inspect
 
     result = inspect(args[0], batch_size=_BATCH_SIZE.value)
@@ -120,6 +128,7 @@ def _cmd_optimize(args: list[str]) -> int:
         raise UsageError(f"optimize takes exactly one SAVEDMODEL directory, got {len(args)}")
     if not _OUTPUT.value:
         raise UsageError("optimize needs --output DIR (where the optimized SavedModel goes)")
+    _start_tensorflow()
     from tf_balancer.export.savedmodel import format_summary, optimize_saved_model
 
     report = optimize_saved_model(
@@ -136,6 +145,7 @@ def _cmd_optimize(args: list[str]) -> int:
 def _cmd_demo(args: list[str]) -> int:
     if args:
         raise UsageError(f"demo takes no positional arguments, got {args}")
+    _start_tensorflow()
     from tf_balancer.demo import run_demo
 
     run_demo(_OUTPUT.value or "demo_out", epochs=_EPOCHS.value)
@@ -164,10 +174,6 @@ def main(argv: list[str]) -> int:
     _plain_progress_lines()
 
     command, args = (argv[1], argv[2:]) if len(argv) > 1 else (None, [])
-    if command == "demo" or (command in _HANDLERS and args):
-        from tf_balancer._quiet import quiet_tensorflow_startup
-
-        quiet_tensorflow_startup()
     handler = _HANDLERS.get(command)
     try:
         if handler is None:

@@ -125,7 +125,9 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
         verbose=2,
     )
     print("[2/3] Removed pruned channels, fine-tuned, folded BatchNorm, fused activations;")
-    print("      the table above compares the dense model (at the first rebalance) with the result.")
+    print(
+        "      the table above compares the dense model (at the first rebalance) with the result."
+    )
     path = callback.export(os.path.join(output, "result"), overwrite=True)
     print(f"[3/3] Wrote {output}/")
     print(

@@ -470,7 +470,14 @@ class BalanceCallback(keras.callbacks.Callback):
         if self._diverged:
             logger.warning("training diverged; skipping compaction and the report")
             return
-        self.optimized_model, self.report = Finalizer(self.finalize_inputs()).run()
+        # Evaluating the user's model (predict) makes Keras attach a new History to it,
+        # and fit returns model.history: keep the one this fit filled.
+        history = getattr(self.model, "history", None)
+        try:
+            self.optimized_model, self.report = Finalizer(self.finalize_inputs()).run()
+        finally:
+            if history is not None:
+                self.model.history = history
 
     def finalize_inputs(self) -> FinalizeInputs:
         """What the end of training works on: model, plan, data, settings."""

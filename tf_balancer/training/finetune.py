@@ -53,10 +53,16 @@ class FinetuneSettings:
 
 
 def current_learning_rate(optimizer: Any) -> float:
-    """The learning rate ``optimizer`` applies now (a schedule evaluated at its step)."""
-    rate = optimizer.learning_rate
-    if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule):
-        rate = rate(optimizer.iterations)
+    """The learning rate of ``optimizer``'s next step (a schedule evaluated at its step count).
+
+    Read from ``get_config()``, where a schedule is serialized, so it means the same
+    in both Kerases (tf_keras's ``optimizer.learning_rate`` is the *last* step's rate).
+    """
+    rate = optimizer.get_config().get("learning_rate")
+    if isinstance(rate, dict):  # a serialized LearningRateSchedule
+        rate = keras.optimizers.schedules.deserialize(rate)(optimizer.iterations)
+    elif rate is None:
+        rate = optimizer.learning_rate
     return float(np.asarray(tf.convert_to_tensor(rate)))
 
 

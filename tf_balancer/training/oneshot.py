@@ -1,0 +1,134 @@
+"""One call for post-training pruning: score, allocate, compact, fine-tune, fold, report.
+
+:func:`prune` is the callback's end of training without the training loop (the
+protocol of most post-training pruning tools): importance from ``data``, one
+balanced allocation for ``target``, then the same
+:class:`~tf_balancer.training.finalize.Finalizer` path as
+:class:`~tf_balancer.training.callback.BalanceCallback` — ``prune_channels``,
+fine-tuning that keeps its best epoch, the lossless passes and the report. The
+user's model is never modified.
+
+Example:
+    >>> import tf_balancer as tfb
+    >>> small, report = tfb.prune(model, target=0.5, data=(x, y),
+    ...                           validation_data=(x_val, y_val))  # doctest: +SKIP
+    >>> report["finetune"]["scores"][0], report["final"]["accuracy"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tf_balancer._compat import ensure_keras2_model
+from tf_balancer._quiet import quietly
+from tf_balancer.analysis import analyze
+from tf_balancer.attention.balance import Bounds, allocate
+from tf_balancer.attention.importance import ProbeData, attention_weights, group_scores
+from tf_balancer.errors import ConfigError
+from tf_balancer.training.finalize import STRUCTURED_PASSES, FinalizeInputs, Finalizer
+from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
+
+__all__ = ["prune"]
+
+
+def _xy(data: Any, name: str) -> tuple[Any, Any]:
+    if isinstance(data, ProbeData):
+        return data.x, data.y
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return data[0], data[1]
+    raise ConfigError(f"{name} must be (x, y) arrays, got {type(data).__name__}")
+
+
+@quietly
+def prune(
+    model: Any,
+    target: float = 0.5,
+    data: Any = None,
+    *,
+    target_metric: str = "flops",
+    importance: str | Mapping[str, float] = "taylor",
+    strategy: str = "balanced",
+    bounds: Bounds | None = None,
+    validation_data: Any = None,
+    finetune_epochs: int = 2,
+    finetune_lr_scale: float = FINETUNE_LR_SCALE,
+    learning_rate: float | None = None,
+    batch_size: int = 32,
+    passes: Sequence[str] | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """Prune a trained model once to ``target`` and return the optimized model and report.
+
+    Args:
+        model: a trained, compiled tf_keras model (left unchanged).
+        target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
+        data: ``(x, y)`` training samples: importance is computed on all of them
+            and fine-tuning trains on them. Defaults to None (only for
+            ``importance="magnitude"``/``"bn_scale"`` and no fine-tuning).
+        target_metric: ``"flops"`` or ``"params"``. Defaults to ``"flops"``.
+        importance: criterion name or ``{name: weight}``. Defaults to ``"taylor"``.
+        strategy: ``"balanced"``, ``"uniform"`` or ``"global"``. Defaults to ``"balanced"``.
+        bounds: per-group limits. Defaults to ``Bounds()``.
+        validation_data: ``(x, y)`` for the report and to keep the best
+            fine-tuning epoch. Defaults to None (no fine-tuning).
+        finetune_epochs: fine-tuning epochs. Defaults to 2.
+        finetune_lr_scale: fine-tuning learning rate as a fraction of the model's
+            optimizer's current rate. Defaults to 0.1.
+        learning_rate: an explicit fine-tuning learning rate (overrides
+            ``finetune_lr_scale``). Defaults to None.
+        batch_size: fine-tuning batch size. Defaults to 32.
+        passes: pass names. Defaults to ``prune_channels, strip_training_ops,
+            fold_batchnorm, fuse_activation``.
+
+    Returns:
+        ``(optimized model, report)``; the report is the callback's (dense and
+        final summaries, per-layer rows, pass records) with ``finetune`` holding
+        the validation score before fine-tuning and after each epoch.
+
+    Raises:
+        ConfigError: bad arguments, or data-driven importance without ``data``.
+        UnsupportedModelError: not a tf_keras model.
+    """
+    model = ensure_keras2_model(model)
+    if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
+        raise ConfigError(f"target must be in (0, 1], got {target!r}")
+    if finetune_epochs < 0 or batch_size < 1:
+        raise ConfigError("finetune_epochs must be >= 0 and batch_size >= 1")
+    probe = ProbeData(*_xy(data, "data")) if data is not None else None
+    if validation_data is not None:
+        _xy(validation_data, "validation_data")
+    if finetune_epochs and getattr(model, "optimizer", None) is None:
+        raise ConfigError(
+            "fine-tuning needs the model's loss and optimizer: compile the model, "
+            "or pass finetune_epochs=0"
+        )
+    analysis = analyze(model)
+    scores = group_scores(analysis.graph, probe, importance)
+    plan = allocate(analysis, scores, target, target_metric, strategy, bounds or Bounds())
+    attention = attention_weights(scores)
+    inputs = FinalizeInputs(
+        mode="structured",
+        passes=tuple(passes) if passes is not None else STRUCTURED_PASSES,
+        model=model,
+        analysis=analysis,
+        plan=plan,
+        finetune=FinetuneSettings(
+            epochs=finetune_epochs,
+            data=(probe.x, probe.y) if probe is not None else None,
+            batch_size=batch_size,
+            lr_scale=finetune_lr_scale,
+            learning_rate=learning_rate,
+        ),
+        validation_data=validation_data,
+        probe_x=probe.x if probe is not None else None,
+        dense_model=model,
+        attention=attention,
+        attention_history=[[attention[g] for g in sorted(attention)]],
+        settings={
+            "target": float(target),
+            "target_metric": target_metric,
+            "strategy": strategy,
+            "importance": importance,
+        },
+    )
+    return Finalizer(inputs).run()
