@@ -10,7 +10,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
-from tf_balancer._compat import keras  # noqa: E402
+from tf_balancer._compat import is_layer, keras  # noqa: E402
 
 # CI runs the property tests with a fixed example sequence (reproducible); local runs explore.
 settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
@@ -25,7 +25,7 @@ def randomize_batchnorm(model, seed: int = 0):
         inner = getattr(layer, "layers", None)
         if inner:
             randomize_batchnorm(layer, seed + 1)
-        if isinstance(layer, keras.layers.BatchNormalization):
+        if is_layer(layer, "BatchNormalization"):
             weights = []
             for w in layer.weights:
                 name = w.name.split("/")[-1]
@@ -91,11 +91,14 @@ def subclassed_model():
     return model
 
 
-def residual_concat_cnn(input_name: str | None = None):
-    """Residual Add (a/b), Concatenate (c | d), BN after `a`, Flatten -> Dense head."""
-    layers = keras.layers
-    keras.utils.set_random_seed(0)
-    inp = keras.Input((12, 12, 3), name=input_name)
+def residual_concat_cnn(input_name: str | None = None, k=keras):
+    """Residual Add (a/b), Concatenate (c | d), BN after `a`, Flatten -> Dense head.
+
+    ``k`` is the Keras module to build with (tf_keras by default, or Keras 3).
+    """
+    layers = k.layers
+    k.utils.set_random_seed(0)
+    inp = k.Input((12, 12, 3), name=input_name)
     a = layers.Conv2D(8, 3, name="a")(inp)
     a = layers.ReLU(name="a_relu")(layers.BatchNormalization(name="a_bn")(a))
     b = layers.Conv2D(8, 3, padding="same", name="b")(a)
@@ -105,4 +108,4 @@ def residual_concat_cnn(input_name: str | None = None):
     e = layers.Conv2D(12, 3, name="e")(layers.Concatenate(name="cat")([c, d]))
     e = layers.Flatten(name="flat")(layers.MaxPooling2D(name="pool")(e))
     f = layers.Dense(16, activation="relu", name="fc")(e)
-    return keras.Model(inp, layers.Dense(5, name="out")(f))
+    return k.Model(inp, layers.Dense(5, name="out")(f))

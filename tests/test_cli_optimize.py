@@ -29,6 +29,7 @@ _BAD_INPUT = (
     "dst_in_src",
     "dst_exists",
     "unknown_pass",
+    "config_not_utf8",
     "pruning_without_calibration",
     "no_output_flag",
 )
@@ -51,6 +52,9 @@ def _workspace(root: str) -> dict[str, str]:
     paths["bad_yaml"] = os.path.join(root, "bad.yaml")
     with open(paths["bad_yaml"], "w") as handle:
         handle.write("passes: [fold_batchnorm, no_such_pass]\n")
+    paths["latin1_yaml"] = os.path.join(root, "latin1.yaml")
+    with open(paths["latin1_yaml"], "wb") as handle:
+        handle.write("# réglage\npasses: [fold_batchnorm]\n".encode("latin-1"))
     paths["strict_yaml"] = os.path.join(root, "strict.yaml")
     with open(paths["strict_yaml"], "w") as handle:
         handle.write("passes: [fold_batchnorm]\nverify: {rtol: 0.0, atol: 0.0}\n")
@@ -79,6 +83,9 @@ def _commands(p: dict[str, str], root: str) -> dict[str, tuple[str, ...]]:
         "dst_in_src": ("optimize", p["cnn"], f"--output={p['cnn']}/variables/out"),
         "dst_exists": ("optimize", p["plain"], f"--output={p['corrupt']}"),
         "unknown_pass": ("optimize", p["cnn"], f"--output={out}_3", f"--config={p['bad_yaml']}"),
+        "config_not_utf8": (
+            *("optimize", p["cnn"], f"--output={out}_5", "--config", p["latin1_yaml"]),
+        ),
         "pruning_without_calibration": (
             *("optimize", p["cnn"], f"--output={out}_4", f"--config={structured}"),
         ),
@@ -89,7 +96,13 @@ def _commands(p: dict[str, str], root: str) -> dict[str, tuple[str, ...]]:
 def _run(args: tuple[str, ...]) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(
-        [_SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600, check=False
+        [_SCRIPT, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+        umask=0o022,  # the usual login umask, whatever pytest's is
     )
 
 
@@ -130,6 +143,14 @@ def test_optimize_writes_a_loadable_saved_model_and_prints_a_summary(runs):
     assert logits.shape == (2, 4)
 
 
+def test_optimize_output_gets_normal_permissions_under_umask_022(runs):
+    proc, out = runs["procs"]["success"], runs["paths"]["existing"]
+    assert proc.returncode == 0, proc.stderr
+    assert oct(os.stat(out).st_mode & 0o777) == oct(0o755)  # readable by TF Serving's user
+    for name in ("saved_model.pb", "tf_balancer_report.json"):
+        assert oct(os.stat(os.path.join(out, name)).st_mode & 0o777) == oct(0o644), name
+
+
 def test_failed_verification_exits_1_and_writes_nothing(runs):
     proc = runs["procs"]["verification_fails"]
     assert proc.returncode == 1, proc.stderr
@@ -149,6 +170,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(runs, case):
     assert len(lines) == 1 and lines[0].startswith("tf-balancer: error: "), lines
     if case == "pruning_without_calibration":
         assert "--calibration" in lines[0]
+    if case == "config_not_utf8":
+        assert runs["paths"]["latin1_yaml"] in lines[0] and "save the file as UTF-8" in lines[0]
     assert set(os.listdir(runs["root"])) == runs["listing"]  # no output, no temporary directory
     assert not os.path.exists(os.path.join(runs["paths"]["cnn"], "variables", "out"))
     for name, digest in runs["hashes"].items():

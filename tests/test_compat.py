@@ -1,4 +1,4 @@
-"""Tests for tf_balancer._compat: the Keras boundary, and Keras 3 models being rejected."""
+"""Tests for tf_balancer._compat: the Keras boundary, both Kerases, and where Keras 2 is required."""
 
 from __future__ import annotations
 
@@ -8,7 +8,17 @@ import tensorflow as tf
 import tf_keras
 
 from tf_balancer import _compat
-from tf_balancer._compat import ensure_keras2_model, is_keras3_object, is_keras_model, keras
+from tf_balancer._compat import (
+    adapter_for,
+    builtin_layer_name,
+    ensure_keras2_model,
+    is_keras3_object,
+    is_keras_model,
+    is_layer,
+    keras,
+    keras_of,
+    weight_attribute,
+)
 from tf_balancer.analysis import analyze, inspect
 from tf_balancer.errors import TFBalancerError, UnsupportedModelError
 from tf_balancer.graph.layer_graph import LayerGraph
@@ -42,7 +52,7 @@ def test_is_keras_model(tf_keras_model, keras3_model):
     assert is_keras_model(tf_keras_model)
     assert is_keras_model(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
     assert is_keras_model(Sub())
-    assert not is_keras_model(keras3_model)
+    assert is_keras_model(keras3_model)
     assert not is_keras_model(tf.Module())
     assert not is_keras_model(None)
 
@@ -77,13 +87,35 @@ def test_ensure_keras2_model_rejects_other_objects():
     [inspect, analyze, LayerGraph.from_model, trace, walk_model],
     ids=["inspect", "analyze", "LayerGraph.from_model", "trace", "walk_model"],
 )
-def test_every_entry_point_rejects_a_keras3_model(entry, keras3_model):
-    with pytest.raises(UnsupportedModelError) as info:
-        entry(keras3_model)
-    message = str(info.value)
-    assert "Keras 3" in message
-    assert "tf_keras" in message
-    assert "TF_USE_LEGACY_KERAS" in message
+def test_every_entry_point_accepts_a_keras3_model(entry, keras3_model):
+    assert entry(keras3_model) is not None
+
+
+def test_adapter_for_follows_the_objects_keras(tf_keras_model, keras3_model):
+    assert adapter_for(tf_keras_model).keras is tf_keras
+    assert adapter_for(keras3_model).keras is keras3
+    assert keras_of(keras3.layers.Dense(2)) is keras3
+    with pytest.raises(UnsupportedModelError, match="expected a Keras model"):
+        adapter_for(tf.Module())
+
+
+def test_builtin_layer_name_matches_exact_builtin_classes_of_either_keras():
+    class MyConv(keras3.layers.Conv2D):
+        pass
+
+    assert builtin_layer_name(keras.layers.Conv2D(2, 1)) == "Conv2D"
+    assert builtin_layer_name(keras3.layers.Conv2D(2, 1)) == "Conv2D"
+    assert builtin_layer_name(MyConv(2, 1)) is None
+    assert is_layer(MyConv(2, 1), "Conv2D")
+
+
+def test_weight_attribute_maps_keras3_depthwise_kernel():
+    k3 = keras3.layers.DepthwiseConv2D(3)
+    k3.build((1, 8, 8, 4))
+    k2 = keras.layers.DepthwiseConv2D(3)
+    k2.build((1, 8, 8, 4))
+    assert weight_attribute(k3, "depthwise_kernel") == "kernel"
+    assert weight_attribute(k2, "depthwise_kernel") == "depthwise_kernel"
 
 
 def test_unsupported_model_error_is_catchable_as_type_error_and_base():

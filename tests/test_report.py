@@ -11,14 +11,18 @@ import tensorflow as tf
 
 from tf_balancer._compat import keras
 from tf_balancer.errors import ExportError
-from tf_balancer.export.writers import atomic_directory
+from tf_balancer.export import writers
+from tf_balancer.export.writers import atomic_directory, current_umask
 from tf_balancer.metrics import macro_scores
 from tf_balancer.report import (
     evaluate_model,
     log_layer_summaries,
     markdown_table,
     measure_latency,
+    regression_scores,
     saved_model_size,
+    summary_markdown,
+    task_scores,
     write_report_png,
 )
 
@@ -90,6 +94,53 @@ def test_atomic_directory_overwrite_keeps_old_content_on_exception(tmp_path):
     assert os.listdir(tmp_path) == ["out"]
 
 
+@pytest.fixture
+def umask():
+    """Set the process umask for one test; restored afterwards."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield os.umask
+    os.umask(saved)
+
+
+@pytest.mark.parametrize(
+    ("mask", "mode"),
+    [(0o022, 0o755), (0o027, 0o750), (0o077, 0o700)],
+    ids=["umask022", "umask027", "umask077"],
+)
+def test_atomic_directory_result_has_the_mode_of_a_normal_mkdir(tmp_path, umask, mask, mode):
+    umask(mask)
+    path = tmp_path / "out"
+    with atomic_directory(path) as tmp:
+        (tmp_path / "plain").mkdir()  # what os.makedirs gives under this umask
+        with open(os.path.join(tmp, "a.txt"), "w") as handle:
+            handle.write("a")
+    assert oct(path.stat().st_mode & 0o777) == oct(mode)
+    assert oct((tmp_path / "plain").stat().st_mode & 0o777) == oct(mode)
+
+
+def test_atomic_directory_overwrite_result_follows_the_umask(tmp_path, umask):
+    umask(0o022)
+    path = tmp_path / "out"
+    path.mkdir(mode=0o700)
+    with atomic_directory(path, overwrite=True):
+        pass
+    assert oct(path.stat().st_mode & 0o777) == oct(0o755)
+
+
+@pytest.mark.parametrize("proc", [True, False])
+def test_current_umask_reads_the_umask_and_leaves_it_unchanged(umask, monkeypatch, proc):
+    if not proc:  # no /proc (macOS): the set-and-restore fallback
+
+        def no_proc(*args, **kwargs):
+            raise OSError("no /proc")
+
+        monkeypatch.setattr(writers, "open", no_proc, raising=False)
+    umask(0o027)
+    assert current_umask() == 0o027
+    assert os.umask(0o027) == 0o027
+
+
 def test_markdown_table_formats_rows():
     rows = [
         {"layer": "conv1", "flops": 1234567, "ratio": 0.123456},
@@ -155,6 +206,56 @@ def test_evaluate_model_thresholds_a_single_logit():
     summary = evaluate_model(model, x, y, latency_batches=())
     predicted = (model.predict(x, verbose=0).reshape(-1) > 0.0).astype(int)
     assert summary == pytest.approx(macro_scores(y, predicted, 2))
+
+
+@pytest.fixture(scope="module")
+def regressor():
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((3,))
+    model = keras.Model(inp, keras.layers.Dense(1)(inp))
+    model.compile(optimizer="adam", loss="mse")
+    return model
+
+
+@pytest.mark.parametrize("target_shape", [(200,), (200, 1)])
+def test_regression_scores_are_numpy_mae_and_rmse(regressor, target_shape):
+    x = np.random.default_rng(3).normal(size=(200, 3)).astype("float32")
+    y = np.random.default_rng(4).normal(size=200) * 5.0
+    error = regressor.predict(x, verbose=0).reshape(-1).astype("float64") - y
+    scores = regression_scores(regressor, x, y.reshape(target_shape))
+    assert scores == pytest.approx(
+        {"mae": np.abs(error).mean(), "rmse": np.sqrt((error**2).mean())}, rel=1e-6
+    )
+
+
+def test_evaluate_model_of_a_regression_model_has_mae_and_rmse(regressor):
+    x = np.random.default_rng(3).normal(size=(50, 3)).astype("float32")
+    y = np.arange(50, dtype="float32")  # outside any class range: no class-id check
+    summary = evaluate_model(regressor, x, y, latency_batches=())
+    assert summary == pytest.approx(regression_scores(regressor, x, y))
+
+
+def test_task_scores_follow_the_compiled_loss_or_the_classifier_argument(classifier, regressor):
+    x = np.random.default_rng(3).normal(size=(40, 3)).astype("float32")
+    assert set(task_scores(regressor, x, np.zeros(40))) == {"mae", "rmse"}
+    assert set(task_scores(regressor, x, np.zeros(40), classifier=True)) >= {"accuracy", "f1"}
+    x6 = np.random.default_rng(3).normal(size=(40, 6)).astype("float32")
+    y = np.arange(40) % 4
+    assert set(task_scores(classifier, x6, y)) >= {"accuracy", "f1"}  # not compiled: classifier
+    assert set(task_scores(classifier, x6, np.eye(4)[y], classifier=False)) == {"mae", "rmse"}
+    with pytest.raises(ValueError, match=r"targets of shape \(40,\) do not match.*\(40, 4\)"):
+        task_scores(classifier, x6, y, classifier=False)
+
+
+def test_summary_markdown_has_mae_and_rmse_rows_for_regression():
+    report = {
+        "dense": {"mae": 0.5, "rmse": 0.8, "flops": 100},
+        "final": {"mae": 0.6, "rmse": 0.9, "flops": 50},
+    }
+    table = summary_markdown(report)
+    assert "| MAE | 0.5 | 0.6 | 1.200x |" in table
+    assert "| RMSE | 0.8 | 0.9 | 1.125x |" in table
+    assert "accuracy" not in table
 
 
 def test_write_report_png_writes_a_png(tmp_path):

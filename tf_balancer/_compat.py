@@ -1,30 +1,199 @@
 """The Keras boundary: the only module that imports Keras.
 
-tfmot and tf_balancer work on Keras 2 models, i.e. the ``tf_keras`` package.
-``import tf_keras`` works whether or not ``TF_USE_LEGACY_KERAS`` is set, so this
-module never depends on that variable. A Keras 3 model (``keras`` >= 3, the
-default ``tf.keras`` since TF 2.16) is detected here and rejected with a message
-that says how to switch.
+Two Kerases meet here behind one small interface, :class:`KerasAdapter`:
+
+* **Keras 2** (the ``tf_keras`` package): tfmot works only with it, so
+  ``mode="sparse"`` and the ``prune_weights`` pass need it
+  (:func:`ensure_keras2_model`). ``import tf_keras`` works whether or not
+  ``TF_USE_LEGACY_KERAS`` is set.
+* **Keras 3** (``keras`` >= 3 on the TensorFlow backend; ``tf.keras`` since TF
+  2.16): the structured path (analysis, importance, masks, compaction, the
+  lossless passes, export) runs on it through the same code.
+
+Everything outside this module asks :func:`adapter_for` (or :func:`keras_of`)
+for the Keras of the model at hand and uses only what both Kerases share: layer
+classes by name, ``get_config``/``from_config``, ``get_weights``/``set_weights``,
+``keras.Input``/``keras.Model``. The few places where the two differ - the
+functional graph's nodes and how a layer is looked up by class - are methods of
+the adapter.
 
 Example:
-    >>> from tf_balancer._compat import keras, ensure_keras2_model
+    >>> from tf_balancer._compat import keras, adapter_for
     >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    >>> ensure_keras2_model(model) is model
-    True
+    >>> adapter_for(model).version
+    2
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import tf_keras as keras
 
 from tf_balancer.errors import KERAS3_FIX, UnsupportedModelError
 
-__all__ = ["keras", "layers", "is_keras3_object", "ensure_keras2_model", "is_keras_model"]
+__all__ = [
+    "keras",
+    "layers",
+    "KerasAdapter",
+    "adapter_for",
+    "keras_of",
+    "is_keras3_object",
+    "is_keras_model",
+    "ensure_keras_model",
+    "ensure_keras2_model",
+    "is_layer",
+    "builtin_layer_name",
+    "load_model_file",
+    "weight_attribute",
+]
 
 layers = keras.layers
+
+
+def _keras3() -> Any:
+    """The Keras 3 module, imported on first use (None when not installed)."""
+    module = sys.modules.get("keras")
+    if module is None:
+        try:
+            import keras as module  # noqa: PLC0415
+        except ImportError:  # pragma: no cover - keras 3 ships with TF >= 2.16
+            return None
+    return module if str(getattr(module, "__version__", "")).startswith("3") else None
+
+
+class KerasAdapter:
+    """What tf_balancer needs from one Keras.
+
+    Attributes:
+        keras: the Keras module (``tf_keras`` or ``keras``).
+        version: 2 or 3.
+    """
+
+    def __init__(self, module: Any, version: int):
+        self.keras = module
+        self.version = version
+
+    # ---------------------------------------------------------------- models
+    def is_graph_network(self, model: Any) -> bool:
+        """A functional or built Sequential model (its call graph is recorded)."""
+        if not isinstance(model, self.keras.Model):
+            return False
+        if self.version == 2:
+            return bool(getattr(model, "_is_graph_network", False))
+        functional = self.keras.src.models.functional.Functional
+        if isinstance(model, self.keras.Sequential):
+            return getattr(model, "_functional", None) is not None
+        return isinstance(model, functional)
+
+    def functional_of(self, model: Any) -> Any:
+        """The object holding the call graph (a Keras 3 Sequential wraps a Functional)."""
+        if self.version == 3 and isinstance(model, self.keras.Sequential):
+            return model._functional
+        return model
+
+    def nodes_by_depth(self, model: Any) -> dict[int, list[Any]]:
+        return self.functional_of(model)._nodes_by_depth
+
+    def graph_inputs(self, model: Any) -> list[Any]:
+        return list(self.functional_of(model).inputs)
+
+    def graph_outputs(self, model: Any) -> list[Any]:
+        return list(self.functional_of(model).outputs)
+
+    def output_names(self, model: Any) -> list[str]:
+        """Names of the layers producing the model's outputs (Keras' output names)."""
+        if self.version == 2:
+            return list(model.output_names)
+        return [t._keras_history.operation.name for t in self.graph_outputs(model)]
+
+    def input_names(self, model: Any) -> list[str]:
+        """Names of the model's input layers."""
+        if self.version == 2:
+            return list(model.input_names)
+        return [t._keras_history.operation.name for t in self.graph_inputs(model)]
+
+    def functional_twin(self, model: Any) -> Any | None:
+        r"""A functional model that calls a built subclassed ``model``'s own layers.
+
+        ``model.call`` is run once on symbolic ``keras.Input``\ s, which records its
+        layer calls as a functional graph; the twin shares every layer (and so every
+        weight) with ``model`` and computes the same outputs. None when ``model``
+        is not built yet (its input shapes are unknown).
+        """
+        shapes = self._built_input_shapes(model)
+        if shapes is None:
+            return None
+        inputs = [self.keras.Input(batch_shape=(None, *shape[1:])) for shape in shapes]
+        outputs = model.call(inputs[0] if len(inputs) == 1 else inputs)
+        return self.keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=model.name)
+
+    def _built_input_shapes(self, model: Any) -> list[tuple] | None:
+        if self.version == 2:
+            spec = model.save_spec() if getattr(model, "built", False) else None
+            if not spec:
+                return None
+            import tensorflow as tf
+
+            return [tuple(s.shape) for s in tf.nest.flatten(spec[0])]
+        shapes = getattr(model, "_build_shapes_dict", None)
+        if not shapes:
+            return None
+        first = next(iter(shapes.values()))
+        return (
+            [tuple(first)] if isinstance(first[0], (int, type(None))) else list(map(tuple, first))
+        )
+
+    # ----------------------------------------------------------------- nodes
+    def node_layer(self, node: Any) -> Any:
+        return node.layer if self.version == 2 else node.operation
+
+    def node_inputs(self, node: Any) -> list[Any]:
+        """The Keras tensors a call consumed, in argument order."""
+        return list(node.keras_inputs if self.version == 2 else node.arguments.keras_tensors)
+
+    def node_call(self, node: Any) -> tuple[list[Any], dict[str, Any]]:
+        """``(args, kwargs)`` the layer was called with."""
+        if self.version == 2:
+            return list(node.call_args), dict(node.call_kwargs)
+        return list(node.arguments.args), dict(node.arguments.kwargs)
+
+    def node_outputs(self, node: Any) -> list[Any]:
+        import tensorflow as tf
+
+        return tf.nest.flatten(node.outputs)
+
+    # --------------------------------------------------------------- building
+    def input(self, shape: Sequence[Any], dtype: Any, name: str) -> Any:
+        return self.keras.Input(batch_shape=tuple(shape), dtype=dtype, name=name)
+
+    def model(self, inputs: Any, outputs: Any, name: str | None = None) -> Any:
+        return self.keras.Model(inputs, outputs, name=name)
+
+    def save_saved_model(self, model: Any, path: str) -> None:
+        """Write ``model`` as a TF SavedModel for serving (no optimizer state).
+
+        tf_keras writes a Keras SavedModel (``model.save``); Keras 3 its serving
+        export (``model.export``: a ``serve`` endpoint and ``serving_default``).
+        """
+        if self.version == 2:
+            model.save(path, include_optimizer=False)
+        else:
+            model.export(path, format="tf_saved_model", verbose=False)
+
+
+_ADAPTERS: dict[int, KerasAdapter] = {2: KerasAdapter(keras, 2)}
+
+
+def _adapter(version: int) -> KerasAdapter:
+    if version not in _ADAPTERS:
+        module = _keras3()
+        if module is None:  # pragma: no cover
+            raise UnsupportedModelError("Keras 3 is not installed")
+        _ADAPTERS[3] = KerasAdapter(module, 3)
+    return _ADAPTERS[version]
 
 
 def is_keras3_object(obj: Any) -> bool:
@@ -36,21 +205,113 @@ def is_keras3_object(obj: Any) -> bool:
 
 
 def is_keras_model(obj: Any) -> bool:
-    """True for a tf_keras ``Model`` (Sequential, Functional or subclassed)."""
-    return isinstance(obj, keras.Model)
+    """True for a Keras model of either Keras (Sequential, Functional or subclassed)."""
+    if isinstance(obj, keras.Model):
+        return True
+    return is_keras3_object(obj) and isinstance(obj, sys.modules["keras"].Model)
+
+
+def adapter_for(obj: Any) -> KerasAdapter:
+    """The adapter of the Keras that ``obj`` (a layer or model) belongs to.
+
+    Raises:
+        UnsupportedModelError: ``obj`` is not a Keras layer or model.
+    """
+    if isinstance(obj, keras.layers.Layer):
+        return _ADAPTERS[2]
+    if is_keras3_object(obj):
+        return _adapter(3)
+    raise UnsupportedModelError(
+        f"expected a Keras model (tf_keras or Keras 3), got {type(obj).__name__}"
+    )
+
+
+def keras_of(obj: Any) -> Any:
+    """The Keras module of ``obj`` (``tf_keras`` or ``keras`` 3)."""
+    return adapter_for(obj).keras
+
+
+def ensure_keras_model(model: Any) -> Any:
+    """Return ``model`` if it is a Keras model of either Keras, else raise a clear error."""
+    if is_keras_model(model):
+        return model
+    raise UnsupportedModelError(
+        f"expected a Keras Model (tf_keras or Keras 3), got {type(model).__name__}"
+    )
 
 
 def ensure_keras2_model(model: Any) -> keras.Model:
     """Return ``model`` if it is a tf_keras model, else raise a clear error.
 
+    For what needs Keras 2 (tfmot: ``mode="sparse"``, ``prune_weights``).
+
     Raises:
         UnsupportedModelError: for a Keras 3 model (with the fix), or for
             anything that is not a Keras model at all.
     """
-    if is_keras_model(model):
+    if isinstance(model, keras.Model):
         return model
     if is_keras3_object(model):
         raise UnsupportedModelError(f"Keras 3 model given ({type(model).__name__}); {KERAS3_FIX}")
     raise UnsupportedModelError(
         f"expected a tf_keras Model, got {type(model).__name__}; {KERAS3_FIX}"
     )
+
+
+def is_layer(layer: Any, *class_names: str) -> bool:
+    """True when ``layer``'s class, or one of its bases, has one of ``class_names``.
+
+    Layer classes have the same names in both Kerases, so this is how modules
+    outside ``_compat`` test a layer's type.
+    """
+    return any(cls.__name__ in class_names for cls in type(layer).__mro__)
+
+
+def builtin_layer_name(layer: Any) -> str | None:
+    """The class name of ``layer`` when it is exactly a built-in layer of its Keras.
+
+    None for a user subclass (``class MyConv(Conv2D)``) or a custom layer: passes
+    that rewrite layers match built-in classes exactly, never by subclass.
+    """
+    name = type(layer).__name__
+    try:
+        builtin = getattr(keras_of(layer).layers, name, None)
+    except UnsupportedModelError:
+        return None
+    return name if type(layer) is builtin else None
+
+
+def saved_by_keras3(path: str) -> bool:
+    """True for a ``.keras`` archive written by Keras 3 (its ``metadata.json`` says so)."""
+    import json
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        if "metadata.json" not in archive.namelist():
+            return False
+        version = json.loads(archive.read("metadata.json")).get("keras_version", "")
+    return str(version).startswith("3")
+
+
+def load_model_file(path: str) -> Any:
+    """Load a Keras model file or Keras SavedModel with the Keras that wrote it (uncompiled)."""
+    if path.endswith(".keras") and saved_by_keras3(path):
+        return _adapter(3).keras.saving.load_model(path, compile=False)
+    return keras.models.load_model(path, compile=False)
+
+
+_WEIGHT_ALIASES = {"depthwise_kernel": "kernel"}  # Keras 3 DepthwiseConv keeps it as `kernel`
+
+
+def weight_attribute(layer: Any, attr: str) -> str:
+    """The attribute of ``layer`` that holds the weight tf_keras calls ``attr``.
+
+    The two Kerases name a few weights differently (Keras 3's DepthwiseConv2D
+    stores ``depthwise_kernel`` as ``kernel``); specs and passes use tf_keras names.
+    """
+    alias = _WEIGHT_ALIASES.get(attr)
+    if alias and not hasattr(layer, attr) and hasattr(layer, alias):
+        return alias
+    return attr

@@ -10,7 +10,9 @@ functions"). They come from tf_balancer's calls, not the user's code, so
   (a filter, removed afterwards);
 * TensorFlow's deprecation notices are silenced (``deprecation.silence``);
 * C++ INFO lines (``I0000 ...``) written to stderr are dropped, other lines are
-  passed on, when ``TF_CPP_MIN_LOG_LEVEL`` does not already hide them.
+  passed on, when ``TF_CPP_MIN_LOG_LEVEL`` does not already hide them;
+* absl's ``logging.basicConfig()`` (called on a message when the root logger
+  has no handler) is kept from configuring the user's root logger.
 
 The user's logging configuration is never changed beyond the call.
 
@@ -94,12 +96,20 @@ def quiet_tensorflow() -> Iterator[None]:
     loggers = [logging.getLogger(name) for name in ("tensorflow", "absl")]
     for logger in loggers:
         logger.addFilter(_errors_only)
+    # absl calls logging.basicConfig() on a message when the root logger has no
+    # handler (TensorFlow's SavedModel code logs through absl): a placeholder
+    # handler for the duration of the block keeps the user's root logger as it is.
+    placeholder = None if logging.root.handlers else logging.NullHandler()
+    if placeholder is not None:
+        logging.root.addHandler(placeholder)
     try:
         with deprecation.silence(), _cpp_info_dropped():
             yield
     finally:
         for logger in loggers:
             logger.removeFilter(_errors_only)
+        if placeholder is not None:
+            logging.root.removeHandler(placeholder)
         with _lock:
             _depth -= 1
 

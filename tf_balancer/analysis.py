@@ -19,7 +19,7 @@ import json
 import os
 from typing import Any
 
-from tf_balancer._compat import is_keras3_object, is_keras_model, keras
+from tf_balancer._compat import is_keras3_object, is_keras_model, load_model_file
 from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, ModelLoadError
 from tf_balancer.graph.cost import CostReport, PlanCoster, measured_layer_flops
@@ -154,7 +154,7 @@ class InspectResult:
 
 
 def load_model(path: str | os.PathLike) -> Any:
-    """Load a tf_keras model file/SavedModel, or return None for a plain SavedModel."""
+    """Load a Keras model file/SavedModel (tf_keras or Keras 3), or None for a plain SavedModel."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ModelLoadError(f"{path}: no such file or directory")
@@ -162,7 +162,7 @@ def load_model(path: str | os.PathLike) -> Any:
     if not is_file_model and not os.path.exists(os.path.join(path, "keras_metadata.pb")):
         return None
     try:
-        return keras.models.load_model(path, compile=False)
+        return load_model_file(path)
     except Exception as err:  # a Keras file can fail in many ways; report it in one line
         raise ModelLoadError(f"{path}: could not load the Keras model ({err})") from err
 

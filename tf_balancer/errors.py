@@ -40,6 +40,8 @@ class ExportError(TFBalancerError, FileExistsError):
 
 
 KERAS3_FIX = (
-    "tf_balancer needs a Keras 2 (tf_keras) model: build it with `import tf_keras as keras`, "
-    "or set TF_USE_LEGACY_KERAS=1 before importing TensorFlow so that `tf.keras` is tf_keras."
+    "unstructured sparsity (mode='sparse', the prune_weights pass) uses tfmot, which needs a "
+    "Keras 2 (tf_keras) model: build it with `import tf_keras as keras`, or set "
+    "TF_USE_LEGACY_KERAS=1 before importing TensorFlow so that `tf.keras` is tf_keras; "
+    "structured pruning (mode='structured') works with Keras 3 as it is."
 )

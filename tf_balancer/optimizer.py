@@ -26,6 +26,7 @@ from tf_balancer._compat import is_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, PassError, VerificationError
 from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.graph.walk import functional_twin
 from tf_balancer.passes.base import GraphPass, PassContext, get_pass
 from tf_balancer.verify import Outcome, compare_outputs, compare_signature, random_inputs
 
@@ -132,8 +133,14 @@ class MetaOptimizer:
 
     @quietly
     def run(self, model: Any, ctx: PassContext | None = None) -> tuple[Any, OptimizationReport]:
-        """Optimize ``model`` (never modified); returns the new model and the report."""
+        """Optimize ``model`` (never modified); returns the new model and the report.
+
+        A subclassed model is optimized through its functional twin (same layers,
+        same outputs): what comes back is a functional model.
+        """
         ctx = ctx or PassContext()
+        if is_keras_model(model):
+            model = functional_twin(model)
         probe = ctx.probe_inputs if ctx.probe_inputs is not None else random_inputs(model)
         stats = model_stats(model)
         records = []

@@ -19,12 +19,16 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer.metrics import macro_scores
+from tf_balancer._compat import adapter_for, is_keras_model
+from tf_balancer.metrics import macro_scores, task_metrics
 
 __all__ = [
     "measure_latency",
     "saved_model_size",
     "classification_scores",
+    "regression_scores",
+    "is_classifier",
+    "task_scores",
     "evaluate_model",
     "markdown_table",
     "write_report_png",
@@ -67,9 +71,10 @@ def saved_model_size(model: Any) -> dict[str, int]:
     """Bytes of the model saved as a SavedModel, raw and gzip-compressed (tar)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "model")
-        model.save(path, include_optimizer=False) if hasattr(
-            model, "layers"
-        ) else tf.saved_model.save(model, path)
+        if is_keras_model(model):
+            adapter_for(model).save_saved_model(model, path)
+        else:
+            tf.saved_model.save(model, path)
         archive = shutil.make_archive(os.path.join(tmp, "model"), "gztar", path)
         return {"bytes": directory_size(path), "gzip_bytes": os.path.getsize(archive)}
 
@@ -94,15 +99,85 @@ def classification_scores(model: Any, x: Any, y: Any, num_classes: int | None = 
     return dict(macro_scores(labels.reshape(-1), predicted, num_classes))
 
 
+def regression_scores(model: Any, x: Any, y: Any) -> dict[str, float]:
+    """Mean absolute error and root mean squared error of ``model`` on ``(x, y)``.
+
+    Targets of shape ``(n,)`` are compared with outputs of shape ``(n, 1)`` (and
+    the reverse); otherwise the shapes must match.
+
+    Raises:
+        ValueError: the targets' shape does not match the outputs'.
+
+    Example:
+        >>> regression_scores(model, x_val, y_val)  # doctest: +SKIP
+        {'mae': 0.41, 'rmse': 0.55}
+    """
+    predicted = np.asarray(model.predict(x, verbose=0, batch_size=256), dtype=np.float64)
+    target = np.asarray(y, dtype=np.float64)
+    if target.shape != predicted.shape and target.size == predicted.size:
+        target = target.reshape(predicted.shape)
+    if target.shape != predicted.shape:
+        raise ValueError(
+            f"regression targets of shape {target.shape} do not match the model's outputs "
+            f"{predicted.shape}: give one target per output value"
+        )
+    error = predicted - target
+    return {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error**2)))}
+
+
+def is_classifier(model: Any) -> bool:
+    """Whether reports score ``model`` as a classifier (accuracy/recall/F1).
+
+    A compiled model is a classifier when :func:`~tf_balancer.metrics.task_metrics`
+    reads its loss and output as classification; a model without a compiled loss
+    is taken for a classifier (the task cannot be read from it).
+    """
+    if getattr(model, "loss", None) is None:
+        return True
+    return bool(task_metrics(model))
+
+
+def task_scores(
+    model: Any, x: Any, y: Any, classifier: bool | None = None, num_classes: int | None = None
+) -> dict[str, float]:
+    """``accuracy``/``recall``/``f1`` for classifiers, ``mae``/``rmse`` otherwise.
+
+    Args:
+        model: the model to score.
+        x: inputs.
+        y: labels (class ids or one-hot) or regression targets.
+        classifier: the task; None reads it from ``model`` (:func:`is_classifier`).
+        num_classes: classes of a classifier; None reads them from the output.
+
+    Returns:
+        The scores by name.
+
+    Example:
+        >>> model.compile(loss="mse")  # doctest: +SKIP
+        >>> sorted(task_scores(model, x_val, y_val))  # doctest: +SKIP
+        ['mae', 'rmse']
+    """
+    if classifier is None:
+        classifier = is_classifier(model)
+    if classifier:
+        return classification_scores(model, x, y, num_classes)
+    return regression_scores(model, x, y)
+
+
 def evaluate_model(
     model: Any,
     x: Any,
     y: Any,
     num_classes: int | None = None,
     latency_batches: Sequence[int] = (1, 64),
+    classifier: bool | None = None,
 ) -> dict[str, float]:
-    """Accuracy, macro recall and F1 on ``(x, y)``, plus latency per batch size."""
-    summary = classification_scores(model, x, y, num_classes)
+    """Task scores on ``(x, y)`` (:func:`task_scores`), plus latency per batch size.
+
+    ``classifier`` as in :func:`task_scores`; pass it when ``model`` is not compiled
+    but the task is known (e.g. a compacted copy of a compiled regression model).
+    """
+    summary = task_scores(model, x, y, classifier, num_classes)
     for batch in latency_batches:
         summary[f"latency_ms_b{batch}"] = measure_latency(model, model.input_shape, batch)
     return summary
@@ -178,6 +253,8 @@ _SUMMARY_ROWS = (
     ("accuracy", "accuracy"),
     ("macro recall", "recall"),
     ("macro F1", "f1"),
+    ("MAE", "mae"),
+    ("RMSE", "rmse"),
     ("FLOPs", "flops"),
     ("params", "params"),
     ("latency ms (batch 1)", "latency_ms_b1"),

@@ -43,7 +43,9 @@ def random_inputs(model: Any, batch_size: int = 2, seed: int = 0) -> Any:
     """Seeded uniform [0, 1) inputs matching a Keras model's input shapes."""
     rng = np.random.default_rng(seed)
     arrays = [
-        rng.random((batch_size, *t.shape[1:]), dtype=np.float32).astype(t.dtype.as_numpy_dtype)
+        rng.random((batch_size, *t.shape[1:]), dtype=np.float32).astype(
+            tf.as_dtype(t.dtype).as_numpy_dtype
+        )
         for t in model.inputs
     ]
     return arrays if len(arrays) > 1 else arrays[0]

@@ -336,6 +336,23 @@ def test_load_config_errors_name_the_file(tmp_path, text, match):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize(
+    "data",
+    [
+        "# réglage rapide\npasses: [fold_batchnorm]\n".encode("latin-1"),
+        "passes: [fold_batchnorm]\n".encode("utf-16"),
+    ],
+    ids=["latin1", "utf16"],
+)
+def test_load_config_not_utf8_is_a_config_error_naming_the_file(tmp_path, data):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(data)
+    with pytest.raises(ConfigError, match="save the file as UTF-8") as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: not UTF-8 text")
+    assert "\n" not in str(info.value)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
 def test_recipe_loads(path):
     config = load_config(path)

@@ -165,16 +165,23 @@ def test_state_is_attached_to_the_model_at_set_model():
     assert getattr(model, STATE_ATTRIBUTE) is callback.state.checkpoint
 
 
-def test_keras3_model_raises_unsupported_model_error_mentioning_tf_keras():
+def test_keras3_model_is_accepted_in_structured_mode_and_refused_in_sparse_mode():
     import keras as keras3
 
     assert keras3.__version__.startswith("3")
-    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(2)])
+    model = keras3.Sequential([keras3.Input((4,)), keras3.layers.Dense(8), keras3.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
     callback = BalanceCallback(importance="magnitude")
     callback.set_model(model)
     callback.set_params({"epochs": 2})
+    callback.on_train_begin()
+    assert callback.analysis.graph.prunable_groups
+    callback.hooks.remove()
+    sparse = BalanceCallback(mode="sparse", importance="magnitude")
+    sparse.set_model(model)
+    sparse.set_params({"epochs": 2})
     with pytest.raises(UnsupportedModelError, match="tf_keras"):
-        callback.on_train_begin()
+        sparse.on_train_begin()
 
 
 def test_uncompiled_model_raises_config_error_naming_compile():

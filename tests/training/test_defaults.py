@@ -106,6 +106,34 @@ def test_regression_model_gets_no_recall_or_f1_and_no_error(digits):
     assert history.history["balancer/flops_ratio"][-1] <= 0.5 + 1e-3
 
 
+def test_regression_with_callback_validation_data_logs_mae_and_reports_it(digits):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(1)(x))
+    model.compile(optimizer="adam", loss="mse")
+    y = digits.y_train.astype("float32")  # values 0-9: not class ids of a 1-wide output
+    xv, yv = digits.x_val[:64], digits.y_val[:64].astype("float32")
+    callback = BalanceCallback(validation_data=(xv, yv), verbose=0)
+    history = model.fit(
+        digits.x_train[:256], y[:256], epochs=3, batch_size=64, callbacks=[callback], verbose=0
+    )
+    logged = history.history
+    assert len(logged["balancer/val_mae"]) == 3 and len(logged["balancer/val_rmse"]) == 3
+    assert not any(
+        key.startswith("balancer/val_") and "mae" not in key and "rmse" not in key for key in logged
+    )
+    error = model.predict(xv, verbose=0).reshape(-1).astype("float64") - yv
+    assert logged["balancer/val_mae"][-1] == pytest.approx(np.abs(error).mean(), abs=1e-5)
+    assert logged["balancer/val_rmse"][-1] == pytest.approx(np.sqrt((error**2).mean()), abs=1e-5)
+    final = callback.report["final"]
+    assert {"mae", "rmse"} <= set(final)
+    assert not {"accuracy", "recall", "f1"} & set(final)
+    assert {"mae", "rmse"} <= set(callback.report["dense"])
+
+
 def test_binary_sigmoid_classifier_gets_val_macro_f1(digits):
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 1))

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.layer_specs import spec_for
@@ -44,7 +45,7 @@ def channel_masks(graph: LayerGraph, plan: Any) -> dict[tuple[str, str], np.ndar
                     continue
                 key = (member.node, attr)
                 mask = masks.setdefault(
-                    key, np.ones(weight.shape, dtype=weight.dtype.as_numpy_dtype)
+                    key, np.ones(weight.shape, dtype=tf.as_dtype(weight.dtype).as_numpy_dtype)
                 )
                 index = [slice(None)] * len(weight.shape)
                 index[axis] = member.indices(pruned)

@@ -23,9 +23,9 @@ def load_config(path: str | os.PathLike[str]) -> OptimizeConfig:
         'strip_training_ops'
 
     Raises:
-        ConfigError: if the file is missing or unreadable, is not valid YAML, its
-            top level is not a mapping, or a value is invalid (the message starts
-            with the path).
+        ConfigError: if the file is missing or unreadable, is not UTF-8 text, is
+            not valid YAML, its top level is not a mapping, or a value is invalid
+            (the message starts with the path).
     """
     path = os.fspath(path)
     try:
@@ -40,6 +40,11 @@ def load_config(path: str | os.PathLike[str]) -> OptimizeConfig:
         raise ConfigError(f"cannot read config file {path!r}: {err}") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML, fix the syntax: {err}") from err
+    except UnicodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text ({err}); save the file as UTF-8 (your editor's "
+            "encoding setting, or e.g. `iconv -f latin1 -t utf-8 OLD.yaml > NEW.yaml`)"
+        ) from err
     if not isinstance(data, Mapping):
         raise ConfigError(
             f"{path}: the top level must be a mapping of keys (passes, balance, ...), "

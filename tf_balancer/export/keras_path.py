@@ -97,7 +97,7 @@ def _channel_plan(model, config: OptimizeConfig, calibration, inputs, notes: lis
         arrays = [x]
     else:
         raise ConfigError(f"calibration x must be a mapping with the model's inputs {inputs}")
-    dtypes = [t.dtype.as_numpy_dtype for t in model.inputs]
+    dtypes = [tf.as_dtype(t.dtype).as_numpy_dtype for t in model.inputs]
     x = [np.asarray(a, dtype) for a, dtype in zip(arrays, dtypes, strict=True)]
     x = x if len(x) > 1 else x[0]
     weights = (

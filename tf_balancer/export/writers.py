@@ -10,18 +10,48 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any
 
-from tf_balancer._compat import keras
+from tf_balancer._compat import adapter_for, is_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.errors import ExportError
 from tf_balancer.report import markdown_table, summary_markdown, write_json, write_report_png
 
 __all__ = ["atomic_directory", "export_result"]
 
+_umask_lock = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows.
+
+    Linux reports it in ``/proc/self/status``; elsewhere it is read by setting and
+    restoring it (under a lock, so two tf_balancer threads never interleave).
+
+    Example:
+        >>> 0 <= current_umask() <= 0o777
+        True
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _umask_lock:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
 
 class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile's)
     """Write a directory atomically: build it in a temp dir, then rename into place.
+
+    The temp dir is private (0700) while it is written; before the rename it gets
+    the mode ``os.makedirs`` would give (``0o777 & ~umask``), so a result written
+    under umask 022 is readable by other users (e.g. TF Serving).
 
     Example:
         >>> with atomic_directory("/tmp/out", overwrite=True) as tmp:  # doctest: +SKIP
@@ -50,6 +80,7 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
+        os.chmod(self.tmp, 0o777 & ~current_umask())
         old = None
         if os.path.exists(self.path):
             old = self.tmp + ".old"
@@ -63,8 +94,8 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
 def export_result(path: str, model: Any, report: dict[str, Any], overwrite: bool = False) -> str:
     """Atomically write ``saved_model/``, ``report.json``, ``report.png``, ``report.md``."""
     with atomic_directory(path, overwrite) as tmp:
-        if isinstance(model, keras.Model):
-            model.save(os.path.join(tmp, "saved_model"), include_optimizer=False)
+        if is_keras_model(model):
+            adapter_for(model).save_saved_model(model, os.path.join(tmp, "saved_model"))
         write_json(os.path.join(tmp, "report.json"), report)
         write_report_png(os.path.join(tmp, "report.png"), report.get("layers", []), "tf_balancer")
         layers = markdown_table(

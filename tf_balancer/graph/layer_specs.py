@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from tf_balancer._compat import keras
+from tf_balancer._compat import is_layer, weight_attribute
 
 __all__ = ["LayerSpec", "spec_for", "opaque_reason", "couples_channels"]
 
@@ -157,9 +157,26 @@ def _is_last_axis(axis: Any, rank: int | None) -> bool:
 
 def spec_for(layer: Any, rank: int | None = None) -> LayerSpec:
     """The :class:`LayerSpec` of a layer (``opaque`` for unknown types)."""
-    if isinstance(layer, keras.layers.InputLayer):
+    if is_layer(layer, "InputLayer"):
         return LayerSpec("input")
     spec = _SPECS.get(type(layer).__name__)
     if spec is None or opaque_reason(layer, rank) is not None:
         return LayerSpec("opaque")
-    return spec
+    return _with_layer_attributes(spec, layer)
+
+
+def _with_layer_attributes(spec: LayerSpec, layer: Any) -> LayerSpec:
+    """``spec`` with weight attributes named as ``layer``'s Keras names them."""
+    rename = {a: weight_attribute(layer, a) for axes in _axes(spec) for a in axes}
+    if all(a == b for a, b in rename.items()):
+        return spec
+    return LayerSpec(
+        spec.role,
+        {rename[a]: ax for a, ax in spec.out_axes.items()},
+        {rename[a]: ax for a, ax in spec.in_axes.items()},
+        {rename[a]: ax for a, ax in spec.ch_axes.items()},
+    )
+
+
+def _axes(spec: LayerSpec) -> tuple[dict[str, int], ...]:
+    return (spec.out_axes, spec.in_axes, spec.ch_axes)

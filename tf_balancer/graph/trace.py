@@ -98,25 +98,36 @@ def _fixed_specs(specs: Iterable[Any], batch_size: int | None) -> list[tf.Tensor
 
 
 def trace_keras(model: Any, batch_size: int | None = 1) -> TracedGraph:
-    """Trace a tf_keras model in inference mode at a fixed batch size.
+    """Trace a Keras model (tf_keras or Keras 3) in inference mode at a fixed batch size.
+
+    The traced function runs the model's flattened calls one by one, each inside
+    a name scope of its own (``tfb_call_<i>``), so every op maps to the call that
+    made it - whatever scope names the Keras version adds (Keras 3 uniquifies them:
+    layer ``d`` runs under ``d_1``), for nested and shared layers alike. It
+    computes exactly what ``model(x, training=False)`` computes.
 
     ``batch_size=None`` keeps the batch axis open (for deployment; TF's FLOPs
     statistics need a fixed batch).
     """
-    from tf_balancer.graph.walk import walk_model
+    from tf_balancer.graph.walk import run_calls, walk_model
 
-    names = {call.name for call in walk_model(model).calls}  # rejects subclassed models
+    walk = walk_model(model)  # rejects subclassed models
     specs = _fixed_specs(
-        [tf.TensorSpec(t.shape, t.dtype, name=t.name.split(":")[0]) for t in model.inputs],
+        [
+            tf.TensorSpec(t.shape, tf.as_dtype(t.dtype), name=t.name.split(":")[0])
+            for t in walk.input_tensors
+        ],
         batch_size,
     )
+    scopes = {f"{_CALL_SCOPE}{i}": call.name for i, call in enumerate(walk.calls)}
 
     @tf.function
     def forward(*xs):
-        return model(list(xs) if len(xs) > 1 else xs[0], training=False)
+        outputs = run_calls(walk, xs, scope=_CALL_SCOPE)
+        return outputs if len(outputs) > 1 else outputs[0]
 
     graph_def, frozen = freeze(forward.get_concrete_function(*specs))
-    return TracedGraph(graph_def, frozen, _map_ops(graph_def, names, model.name), batch_size)
+    return TracedGraph(graph_def, frozen, _map_ops(graph_def, scopes), batch_size)
 
 
 def load_saved_model(path: str | os.PathLike) -> Any:
@@ -188,17 +199,16 @@ def trace(obj: Any, batch_size: int = 1) -> TracedGraph:
     )
 
 
-def _map_ops(graph_def: Any, layer_names: set[str], model_name: str) -> dict[str, str]:
-    """Map op names like ``model/inner/conv/Conv2D`` to the layer ``inner/conv``."""
+_CALL_SCOPE = "tfb_call_"
+
+
+def _map_ops(graph_def: Any, scopes: dict[str, str]) -> dict[str, str]:
+    """Map op names ``tfb_call_<i>/...`` to the name of call ``i``."""
     mapping = {}
     for node in graph_def.node:
-        parts = node.name.split("/")
-        start = parts.index(model_name) + 1 if model_name in parts[:-1] else 0
-        for end in range(len(parts) - 1, start, -1):
-            candidate = "/".join(parts[start:end])
-            if candidate in layer_names:
-                mapping[node.name] = candidate
-                break
+        first = node.name.split("/", 1)[0]
+        if first in scopes and "/" in node.name:
+            mapping[node.name] = scopes[first]
     return mapping
 
 

@@ -1,7 +1,8 @@
-"""Walk a functional tf_keras model call by call, nested models flattened.
+"""Walk a functional or Sequential Keras model call by call, nested models flattened.
 
 This is the one module that reads Keras's functional-graph structure
-(``Functional._nodes_by_depth`` and the public attributes of its ``Node``s).
+(``Functional._nodes_by_depth`` and its ``Node``s), through the adapter of the
+model's Keras (:func:`tf_balancer._compat.adapter_for`: tf_keras or Keras 3).
 Everything else - the layer graph, the passes that rebuild models - goes
 through :func:`walk_model` and :func:`rebuild`.
 
@@ -16,12 +17,13 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
 
-from tf_balancer._compat import ensure_keras2_model, keras
+from tf_balancer._compat import KerasAdapter, adapter_for, ensure_keras_model, keras
 from tf_balancer.errors import UnsupportedModelError
 
 __all__ = ["Call", "Walk", "walk_model", "rebuild", "clone_flat", "clone_layer", "IDENTITY"]
@@ -35,7 +37,8 @@ class Call:
         name: unique name; ``outer/inner`` for layers of nested models, with a
             ``#k`` suffix when a layer is called more than once.
         layer: the Keras layer object (shared with the user's model; never mutated).
-        node: the Keras ``Node`` of this call (holds the call's arguments).
+        node: the Keras ``Node`` of this call (holds the call's arguments; read
+            it through the model's adapter).
         inputs: keys of the tensors this call consumes, in argument order.
         outputs: keys of the tensors it produces.
         shared: the layer is called more than once in the model.
@@ -52,6 +55,11 @@ class Call:
     def class_name(self) -> str:
         return type(self.layer).__name__
 
+    @property
+    def arguments(self) -> tuple[list[Any], dict[str, Any]]:
+        """``(args, kwargs)`` the layer was called with (tensors are Keras tensors)."""
+        return adapter_for(self.layer).node_call(self.node)
+
 
 @dataclasses.dataclass(frozen=True)
 class Walk:
@@ -64,14 +72,12 @@ class Walk:
     shapes: dict[str, tuple]
     dtypes: dict[str, str]
     input_tensors: tuple[Any, ...]
-
-
-def _is_graph_network(model: Any) -> bool:
-    return isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False)
+    adapter: KerasAdapter = dataclasses.field(default=None, compare=False, repr=False)
 
 
 class _Walker:
-    def __init__(self) -> None:
+    def __init__(self, adapter: KerasAdapter) -> None:
+        self.adapter = adapter
         self.alias: dict[str, str] = {}
         self.calls: list[Call] = []
         self.shapes: dict[str, tuple] = {}
@@ -88,58 +94,68 @@ class _Walker:
         tensors are the same objects for each of its calls)."""
         key = self.key(scope + str(id(tensor)))
         self.shapes.setdefault(key, tuple(tensor.shape))
-        self.dtypes.setdefault(key, tensor.dtype.name)
+        self.dtypes.setdefault(key, tf.as_dtype(tensor.dtype).name)
         return key
 
     def walk(self, model: Any, scope: str) -> None:
-        for depth in sorted(model._nodes_by_depth, reverse=True):
-            for node in model._nodes_by_depth[depth]:
+        nodes = self.adapter.nodes_by_depth(model)
+        for depth in sorted(nodes, reverse=True):
+            for node in nodes[depth]:
                 if node.is_input:
                     continue
-                if _is_graph_network(node.layer):
+                if self.adapter.is_graph_network(self.adapter.node_layer(node)):
                     self._walk_nested(node, scope)
                 else:
                     self._add_call(node, scope)
 
     def _walk_nested(self, node: Any, scope: str) -> None:
-        inner = node.layer
+        inner = self.adapter.node_layer(node)
         inner_scope = f"{scope}{inner.name}/"
         calls = self.scopes.get(inner_scope, 0)
         self.scopes[inner_scope] = calls + 1
         if calls:
             inner_scope = f"{scope}{inner.name}#{calls}/"
-        for inner_in, outer_in in zip(inner.inputs, node.keras_inputs, strict=True):
+        inner_inputs = self.adapter.graph_inputs(inner)
+        for inner_in, outer_in in zip(inner_inputs, self.adapter.node_inputs(node), strict=True):
             self.alias[inner_scope + str(id(inner_in))] = self.record(outer_in, scope)
         self.walk(inner, inner_scope)
-        outer_outs = tf.nest.flatten(node.outputs)
-        for outer_out, inner_out in zip(outer_outs, inner.outputs, strict=True):
+        outer_outs = self.adapter.node_outputs(node)
+        inner_outs = self.adapter.graph_outputs(inner)
+        for outer_out, inner_out in zip(outer_outs, inner_outs, strict=True):
             self.alias[scope + str(id(outer_out))] = self.key(inner_scope + str(id(inner_out)))
 
     def _add_call(self, node: Any, scope: str) -> None:
-        layer = node.layer
-        inputs = tuple(self.record(t, scope) for t in node.keras_inputs)
-        outputs = tuple(self.record(t, scope) for t in tf.nest.flatten(node.outputs))
+        layer = self.adapter.node_layer(node)
+        inputs = tuple(self.record(t, scope) for t in self.adapter.node_inputs(node))
+        outputs = tuple(self.record(t, scope) for t in self.adapter.node_outputs(node))
         self.calls.append(Call(f"{scope}{layer.name}", layer, node, inputs, outputs))
 
 
 def walk_model(model: Any) -> Walk:
-    """Flatten a functional or Sequential tf_keras model into its layer calls.
+    """Flatten a Keras model (tf_keras or Keras 3) into its calls.
+
+    Functional and Sequential models are walked as they are; a built subclassed
+    model through its :func:`functional_twin` (the same layers, called on
+    symbolic inputs).
 
     Raises:
-        UnsupportedModelError: for Keras 3 models, unbuilt Sequential models and
-            subclassed models (whose call graph Keras does not record).
+        UnsupportedModelError: for unbuilt models and subclassed models whose
+            ``call`` Keras cannot trace symbolically.
     """
-    model = ensure_keras2_model(model)
-    if not _is_graph_network(model):
+    model = functional_twin(ensure_keras_model(model))
+    adapter = adapter_for(model)
+    if not adapter.is_graph_network(model):
         raise UnsupportedModelError(
-            f"model {model.name!r} is subclassed or not built, so its layer graph is unknown; "
-            "build it with the Functional or Sequential API (with a `keras.Input`), or pass "
-            "its traced tf.function/SavedModel to `tf_balancer.inspect` for a graph-level view."
+            f"model {model.name!r} is not built, or is subclassed with a call() that Keras "
+            "cannot trace on symbolic inputs, so its layer graph is unknown; call it once on a "
+            "batch (model(x[:1])) before fit, build it with the Functional or Sequential API, or "
+            "pass its traced tf.function/SavedModel to `tf_balancer.inspect` for a graph view."
         )
-    walker = _Walker()
-    input_keys = tuple(walker.record(t, "") for t in model.inputs)
+    walker = _Walker(adapter)
+    inputs = adapter.graph_inputs(model)
+    input_keys = tuple(walker.record(t, "") for t in inputs)
     walker.walk(model, "")
-    output_keys = tuple(walker.key(str(id(t))) for t in model.outputs)
+    output_keys = tuple(walker.key(str(id(t))) for t in adapter.graph_outputs(model))
     calls = _mark_shared(walker.calls)
     return Walk(
         model.name,
@@ -148,8 +164,33 @@ def walk_model(model: Any) -> Walk:
         output_keys,
         walker.shapes,
         walker.dtypes,
-        tuple(model.inputs),
+        tuple(inputs),
+        adapter,
     )
+
+
+_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def functional_twin(model: Any) -> Any:
+    """``model`` itself when functional/Sequential; for a built subclassed model, its
+    functional twin (same layer objects, same outputs), made once per model.
+
+    Whatever ``call`` does that Keras cannot record symbolically leaves the model
+    unsupported (the caller's error says so); nothing is changed on ``model``.
+    """
+    adapter = adapter_for(model)
+    if adapter.is_graph_network(model):
+        return model
+    if model not in _TWINS:
+        try:
+            twin = adapter.functional_twin(model)
+        except Exception:  # noqa: BLE001 - a call() Keras cannot trace symbolically
+            twin = None
+        if twin is None:
+            return model
+        _TWINS[model] = twin
+    return _TWINS[model]
 
 
 def _mark_shared(calls: Sequence[Call]) -> tuple[Call, ...]:
@@ -188,10 +229,8 @@ def rebuild(
     :func:`clone_flat`. ``outputs`` (tensor keys) defaults to the model's outputs;
     pass more keys to expose intermediate tensors.
     """
-    new_inputs = [
-        keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name.split(":")[0])
-        for t in walk.input_tensors
-    ]
+    adapter = walk.adapter or adapter_for(walk.calls[0].layer)
+    new_inputs = [adapter.input(t.shape, t.dtype, t.name.split(":")[0]) for t in walk.input_tensors]
     tensors: dict[str, Any] = dict(zip(walk.input_keys, new_inputs, strict=True))
     for call in walk.calls:
         new_layer = make_layer(call)
@@ -202,20 +241,51 @@ def rebuild(
         produced = tf.nest.flatten(new_layer(*args, **kwargs))
         tensors.update(zip(call.outputs, produced, strict=True))
     result = [tensors[k] for k in (walk.output_keys if outputs is None else outputs)]
-    return keras.Model(new_inputs, result if len(result) > 1 else result[0], name=name)
+    single = len(new_inputs) == 1  # Keras 3 warns when a one-input list model gets a tensor
+    return adapter.model(
+        new_inputs[0] if single else new_inputs, result if len(result) > 1 else result[0], name
+    )
+
+
+def run_calls(walk: Walk, inputs: Sequence[Any], scope: str | None = None) -> list[Any]:
+    """Run the walked calls on real tensors, in inference mode; returns the model outputs.
+
+    With ``scope``, call ``i`` runs inside ``tf.name_scope(f"{scope}{i}")``.
+    """
+    tensors: dict[str, Any] = dict(zip(walk.input_keys, inputs, strict=True))
+    for i, call in enumerate(walk.calls):
+        args, kwargs = _map_arguments(call, walk, tensors)
+        if _accepts_training(call.layer):
+            kwargs["training"] = False
+        if scope is None:
+            produced = call.layer(*args, **kwargs)
+        else:
+            with tf.name_scope(f"{scope}{i}"):
+                produced = call.layer(*args, **kwargs)
+        tensors.update(zip(call.outputs, tf.nest.flatten(produced), strict=True))
+    return [tensors[k] for k in walk.output_keys]
+
+
+def _accepts_training(layer: Any) -> bool:
+    import inspect
+
+    try:
+        return "training" in inspect.signature(layer.call).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _map_arguments(call: Call, walk: Walk, tensors: dict[str, Any]) -> tuple[list, dict]:
-    node = call.node
-    by_id = dict(zip((str(id(t)) for t in node.keras_inputs), call.inputs, strict=True))
+    adapter = walk.adapter or adapter_for(call.layer)
+    keras_inputs = adapter.node_inputs(call.node)
+    by_id = dict(zip((str(id(t)) for t in keras_inputs), call.inputs, strict=True))
 
     def swap(value: Any) -> Any:
         key = by_id.get(str(id(value)))
         return tensors[key] if key is not None else value
 
-    args = tf.nest.map_structure(swap, list(node.call_args))
-    kwargs = tf.nest.map_structure(swap, dict(node.call_kwargs))
-    return args, kwargs
+    args, kwargs = adapter.node_call(call.node)
+    return tf.nest.map_structure(swap, args), tf.nest.map_structure(swap, kwargs)
 
 
 def clone_layer(layer: Any, **config_overrides: Any) -> Any:

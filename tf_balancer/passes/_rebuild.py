@@ -9,7 +9,7 @@ output names: when the layer that produced an output is dropped or merged into
 its producer, the surviving layer takes the output's original name.
 
 Example:
-    >>> from tf_balancer._compat import keras
+    >>> from tf_balancer._compat import adapter_for, keras
     >>> from tf_balancer.graph.walk import walk_model
     >>> inp = keras.Input((4,), name="x")
     >>> hidden = keras.layers.Dense(3, name="d")(inp)
@@ -27,8 +27,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
-from tf_balancer._compat import keras
+from tf_balancer._compat import adapter_for, keras
 from tf_balancer.graph.walk import IDENTITY, Call, Walk, clone_layer, rebuild, walk_model
 
 __all__ = [
@@ -81,9 +82,10 @@ def producers(walk: Walk) -> dict[str, Call]:
 
 def forced_training(call: Call) -> bool:
     """True when the call passes ``training=True`` (e.g. Monte Carlo dropout)."""
-    training = call.node.call_kwargs.get("training")
-    if training is None and len(call.node.call_args) > 1:
-        training = call.node.call_args[1]
+    args, kwargs = call.arguments
+    training = kwargs.get("training")
+    if training is None and len(args) > 1:
+        training = args[1]
     return training is True
 
 
@@ -153,7 +155,7 @@ def _fill_weights(layer: Any, call: Call, change: Replacement | None) -> None:
             f"layer has {len(layer.weights)} weights; give a value for every weight attribute"
         )
     for variable, value in zip(variables, change.weights.values(), strict=True):
-        variable.assign(np.asarray(value, dtype=variable.dtype.as_numpy_dtype))
+        variable.assign(np.asarray(value, dtype=tf.as_dtype(variable.dtype).as_numpy_dtype))
 
 
 def _output_renames(
@@ -165,7 +167,8 @@ def _output_renames(
         call.layer.name for call in walk.calls if replacements.get(call.name) is not IDENTITY
     }
     names: dict[int, str] = {}  # id(layer) -> the name its outputs need
-    for key, wanted in zip(walk.output_keys, model.output_names, strict=True):
+    output_names = adapter_for(model).output_names(model)
+    for key, wanted in zip(walk.output_keys, output_names, strict=True):
         call = prods.get(key)
         while call is not None and replacements.get(call.name) is IDENTITY:
             call = prods.get(call.inputs[0])

@@ -21,7 +21,7 @@ Supported: Conv1D/2D/3D, Dense, DepthwiseConv1D/2D (output channel
 SeparableConv1D/2D (the pointwise kernel is scaled).
 
 Example:
-    >>> from tf_balancer._compat import keras
+    >>> from tf_balancer._compat import builtin_layer_name, keras, weight_attribute
     >>> from tf_balancer.graph.layer_graph import LayerGraph
     >>> inp = keras.Input((8, 8, 3))
     >>> x = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inp)
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from tf_balancer._compat import keras
+from tf_balancer._compat import builtin_layer_name, weight_attribute
 from tf_balancer.graph.walk import Call, Walk
 from tf_balancer.passes._rebuild import (
     IDENTITY,
@@ -55,21 +55,21 @@ from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register
 __all__ = ["FoldBatchNorm", "fold_weights"]
 
 
-# layer class -> (its kernel attributes in weight order, the scaled one, how many
+# built-in layer class name -> (its kernel attributes in weight order, the scaled one, how many
 # trailing axes of the scaled kernel index the output channels)
-_FOLDABLE: dict[type, tuple[tuple[str, ...], str, int]] = {
-    keras.layers.Conv1D: (("kernel",), "kernel", 1),
-    keras.layers.Conv2D: (("kernel",), "kernel", 1),
-    keras.layers.Conv3D: (("kernel",), "kernel", 1),
-    keras.layers.Dense: (("kernel",), "kernel", 1),
-    keras.layers.DepthwiseConv1D: (("depthwise_kernel",), "depthwise_kernel", 2),
-    keras.layers.DepthwiseConv2D: (("depthwise_kernel",), "depthwise_kernel", 2),
-    keras.layers.SeparableConv1D: (
+_FOLDABLE: dict[str, tuple[tuple[str, ...], str, int]] = {
+    "Conv1D": (("kernel",), "kernel", 1),
+    "Conv2D": (("kernel",), "kernel", 1),
+    "Conv3D": (("kernel",), "kernel", 1),
+    "Dense": (("kernel",), "kernel", 1),
+    "DepthwiseConv1D": (("depthwise_kernel",), "depthwise_kernel", 2),
+    "DepthwiseConv2D": (("depthwise_kernel",), "depthwise_kernel", 2),
+    "SeparableConv1D": (
         ("depthwise_kernel", "pointwise_kernel"),
         "pointwise_kernel",
         1,
     ),
-    keras.layers.SeparableConv2D: (
+    "SeparableConv2D": (
         ("depthwise_kernel", "pointwise_kernel"),
         "pointwise_kernel",
         1,
@@ -80,7 +80,7 @@ _FOLDABLE: dict[type, tuple[tuple[str, ...], str, int]] = {
 def _foldable_producer(call: Call) -> bool:
     config = call.layer.get_config()
     return (
-        type(call.layer) in _FOLDABLE
+        builtin_layer_name(call.layer) in _FOLDABLE
         and config.get("activation") == "linear"
         and config.get("data_format") != "channels_first"
     )
@@ -88,7 +88,7 @@ def _foldable_producer(call: Call) -> bool:
 
 def _is_inference_bn(call: Call, walk: Walk) -> bool:
     layer = call.layer
-    if type(layer) is not keras.layers.BatchNormalization or forced_training(call):
+    if builtin_layer_name(layer) != "BatchNormalization" or forced_training(call):
         return False
     if getattr(layer, "renorm", False) or getattr(layer, "virtual_batch_size", None):
         return False
@@ -110,11 +110,13 @@ def fold_weights(conv: Any, bn: Any) -> dict[str, np.ndarray]:
     Raises:
         ValueError: when the BN's channel count differs from the conv's.
     """
-    kernels, scaled, axes = _FOLDABLE[type(conv)]
+    kernels, scaled, axes = _FOLDABLE[builtin_layer_name(conv)]
     mean = bn.moving_mean.numpy().astype(np.float64)
     gamma = bn.gamma.numpy().astype(np.float64) if bn.gamma is not None else 1.0
     beta = bn.beta.numpy().astype(np.float64) if bn.beta is not None else 0.0
     scale = gamma / np.sqrt(bn.moving_variance.numpy().astype(np.float64) + bn.epsilon)
+    kernels = tuple(weight_attribute(conv, attr) for attr in kernels)
+    scaled = weight_attribute(conv, scaled)
     weights = {attr: getattr(conv, attr).numpy().astype(np.float64) for attr in kernels}
     kernel = weights[scaled]
     if int(np.prod(kernel.shape[-axes:])) != mean.shape[0]:

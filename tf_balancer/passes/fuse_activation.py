@@ -16,7 +16,7 @@ once, whose output feeds only the activation layer. The fused layer keeps the
 conv's name (or the activation's name when that produced a model output).
 
 Example:
-    >>> from tf_balancer._compat import keras
+    >>> from tf_balancer._compat import builtin_layer_name, keras, keras_of
     >>> from tf_balancer.graph.layer_graph import LayerGraph
     >>> inp = keras.Input((8, 8, 3))
     >>> x = keras.layers.Conv2D(4, 3, name="conv")(inp)
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tf_balancer._compat import keras
+from tf_balancer._compat import builtin_layer_name, keras_of
 from tf_balancer.graph.walk import Call, Walk
 from tf_balancer.passes._rebuild import (
     IDENTITY,
@@ -47,15 +47,15 @@ from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register
 __all__ = ["FuseActivation", "activation_name"]
 
 
-_PRODUCERS: tuple[type, ...] = (
-    keras.layers.Conv1D,
-    keras.layers.Conv2D,
-    keras.layers.Conv3D,
-    keras.layers.Dense,
-    keras.layers.DepthwiseConv1D,
-    keras.layers.DepthwiseConv2D,
-    keras.layers.SeparableConv1D,
-    keras.layers.SeparableConv2D,
+_PRODUCERS: tuple[str, ...] = (
+    "Conv1D",
+    "Conv2D",
+    "Conv3D",
+    "Dense",
+    "DepthwiseConv1D",
+    "DepthwiseConv2D",
+    "SeparableConv1D",
+    "SeparableConv2D",
 )
 
 
@@ -69,19 +69,20 @@ def activation_name(layer: Any) -> str | None:
         True
     """
     config = layer.get_config()
-    if type(layer) is keras.layers.ReLU:
+    kind = builtin_layer_name(layer)
+    if kind == "ReLU":
         if float(config["negative_slope"]) != 0.0 or float(config["threshold"]) != 0.0:
             return None
         cap = config["max_value"]
         if cap is None:
             return "relu"
         return "relu6" if float(cap) == 6.0 else None
-    if type(layer) is keras.layers.Activation:
+    if kind == "Activation":
         name = config.get("activation")
         if not isinstance(name, str):
             return None
         try:
-            keras.activations.get(name)
+            keras_of(layer).activations.get(name)
         except ValueError:
             return None
         return name
@@ -89,7 +90,10 @@ def activation_name(layer: Any) -> str | None:
 
 
 def _fusable_producer(call: Call) -> bool:
-    return type(call.layer) in _PRODUCERS and call.layer.get_config()["activation"] == "linear"
+    return (
+        builtin_layer_name(call.layer) in _PRODUCERS
+        and call.layer.get_config()["activation"] == "linear"
+    )
 
 
 def _find_pairs(walk: Walk) -> list[tuple[Call, Call, str]]:

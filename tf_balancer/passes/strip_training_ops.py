@@ -8,7 +8,7 @@ dropout) is not an identity and is kept. Only these exact Keras classes are
 removed; subclasses may override ``call`` and are left alone.
 
 Example:
-    >>> from tf_balancer._compat import keras
+    >>> from tf_balancer._compat import builtin_layer_name, keras
     >>> from tf_balancer.graph.layer_graph import LayerGraph
     >>> inp = keras.Input((4,))
     >>> x = keras.layers.Dropout(0.5, name="drop")(keras.layers.Dense(3)(inp))
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tf_balancer._compat import keras
+from tf_balancer._compat import builtin_layer_name
 from tf_balancer.graph.walk import Call
 from tf_balancer.passes._rebuild import IDENTITY, forced_training, rebuilt_result, walk_of
 from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
@@ -30,22 +30,22 @@ from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register
 __all__ = ["StripTrainingOps", "TRAINING_ONLY_LAYERS"]
 
 
-TRAINING_ONLY_LAYERS: tuple[type, ...] = (
-    keras.layers.Dropout,
-    keras.layers.SpatialDropout1D,
-    keras.layers.SpatialDropout2D,
-    keras.layers.SpatialDropout3D,
-    keras.layers.AlphaDropout,
-    keras.layers.GaussianNoise,
-    keras.layers.GaussianDropout,
-    keras.layers.ActivityRegularization,
+TRAINING_ONLY_LAYERS: tuple[str, ...] = (
+    "Dropout",
+    "SpatialDropout1D",
+    "SpatialDropout2D",
+    "SpatialDropout3D",
+    "AlphaDropout",
+    "GaussianNoise",
+    "GaussianDropout",
+    "ActivityRegularization",
 )
-"""Layer classes that are the identity at inference (matched exactly, not by subclass)."""
+"""Built-in layer classes that are the identity at inference (matched exactly, not by subclass)."""
 
 
 def _is_training_only(call: Call) -> bool:
     return (
-        type(call.layer) in TRAINING_ONLY_LAYERS
+        builtin_layer_name(call.layer) in TRAINING_ONLY_LAYERS
         and len(call.inputs) == 1
         and len(call.outputs) == 1
         and not forced_training(call)

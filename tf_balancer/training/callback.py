@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tf_balancer._compat import ensure_keras2_model, keras
+from tf_balancer._compat import ensure_keras2_model, ensure_keras_model, keras
 from tf_balancer.analysis import ModelAnalysis, analyze
 from tf_balancer.attention.balance import STRATEGIES, Bounds, KeepPlan, allocate
 from tf_balancer.attention.importance import (
@@ -30,7 +30,8 @@ from tf_balancer.attention.importance import (
 from tf_balancer.attention.streaming import GradientStream
 from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.metrics import task_metrics
-from tf_balancer.report import classification_scores, log_layer_summaries
+from tf_balancer.report import log_layer_summaries, task_scores
+from tf_balancer.training.data_checks import check_callback_data
 from tf_balancer.training.finalize import FinalizeInputs, Finalizer
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
 from tf_balancer.training.hooks import FitHooks
@@ -51,6 +52,12 @@ def _ensure_visible_logging() -> None:
     if not root.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("tf_balancer: %(message)s"))
+        # Stand down once the application configures logging itself (no double lines).
+        handler.addFilter(
+            lambda record: all(
+                isinstance(h, logging.NullHandler) for h in logging.getLogger().handlers
+            )
+        )
         root.addHandler(handler)
         root.setLevel(logging.INFO)
 
@@ -85,10 +92,13 @@ class BalanceCallback(keras.callbacks.Callback):
     ``balancer/attention_balance``, ``balancer/flops_ratio``,
     ``balancer/params_ratio``, ``balancer/sparsity`` and, with ``validation_data``
     given to the callback, ``balancer/val_accuracy``, ``balancer/val_recall``,
-    ``balancer/val_f1``. For classifiers (read from the compiled loss) the train
-    and test steps also compute ``macro_recall`` and ``macro_f1``, so
-    ``fit(validation_data=...)`` or ``validation_split`` puts ``val_macro_recall``
-    and ``val_macro_f1`` in History every epoch.
+    ``balancer/val_f1`` (classifiers, read as by
+    :func:`~tf_balancer.metrics.task_metrics`) or ``balancer/val_mae`` and
+    ``balancer/val_rmse`` (other tasks, e.g. regression). For classifiers (read
+    from the compiled loss) the train and test steps also compute
+    ``macro_recall`` and ``macro_f1``, so ``fit(validation_data=...)`` or
+    ``validation_split`` puts ``val_macro_recall`` and ``val_macro_f1`` in
+    History every epoch.
 
     Args:
         target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
@@ -138,8 +148,10 @@ class BalanceCallback(keras.callbacks.Callback):
 
     Raises:
         ConfigError: invalid arguments (at construction), missing probe or
-            validation data (at ``on_train_begin``).
-        UnsupportedModelError: Keras 3, uncompiled or subclassed models
+            validation data, or probe, validation or fine-tuning data that does
+            not fit the model's inputs and outputs (at ``on_train_begin``; see
+            :mod:`tf_balancer.training.data_checks`).
+        UnsupportedModelError: subclassed models, or Keras 3 models in sparse mode
             (at ``on_train_begin``).
     """
 
@@ -254,7 +266,7 @@ class BalanceCallback(keras.callbacks.Callback):
             self._prepare_error = err
 
     def _prepare(self, model: Any) -> None:
-        model = ensure_keras2_model(model)
+        model = ensure_keras2_model(model) if self.mode == "sparse" else ensure_keras_model(model)
         analysed = model
         if self.mode == "sparse":
             import tensorflow_model_optimization as tfmot
@@ -296,6 +308,7 @@ class BalanceCallback(keras.callbacks.Callback):
             raise ConfigError(
                 "fine-tuning keeps the best epoch on validation data: pass validation_data=(x, y)"
             )
+        check_callback_data(self.model, self.probe, self.validation_data, self.finetune_data)
 
     def _criteria(self) -> list[str]:
         return [self.importance] if isinstance(self.importance, str) else list(self.importance)
@@ -445,7 +458,7 @@ class BalanceCallback(keras.callbacks.Callback):
         logs["balancer/sparsity"] = sparsity
         if self.validation_data is not None:
             x, y = self.validation_data[0], self.validation_data[1]
-            scores = classification_scores(self.model, x, y)
+            scores = task_scores(self.model, x, y)  # accuracy/recall/f1, or mae/rmse
             logs.update({f"balancer/val_{k}": v for k, v in scores.items()})
         if self._writer is not None:
             self._write_summaries(epoch)

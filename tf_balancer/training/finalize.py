@@ -17,7 +17,7 @@ from tf_balancer.analysis import ModelAnalysis, analyze
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext
-from tf_balancer.report import evaluate_model, saved_model_size, summary_markdown
+from tf_balancer.report import evaluate_model, is_classifier, saved_model_size, summary_markdown
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings, finetune
 
 __all__ = ["FinalizeInputs", "Finalizer", "FINETUNE_LR_SCALE"]
@@ -146,7 +146,11 @@ class Finalizer:
         summary: dict[str, Any] = {"flops": analysis.cost.flops, "params": analysis.cost.params}
         validation = self.inputs.validation_data
         if validation is not None:
-            summary.update(evaluate_model(model, validation[0], validation[1]))
+            # The task is read from the trained (compiled) model; compacted copies are not compiled.
+            classifier = is_classifier(self.inputs.model)
+            summary.update(
+                evaluate_model(model, validation[0], validation[1], classifier=classifier)
+            )
         sizes = saved_model_size(model)
         summary["saved_model_bytes"], summary["saved_model_gzip_bytes"] = (
             sizes["bytes"],

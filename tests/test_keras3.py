@@ -1,0 +1,292 @@
+"""The structured path on both Kerases: tf_keras (Keras 2) and Keras 3 (``tf.keras`` in TF >= 2.16).
+
+Every test that takes ``kx`` runs once per Keras, on the same architecture, through
+the same code (the adapter in ``tf_balancer._compat`` is the only difference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras as keras3
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import (
+    assert_model_unchanged,
+    randomize_batchnorm,
+    residual_concat_cnn,
+    snapshot_model,
+)
+
+import tf_balancer as tfb
+from tf_balancer._compat import adapter_for, keras
+from tf_balancer.analysis import analyze
+from tf_balancer.attention.balance import allocate
+from tf_balancer.attention.importance import group_scores
+from tf_balancer.attention.masks import masked_copy
+from tf_balancer.errors import UnsupportedModelError
+from tf_balancer.optimizer import MetaOptimizer
+from tf_balancer.passes.base import PassContext
+from tf_balancer.passes.prune_channels import PruneChannels
+
+KERASES = {"tf_keras": keras, "keras3": keras3}
+
+
+@pytest.fixture(params=sorted(KERASES))
+def kx(request):
+    return KERASES[request.param]
+
+
+def _profiler_flops(graph: tf.Graph) -> int:
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    return tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
+
+
+def _x(model, batch=4, seed=0):
+    shape = (batch, *model.inputs[0].shape[1:])
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+def _sequential_cnn(k):
+    k.utils.set_random_seed(0)
+    return k.Sequential(
+        [
+            k.Input((16, 16, 1)),
+            k.layers.Conv2D(16, 3, padding="same", use_bias=False),
+            k.layers.BatchNormalization(),
+            k.layers.ReLU(),
+            k.layers.Conv2D(32, 3, padding="same"),
+            k.layers.ReLU(),
+            k.layers.MaxPooling2D(),
+            k.layers.Flatten(),
+            k.layers.Dropout(0.2),
+            k.layers.Dense(32, activation="relu"),
+            k.layers.Dense(10),
+        ]
+    )
+
+
+def test_adapter_follows_the_models_keras(kx):
+    model = residual_concat_cnn(k=kx)
+    assert adapter_for(model).keras is kx
+    assert adapter_for(model).version == (3 if kx is keras3 else 2)
+
+
+def test_analysis_is_the_same_on_both_kerases_and_matches_the_profiler(kx):
+    model = randomize_batchnorm(residual_concat_cnn(k=kx))
+    analysis = analyze(model)
+    assert analysis.cost.flops == _profiler_flops(analysis.traced.graph)
+    assert analysis.cost.params == model.count_params()
+    reference = analyze(residual_concat_cnn())  # tf_keras, same architecture
+    # Convolutions and matmuls cost the same; BatchNorm differs by design: tf_keras runs
+    # FusedBatchNormV3 (0 FLOPs for the profiler), Keras 3 explicit multiply-adds.
+    for name in ("a", "b", "c", "d", "e", "fc", "out"):
+        assert analysis.cost.layers[name].flops == reference.cost.layers[name].flops, name
+    groups = sorted((g.size, g.prunable) for g in analysis.graph.groups.values())
+    assert groups == sorted((g.size, g.prunable) for g in reference.graph.groups.values())
+
+
+def test_compaction_equals_the_masked_model_on_both_kerases(kx):
+    model = randomize_batchnorm(residual_concat_cnn(k=kx))
+    snapshot = snapshot_model(model)
+    analysis = analyze(model)
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.5)
+    result = PruneChannels().run(model, analysis.graph, PassContext(plan=plan))
+    assert result.changed and adapter_for(result.model).keras is kx
+    masked = masked_copy(analysis.graph, plan)
+    x = _x(model)
+    expected = np.asarray(masked(x, training=False))
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(result.model(x, training=False)), expected, 1e-4, 1e-4)
+    ratio = analyze(result.model).cost.flops / analysis.cost.flops
+    assert ratio == pytest.approx(plan.achieved, rel=0.02)
+    assert_model_unchanged(model, snapshot)
+
+
+def test_lossless_passes_apply_and_keep_the_outputs_on_both_kerases(kx):
+    model = randomize_batchnorm(_sequential_cnn(kx))
+    x = _x(model)
+    passes = ["strip_training_ops", "fold_batchnorm", "fuse_activation"]
+    optimized, report = MetaOptimizer(passes).run(model, PassContext(probe_inputs=x))
+    assert [r.status for r in report.records] == ["applied"] * 3
+    np.testing.assert_allclose(
+        np.asarray(optimized(x, training=False)), np.asarray(model(x, training=False)), 1e-4, 1e-5
+    )
+    names = {type(layer).__name__ for layer in optimized.layers}
+    assert not names & {"Dropout", "BatchNormalization", "ReLU"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "resnet50"])
+def test_keras3_applications_cost_and_compaction(arch):
+    keras3.utils.set_random_seed(0)
+    if arch == "mobilenet_v2":
+        model = keras3.applications.MobileNetV2(
+            alpha=0.35, input_shape=(96, 96, 3), weights=None, classifier_activation=None
+        )
+    else:
+        model = keras3.applications.ResNet50(
+            input_shape=(64, 64, 3), weights=None, classifier_activation=None
+        )
+    randomize_batchnorm(model)
+    analysis = analyze(model)
+    assert analysis.cost.flops == pytest.approx(_profiler_flops(analysis.traced.graph), rel=0.01)
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.5)
+    result = PruneChannels().run(model, analysis.graph, PassContext(plan=plan))
+    x = _x(model, batch=2)
+    expected = np.asarray(masked_copy(analysis.graph, plan)(x, training=False))
+    np.testing.assert_allclose(np.asarray(result.model(x, training=False)), expected, 1e-4, 1e-4)
+    ratio = analyze(result.model).cost.flops / analysis.cost.flops
+    assert ratio == pytest.approx(plan.achieved, rel=0.02) and ratio <= 0.5 + 1e-3
+
+
+@pytest.mark.slow
+def test_tf_keras_sequential_on_digits_end_to_end(digits, tmp_path):
+    """The Keras 3 Sequential model most users write (``tf.keras`` in a fresh process; here
+    ``keras`` itself, since a test that imported tfmot earlier pins ``tf.keras`` to tf_keras;
+    ``colab/quickstart.ipynb`` runs the same path through ``tf.keras`` in CI)."""
+    model = _sequential_cnn(keras3)
+    model.compile(
+        optimizer="adam",
+        loss=keras3.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    callback = tfb.BalanceCallback(target=0.5, verbose=0)
+    history = model.fit(
+        digits.x_train,
+        digits.y_train,
+        validation_data=(digits.x_val, digits.y_val),
+        epochs=4,
+        batch_size=64,
+        callbacks=[callback],
+        verbose=0,
+    )
+    assert history.history["balancer/flops_ratio"][-1] <= 0.5 + 1e-3
+    assert len(history.history["val_macro_f1"]) == 4
+    report = callback.report
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
+    optimized = callback.optimized_model
+    assert adapter_for(optimized).version == 3
+    x = digits.x_val[:16]
+    np.testing.assert_allclose(
+        optimized.predict(x, verbose=0), model.predict(x, verbose=0), 1e-4, 1e-4
+    )
+    path = callback.export(str(tmp_path / "out"))
+    loaded = tf.saved_model.load(os.path.join(path, "saved_model"))
+    np.testing.assert_allclose(
+        loaded.serve(tf.constant(x)).numpy(), optimized.predict(x, verbose=0), 1e-5, 1e-5
+    )
+    assert "serving_default" in loaded.signatures
+
+
+def test_keras3_file_is_inspected_with_keras3(tmp_path):
+    model = _sequential_cnn(keras3)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    result = tfb.inspect(path)
+    assert result.rows and "Conv2D" in result.table()
+    assert sum(r.flops for r in result.rows) == analyze(model).cost.flops
+
+
+def test_sparse_mode_refuses_keras3_saying_structured_works():
+    model = _sequential_cnn(keras3)
+    model.compile(optimizer="adam", loss="mse")
+    callback = tfb.BalanceCallback(mode="sparse", importance="magnitude")
+    callback.set_model(model)
+    callback.set_params({"epochs": 2})
+    with pytest.raises(UnsupportedModelError, match="tf_keras.*structured"):
+        callback.on_train_begin()
+
+
+def _my_model(k):
+    """The TensorFlow tutorial's subclassed model."""
+
+    class MyModel(k.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense1 = k.layers.Dense(64, activation="relu")
+            self.dense2 = k.layers.Dense(10, activation="softmax")
+
+        def call(self, inputs):
+            return self.dense2(self.dense1(inputs))
+
+    return MyModel()
+
+
+def _residual_subclassed(k):
+    """A subclassed Conv-BN-ReLU net with a residual Add."""
+
+    class Residual(k.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = k.layers.Conv2D(16, 3, padding="same", use_bias=False)
+            self.bn1 = k.layers.BatchNormalization()
+            self.relu1 = k.layers.ReLU()
+            self.conv2 = k.layers.Conv2D(16, 3, padding="same", use_bias=False)
+            self.bn2 = k.layers.BatchNormalization()
+            self.add = k.layers.Add()
+            self.relu2 = k.layers.ReLU()
+            self.pool = k.layers.MaxPooling2D()
+            self.flat = k.layers.Flatten()
+            self.fc = k.layers.Dense(32, activation="relu")
+            self.logits = k.layers.Dense(10)
+
+        def call(self, x):
+            y = self.relu1(self.bn1(self.conv1(x)))
+            z = self.bn2(self.conv2(y))
+            x = self.pool(self.relu2(self.add([y, z])))
+            return self.logits(self.fc(self.flat(x)))
+
+    return Residual()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["my_model", "residual"])
+def test_subclassed_models_are_pruned_during_fit_on_both_kerases(kx, arch, digits, tmp_path):
+    kx.utils.set_random_seed(0)
+    if arch == "my_model":
+        model, loss = _my_model(kx), "sparse_categorical_crossentropy"
+        x_train = digits.x_train.reshape(len(digits.x_train), -1)
+        x_val = digits.x_val.reshape(len(digits.x_val), -1)
+    else:
+        model = _residual_subclassed(kx)
+        loss = kx.losses.SparseCategoricalCrossentropy(from_logits=True)
+        x_train, x_val = digits.x_train, digits.x_val
+    model(x_train[:1])  # built, as after any first call
+    model.compile(optimizer="adam", loss=loss, metrics=["accuracy"])
+    assert tfb.inspect(model).rows  # analysed through its functional twin
+    callback = tfb.BalanceCallback(target=0.5, verbose=0)
+    history = model.fit(
+        x_train,
+        digits.y_train,
+        validation_data=(x_val, digits.y_val),
+        epochs=10,
+        batch_size=64,
+        callbacks=[callback],
+        verbose=0,
+    )
+    assert history.history["balancer/flops_ratio"][-1] <= 0.5 + 1e-3
+    optimized = callback.optimized_model
+    assert callback.report["final"]["flops"] <= 0.5 * callback.report["dense"]["flops"] * 1.01
+    if arch == "my_model":
+        assert optimized.get_layer(model.dense1.name).units < 64
+    expected = model.predict(x_val[:32], verbose=0)
+    np.testing.assert_allclose(optimized.predict(x_val[:32], verbose=0), expected, 1e-4, 1e-4)
+    path = callback.export(str(tmp_path / "out"))
+    loaded = tf.saved_model.load(os.path.join(path, "saved_model"))
+    served = loaded.signatures["serving_default"](tf.constant(x_val[:32]))
+    np.testing.assert_allclose(next(iter(served.values())).numpy(), expected, 1e-4, 1e-4)
+    accuracy = np.mean(optimized.predict(x_val, verbose=0).argmax(-1) == digits.y_val)
+    assert accuracy >= 0.9
+
+
+def test_an_unbuilt_subclassed_model_gets_a_clear_error(kx):
+    model = _my_model(kx)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    callback = tfb.BalanceCallback(verbose=0)
+    callback.set_model(model)
+    callback.set_params({"epochs": 2})
+    with pytest.raises(UnsupportedModelError, match=r"model\(x\[:1\]\)"):
+        callback.on_train_begin()
