@@ -75,16 +75,19 @@ def assert_model_unchanged(model, snapshot):
 
 
 def subclassed_model():
-    """A built subclassed tf_keras model (its layer graph is not recorded by Keras)."""
+    """A built subclassed tf_keras model whose ``call`` Keras cannot trace symbolically
+    (a Python branch on a tensor's value), so its layer graph stays unknown."""
     import tensorflow as tf
 
     class Sub(keras.Model):
         def __init__(self):
-            super().__init__()
+            super().__init__(name="sub")
             self.dense = keras.layers.Dense(2)
 
         def call(self, x):
-            return self.dense(x)
+            if tf.reduce_sum(x) > 0:  # data-dependent: no symbolic graph records it
+                return self.dense(x)
+            return -self.dense(x)
 
     model = Sub()
     model(tf.zeros((1, 4)))

@@ -250,3 +250,31 @@ def test_probe_inputs_from_the_context_are_used(broken_passes):
     assert blind.records[0].status == "applied"
     assert seeing.records[0].status == "rolled_back"
     assert seeing.records[0].message.startswith("verification failed")
+
+
+class _MutatesInput(GraphPass):
+    """Breaks the contract: changes its input's bias in place, returns a clone of it."""
+
+    def run(self, model, graph, ctx):
+        model.layers[-1].bias.assign(model.layers[-1].bias + 1e-3)
+        new = keras.models.clone_model(model)
+        new.set_weights(model.get_weights())
+        return PassResult(new, changed=True, message="clone of a mutated input")
+
+
+def test_a_pass_that_mutates_its_input_is_rolled_back_and_the_input_restored():
+    register_pass("test_mutates_input")(_MutatesInput)
+    try:
+        model = _model()
+        snapshot = snapshot_model(model)
+        y = model(_x(), training=False).numpy()
+        result, report = MetaOptimizer(["test_mutates_input"]).run(model)
+        with pytest.raises(PassError, match="modified its input model in place"):
+            MetaOptimizer(["test_mutates_input"], fail_on_error=True).run(model)
+    finally:
+        unregister_pass("test_mutates_input")
+    assert report.records[0].status == "rolled_back"
+    assert "in place" in report.records[0].message
+    assert result is model  # the input, restored, is the result of a rolled-back pass
+    assert_model_unchanged(model, snapshot)  # bit-identical
+    np.testing.assert_array_equal(model(_x(), training=False).numpy(), y)

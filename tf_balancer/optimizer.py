@@ -22,6 +22,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from tf_balancer._compat import is_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, PassError, VerificationError
@@ -84,7 +86,7 @@ class OptimizationReport:
 
 def model_stats(model: Any) -> dict[str, int]:
     """Layers, params and FLOPs (batch 1) of a Keras model or a concrete function."""
-    from tf_balancer.graph.trace import op_flops, trace_function
+    from tf_balancer.graph.trace import constant_params, op_flops, trace_function
 
     if is_keras_model(model):
         from tf_balancer.analysis import analyze
@@ -98,7 +100,7 @@ def model_stats(model: Any) -> dict[str, int]:
     traced = trace_function(model)
     return {
         "layers": len(traced.graph_def.node),
-        "params": 0,
+        "params": constant_params(traced.graph_def),
         "flops": sum(op_flops(traced.graph).values()),
     }
 
@@ -154,9 +156,11 @@ class MetaOptimizer:
     ):
         name = graph_pass.name
         start = time.perf_counter()
+        snapshot = _weights_of(model)
         try:
             graph = LayerGraph.from_model(model)
             result = graph_pass.run(model, graph, ctx)
+            _restore_if_mutated(model, snapshot)
             outcome = Outcome(True)
             after = stats
             if result.changed:
@@ -220,3 +224,34 @@ class MetaOptimizer:
             reference = graph_pass.reference(model, graph, ctx)
             return compare_outputs(reference, new_model, probe, self.rtol, self.atol)
         return compare_signature(model, new_model, probe)
+
+
+def _weights_of(model: Any) -> list[tuple[Any, np.ndarray]] | None:
+    """Every variable of a Keras model with a copy of its value (None for other models)."""
+    if not is_keras_model(model):
+        return None
+    return [(v, np.array(v.numpy(), copy=True)) for v in model.weights]
+
+
+def _restore_if_mutated(model: Any, snapshot: list[tuple[Any, np.ndarray]] | None) -> None:
+    """Restore ``model``'s weights and raise if a pass changed them in place.
+
+    A pass must return a new model; one that writes into its input would change
+    the user's model and fool the verifier (its reference would be computed from
+    the changed weights), so it is rolled back with the input restored bit for bit.
+
+    Raises:
+        PassError: some weight differs from its value before the pass.
+    """
+    if snapshot is None:
+        return
+    changed = [v for v, value in snapshot if not np.array_equal(v.numpy(), value)]
+    for variable, value in snapshot:
+        if any(variable is c for c in changed):
+            variable.assign(value)
+    if changed:
+        names = ", ".join(v.name for v in changed[:3])
+        raise PassError(
+            f"the pass modified its input model in place ({len(changed)} weights, e.g. {names}); "
+            "the input was restored. A pass must return a new model (clone, then change)"
+        )

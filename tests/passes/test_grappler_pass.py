@@ -95,3 +95,17 @@ def test_meta_optimizer_runs_grappler_last(mobilenet):
     x = _x(3)
     (actual,) = tf.nest.flatten(function(tf.constant(x)))
     np.testing.assert_allclose(actual.numpy(), mobilenet(x, training=False), rtol=1e-4, atol=1e-4)
+
+
+def test_grappler_record_counts_fused_ops_and_graph_params(mobilenet_v2):
+    """Grappler removes no arithmetic: its record must not claim it did (fused ops and
+    frozen constants are counted like the unfused Keras model)."""
+    from tf_balancer.optimizer import MetaOptimizer
+
+    passes = ["fold_batchnorm", "fuse_activation", "grappler"]
+    _, report = MetaOptimizer(passes).run(mobilenet_v2)
+    record = report.records[-1]
+    assert record.name == "grappler" and record.status == "applied"
+    assert record.after["flops"] >= 0.99 * record.before["flops"]
+    assert record.after["flops"] <= record.before["flops"]
+    assert record.after["params"] == pytest.approx(record.before["params"], rel=0.01)

@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import subclassed_model
 
 from tf_balancer._compat import keras
 from tf_balancer.demo import build_digits_cnn, compile_classifier
@@ -192,18 +193,8 @@ def test_uncompiled_model_raises_config_error_naming_compile():
         callback.on_train_begin()
 
 
-def test_subclassed_model_raises_unsupported_model_error():
-    class Subclassed(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.conv = keras.layers.Conv2D(8, 3)
-            self.head = keras.layers.Dense(10)
-
-        def call(self, x):
-            return self.head(keras.layers.Flatten()(self.conv(x)))
-
-    model = Subclassed()
-    model(tf.zeros([1, 16, 16, 1]))
+def test_untraceable_subclassed_model_raises_unsupported_model_error():
+    model = subclassed_model()  # a Python branch on a tensor value: no symbolic graph
     model.compile(optimizer="adam", loss="mse")
     callback = BalanceCallback(importance="magnitude")
     callback.set_model(model)

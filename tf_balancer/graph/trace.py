@@ -22,6 +22,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
 from tensorflow.python.framework.convert_to_constants import (
@@ -31,7 +32,15 @@ from tensorflow.python.framework.convert_to_constants import (
 from tf_balancer._compat import is_keras3_object, is_keras_model
 from tf_balancer.errors import ModelLoadError, UnsupportedModelError
 
-__all__ = ["TracedGraph", "trace", "trace_keras", "load_saved_model", "freeze", "op_flops"]
+__all__ = [
+    "TracedGraph",
+    "trace",
+    "trace_keras",
+    "load_saved_model",
+    "freeze",
+    "op_flops",
+    "constant_params",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,15 +79,59 @@ def freeze(concrete_function: Any) -> tuple[Any, Any]:
 
 
 def op_flops(graph: tf.Graph) -> dict[str, int]:
-    """FLOPs of every op as TF's profiler counts them (0 for unregistered ops)."""
+    """FLOPs of every op as TF's profiler counts them (0 for unregistered ops).
+
+    Grappler's fused ops (``_FusedConv2D``, ``_FusedMatMul``,
+    ``_FusedDepthwiseConv2dNative``, ``_FusedBatchNormEx``) have no profiler
+    statistics; they are counted as the unfused ops they replace, by the
+    profiler's own formulas (convolution/matmul: 2 per multiply-add; a fused
+    BiasAdd or Add: 1 per output element; activations and batch norm: 0), so a
+    graph costs the same before and after Grappler.
+    """
     flops = {}
     for op in graph.get_operations():
         try:
             value = tf_ops.get_stats_for_node_def(graph, op.node_def, "flops").value
         except (ValueError, LookupError):
             value = None
-        flops[op.name] = int(value or 0)
+        flops[op.name] = int(value or _fused_flops(op))
     return flops
+
+
+def _fused_flops(op: Any) -> int:
+    """The profiler's count for the unfused equivalent of a Grappler-fused op (else 0)."""
+    if op.type not in ("_FusedConv2D", "_FusedMatMul", "_FusedDepthwiseConv2dNative"):
+        return 0
+    out = op.outputs[0].shape
+    weights = op.inputs[1].shape
+    if not out.is_fully_defined() or not weights.is_fully_defined():
+        return 0
+    outputs = out.num_elements()
+    if op.type == "_FusedMatMul":
+        transpose_a = op.get_attr("transpose_a")
+        inner = op.inputs[0].shape[0 if transpose_a else 1]
+        core = 2 * int(inner) * outputs
+    elif op.type == "_FusedConv2D":
+        core = 2 * int(weights[0]) * int(weights[1]) * int(weights[2]) * outputs
+    else:  # depthwise: each output element reads one kh x kw window of one channel
+        core = 2 * int(weights[0]) * int(weights[1]) * outputs
+    fused = [f.decode() if isinstance(f, bytes) else f for f in op.get_attr("fused_ops")]
+    extra = sum(outputs for name in fused if name in ("BiasAdd", "Add"))
+    return core + extra
+
+
+def constant_params(graph_def: Any) -> int:
+    """Parameters of a frozen graph: elements of its floating-point constant tensors
+    of rank >= 1 (scalars and integer shape constants are not weights)."""
+    total = 0
+    for node in graph_def.node:
+        if node.op != "Const":
+            continue
+        tensor = node.attr["value"].tensor
+        if not tf.as_dtype(tensor.dtype).is_floating or not tensor.tensor_shape.dim:
+            continue
+        total += int(np.prod([d.size for d in tensor.tensor_shape.dim]))
+    return total
 
 
 def _fixed_specs(specs: Iterable[Any], batch_size: int | None) -> list[tf.TensorSpec]:

@@ -323,7 +323,8 @@ class BalanceCallback(keras.callbacks.Callback):
         )
         streams = "taylor" in self._criteria() and self.probe is None
         self.stream = GradientStream(self.analysis.graph) if streams else None
-        self.hooks = FitHooks(self.model, self.stream, task_metrics(self.model))
+        in_step = self.applier.apply_in_step if self._masks_in_step() else None
+        self.hooks = FitHooks(self.model, self.stream, task_metrics(self.model), in_step)
         self.hooks.install()
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(self.log_dir)
@@ -415,19 +416,37 @@ class BalanceCallback(keras.callbacks.Callback):
         weights["magnitude"] = weights.get("magnitude", 0.0) + weights.pop("taylor")
         return None, weights
 
-    def on_train_batch_end(self, batch: int, logs=None) -> None:
-        if self._diverged:
-            return
+    def _masks_in_step(self) -> bool:
+        """Masks are applied inside the train step (structured mode, no distribution
+        strategy); under a strategy, after each batch."""
+        return (
+            self.mode == "structured"
+            and self.applier is not None
+            and not tf.distribute.has_strategy()
+        )
+
+    def _implements_train_batch_hooks(self) -> bool:
+        # Keras syncs the logs to Python after every batch for callbacks with batch
+        # hooks; with in-step masks and no tfmot step counter there is nothing to do.
+        return self.mode == "sparse" or tf.distribute.has_strategy()
+
+    def _check_loss(self, logs: Any) -> bool:
+        """False (and stop rebalancing, once) when the loss is NaN/inf."""
         loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self._diverged = True
-            warnings.warn(
-                "loss is NaN/inf: BalanceCallback stops rebalancing and leaves the weights alone",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        if loss is None or math.isfinite(float(loss)):
+            return True
+        self._diverged = True
+        warnings.warn(
+            "loss is NaN/inf: BalanceCallback stops rebalancing and leaves the weights alone",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        if self._diverged or not self._check_loss(logs):
             return
-        if self.applier is not None:
+        if self.applier is not None and not (self.hooks and self.hooks.after_update):
             self.applier.apply()
 
     # ----------------------------------------------------------------- logs
@@ -445,6 +464,8 @@ class BalanceCallback(keras.callbacks.Callback):
         return flops, params, 1.0 - sum(counts.values()) / max(total, 1)
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
+        if not self._diverged:
+            self._check_loss(logs)
         if self._step_callback is not None and not self._diverged:
             self._step_callback.on_epoch_end(epoch, logs)
         if logs is None or self.state is None:

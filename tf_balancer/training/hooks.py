@@ -25,7 +25,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -41,14 +41,23 @@ class FitHooks:
     Args:
         model: the compiled model being trained.
         stream: receives each batch's ``(gradient, variable)`` pairs, or None.
+        after_update: run inside the train step right after the optimizer's
+            update (the channel masks), or None.
         metrics: Keras metrics updated with ``(y, y_pred, sample_weight)`` of
             every train and test batch; reset by :meth:`reset_metrics`.
     """
 
-    def __init__(self, model: Any, stream: GradientStream | None, metrics: Sequence[Any]):
+    def __init__(
+        self,
+        model: Any,
+        stream: GradientStream | None,
+        metrics: Sequence[Any],
+        after_update: Callable[[], None] | None = None,
+    ):
         self.model = model
         self.stream = stream
         self.metrics = list(metrics)
+        self.after_update = after_update
         self.batch_size = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_size")
         self._optimizer = None
         self.installed = False
@@ -57,15 +66,19 @@ class FitHooks:
         """Wrap the optimizer and the model, then re-trace the train and test functions."""
         if self.installed:
             return
-        if self.stream is not None:
+        if self.stream is not None or self.after_update is not None:
             self._optimizer = self.model.optimizer
             original_apply = self._optimizer.apply_gradients
-            stream = self.stream
+            stream, after_update = self.stream, self.after_update
 
             def apply_gradients(grads_and_vars, *args, **kwargs):
                 pairs = list(grads_and_vars)
-                stream.update(pairs)
-                return original_apply(pairs, *args, **kwargs)
+                if stream is not None:
+                    stream.update(pairs)
+                result = original_apply(pairs, *args, **kwargs)
+                if after_update is not None:  # tf.function keeps stateful ops in order
+                    after_update()
+                return result
 
             self._optimizer.apply_gradients = apply_gradients
         original_metrics = self.model.compute_metrics

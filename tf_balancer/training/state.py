@@ -84,7 +84,12 @@ class BalanceState:
 
 
 class MaskApplier:
-    """Multiplies masked weights by their masks after each batch (one traced function)."""
+    """Multiplies masked weights by their masks after each update (one traced function).
+
+    During ``fit`` the multiply runs inside the train step itself (see
+    :class:`~tf_balancer.training.hooks.FitHooks`); under a ``tf.distribute``
+    strategy it runs after each batch instead.
+    """
 
     def __init__(self, graph: LayerGraph):
         self.graph = graph
@@ -115,5 +120,14 @@ class MaskApplier:
         self.active = bool(masks)
 
     def apply(self) -> None:
+        """Mask the weights now (eagerly, between batches)."""
         if self.active:
             self._apply()
+
+    def apply_in_step(self) -> None:
+        """Mask the weights inside the traced train step, right after the update.
+
+        Unconditional (the masks are all ones before the first rebalance), since a
+        Python flag would be frozen into the trace.
+        """
+        self._apply_masks()
