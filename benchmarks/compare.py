@@ -215,7 +215,8 @@ def main(argv=None) -> None:
     table = markdown_table(rows, COLUMNS)
     header = (
         f"Produced by `.venv/bin/python -m benchmarks.compare` on {stamp} "
-        f"({args.seeds} seeds, {EPOCHS} epochs, pruning ramp epochs {BEGIN + 1}-{END + 1}; 2-core CPU).\n\n"
+        f"({args.seeds} seeds, {EPOCHS} epochs; sparse recipes ramp over epochs {BEGIN + 1}-{END + 1}, "
+        "structured ones use BalanceCallback's default schedule, epochs 2-9; 2-core CPU).\n\n"
         "accuracy/recall/F1 in %, mean ± sd over seeds; latency in ms (median); "
         "gzip_bytes: gzip-compressed SavedModel.\n\n"
     )

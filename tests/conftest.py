@@ -112,3 +112,19 @@ def residual_concat_cnn(input_name: str | None = None, k=keras):
     e = layers.Flatten(name="flat")(layers.MaxPooling2D(name="pool")(e))
     f = layers.Dense(16, activation="relu", name="fc")(e)
     return k.Model(inp, layers.Dense(5, name="out")(f))
+
+
+def small_cnn_head(units: int = 1, activation=None, loss="mse"):
+    """Two convs, global pooling and a Dense(units) head on 16x16x1 digits, compiled.
+
+    ``units=1`` with ``loss="mse"`` is a regressor; with ``activation="sigmoid"`` and
+    ``loss="binary_crossentropy"`` a binary classifier.
+    """
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 1))
+    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(units, activation=activation)(x))
+    model.compile(optimizer="adam", loss=loss)
+    return model

@@ -48,6 +48,7 @@ __all__ = [
     "builtin_layer_name",
     "load_model_file",
     "weight_attribute",
+    "compute_dtype",
 ]
 
 layers = keras.layers
@@ -164,6 +165,20 @@ class KerasAdapter:
         import tensorflow as tf
 
         return tf.nest.flatten(node.outputs)
+
+    # -------------------------------------------------------------- training
+    def gradient_scale(self, optimizer: Any) -> Any:
+        """The factor the gradients given to ``optimizer.apply_gradients`` are multiplied by.
+
+        Keras 3 scales the loss (``optimizer.scale_loss``: the loss scale of a
+        ``LossScaleOptimizer`` under mixed precision, or ``loss_scale_factor``)
+        and lets ``apply_gradients`` unscale; tf_keras' ``LossScaleOptimizer``
+        unscales before ``apply_gradients``, so its gradients are unscaled (1).
+        Graph-mode safe: read inside the train step, it follows a dynamic scale.
+        """
+        if self.version == 2:
+            return 1.0
+        return optimizer.scale_loss(1.0)
 
     # --------------------------------------------------------------- building
     def input(self, shape: Sequence[Any], dtype: Any, name: str) -> Any:
@@ -315,3 +330,36 @@ def weight_attribute(layer: Any, attr: str) -> str:
     if alias and not hasattr(layer, attr) and hasattr(layer, alias):
         return alias
     return attr
+
+
+# Significand bits of the floating-point compute dtypes: fewer bits, less precise.
+_PRECISION_BITS = {"bfloat16": 8, "float16": 11, "float32": 24, "float64": 53}
+
+
+def compute_dtype(model: Any) -> str:
+    """The least precise floating-point compute dtype among ``model``'s layers.
+
+    Under a mixed-precision policy most layers compute in float16 (or bfloat16)
+    while some, such as a final ``Dense(dtype="float32")``, compute in float32:
+    the model's results carry the rounding of the least precise one. Read from
+    each layer's ``compute_dtype`` (its ``dtype_policy``), nested models
+    included; ``"float32"`` when no layer computes in a floating-point dtype.
+
+    Example:
+        >>> inp = keras.Input((4,))
+        >>> half = keras.layers.Dense(2, dtype="mixed_float16")(inp)
+        >>> compute_dtype(keras.Model(inp, keras.layers.Dense(2, dtype="float32")(half)))
+        'float16'
+    """
+    found = [str(getattr(layer, "compute_dtype", None)) for layer in _layers_of(model)]
+    floats = [name for name in found if name in _PRECISION_BITS]
+    return min(floats, key=_PRECISION_BITS.__getitem__, default="float32")
+
+
+def _layers_of(model: Any) -> list[Any]:
+    """Every layer of ``model``, nested models' layers included (not the models themselves)."""
+    out = []
+    for layer in getattr(model, "layers", ()):
+        inner = getattr(layer, "layers", None)
+        out.extend(_layers_of(layer) if inner else [layer])
+    return out

@@ -2,8 +2,9 @@
 
 Grappler's meta-optimizer in Python. Each pass is looked up by name in the
 registry, run on the current model, then verified: a function-preserving pass
-must reproduce its reference's outputs on the probe batch (rtol/atol), every
-pass must keep the output shapes and dtypes. A pass that raises or fails
+must reproduce its reference's outputs on the probe batch (within a tolerance
+that follows the model's compute dtype, see :func:`tf_balancer.verify.tolerance_for`),
+every pass must keep the output shapes and dtypes. A pass that raises or fails
 verification is rolled back (the previous model stays current) and reported;
 with ``fail_on_error=True`` the optimizer raises instead. Per pass it records
 layers, params and FLOPs before/after, wall time and the verifier's outcome.
@@ -110,9 +111,17 @@ class MetaOptimizer:
 
     Args:
         passes: pass names (or ``GraphPass`` instances), in the order to run.
-        rtol, atol: output tolerance for function-preserving passes.
+        rtol, atol: output tolerance for function-preserving passes, or None
+            (the default) for the row of :data:`tf_balancer.verify.TOLERANCES`
+            of the model's compute dtype: 1e-4/1e-5 in float32. In float32 the
+            values given are used as they are; in float16 and bfloat16
+            (mixed precision) each is the larger of the value given and the
+            table's (float16: rtol 2**-9, atol 1e-5 plus 2**-8 of each output's
+            largest magnitude), since no pass beats the dtype's rounding.
         fail_on_error: raise :class:`~tf_balancer.errors.PassError` /
             :class:`~tf_balancer.errors.VerificationError` instead of rolling back.
+        rollback_log_level: the ``logging`` level of the line logged for a pass
+            rolled back. Defaults to ``logging.WARNING``.
 
     Raises:
         ConfigError: unknown pass name (the message lists the registered ones),
@@ -123,15 +132,17 @@ class MetaOptimizer:
         self,
         passes: Sequence[str | GraphPass],
         *,
-        rtol: float = 1e-4,
-        atol: float = 1e-5,
+        rtol: float | None = None,
+        atol: float | None = None,
         fail_on_error: bool = False,
+        rollback_log_level: int = logging.WARNING,
     ):
         self.passes = [get_pass(p) if isinstance(p, str) else p for p in passes]
         for p in self.passes[:-1]:
             if not p.keras_output:
                 raise ConfigError(f"pass {p.name!r} does not return a Keras model; put it last")
         self.rtol, self.atol, self.fail_on_error = rtol, atol, fail_on_error
+        self.rollback_log_level = rollback_log_level
 
     @quietly
     def run(self, model: Any, ctx: PassContext | None = None) -> tuple[Any, OptimizationReport]:
@@ -169,7 +180,7 @@ class MetaOptimizer:
         except Exception as err:  # any failure of a pass is rolled back, by design
             if self.fail_on_error:
                 raise PassError(f"pass {name!r} failed: {err}") from err
-            logger.warning("pass %s failed and was rolled back: %s", name, err)
+            logger.log(self.rollback_log_level, "pass %s failed and was rolled back: %s", name, err)
             return (
                 model,
                 stats,
@@ -181,8 +192,11 @@ class MetaOptimizer:
         if not outcome.ok:
             if self.fail_on_error:
                 raise VerificationError(f"pass {name!r} failed verification: {outcome.reason}")
-            logger.warning(
-                "pass %s failed verification and was rolled back: %s", name, outcome.reason
+            logger.log(
+                self.rollback_log_level,
+                "pass %s failed verification and was rolled back: %s",
+                name,
+                outcome.reason,
             )
             message = f"verification failed: {outcome.reason}"
             return (

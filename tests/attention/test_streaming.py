@@ -89,6 +89,23 @@ def test_group_scores_accepts_a_stream(setup, digits):
     assert all(np.all(s >= 0) and np.any(s > 0) for s in scores.values())
 
 
+def test_loss_scaled_gradients_are_unscaled_and_overflowed_batches_skipped(setup, digits):
+    # Mixed precision: Keras 3 hands the optimizer gradients times the loss scale, and a
+    # batch whose gradients overflowed (the loss-scale optimizer skips it) must add nothing.
+    model, analysis = setup
+    grads = _grads(model, digits.x_train[:32], digits.y_train[:32])
+    variables = model.trainable_variables
+    plain = GradientStream(analysis.graph)
+    plain.update(zip(grads, variables, strict=True))
+    stream = GradientStream(analysis.graph)
+    stream.update(zip([g * 1024.0 for g in grads], variables, strict=True), scale=1024.0)
+    overflowed = [tf.fill(tf.shape(grads[-1]), np.inf)]
+    stream.update(zip([*grads[:-1], *overflowed], variables, strict=True))
+    assert stream.batches == 1
+    for name, expected in plain.scores().items():
+        np.testing.assert_allclose(stream.scores()[name], expected, rtol=1e-5, atol=1e-9)
+
+
 def test_probe_data_uses_every_sample_it_is_given(digits):
     probe = ProbeData(digits.x_train[:512], digits.y_train[:512])
     assert sum(len(x) for x, _ in probe.batches()) == 512

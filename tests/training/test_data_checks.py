@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import small_cnn_head
 
 from tf_balancer._compat import keras
 from tf_balancer.attention.importance import ProbeData
@@ -46,13 +47,7 @@ def two_input_model():
 
 @pytest.fixture(scope="module")
 def regressor():
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((16, 16, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(1)(x))
-    model.compile(optimizer="adam", loss="mse")
+    model = small_cnn_head()
     return model
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import small_cnn_head
 from sklearn.metrics import f1_score, recall_score
 
 from tf_balancer._compat import keras
@@ -84,13 +85,7 @@ def test_hooks_are_removed_after_fit(default_fit, digits):
 
 
 def test_regression_model_gets_no_recall_or_f1_and_no_error(digits):
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((16, 16, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(1)(x))
-    model.compile(optimizer="adam", loss="mse")
+    model = small_cnn_head()
     y = digits.y_train.astype("float32")
     history = model.fit(
         digits.x_train[:256],
@@ -107,13 +102,7 @@ def test_regression_model_gets_no_recall_or_f1_and_no_error(digits):
 
 
 def test_regression_with_callback_validation_data_logs_mae_and_reports_it(digits):
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((16, 16, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(1)(x))
-    model.compile(optimizer="adam", loss="mse")
+    model = small_cnn_head()
     y = digits.y_train.astype("float32")  # values 0-9: not class ids of a 1-wide output
     xv, yv = digits.x_val[:64], digits.y_val[:64].astype("float32")
     callback = BalanceCallback(validation_data=(xv, yv), verbose=0)
@@ -135,13 +124,7 @@ def test_regression_with_callback_validation_data_logs_mae_and_reports_it(digits
 
 
 def test_binary_sigmoid_classifier_gets_val_macro_f1(digits):
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((16, 16, 1))
-    x = keras.layers.Conv2D(8, 3, activation="relu")(inputs)
-    x = keras.layers.Conv2D(8, 3, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
-    model.compile(optimizer="adam", loss="binary_crossentropy")
+    model = small_cnn_head(activation="sigmoid", loss="binary_crossentropy")
     y_train, y_val = (digits.y_train < 5).astype("float32"), (digits.y_val < 5).astype("float32")
     history = model.fit(
         digits.x_train[:256],

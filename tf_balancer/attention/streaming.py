@@ -80,26 +80,40 @@ class GradientStream:
         }
         self.steps = tf.Variable(0, dtype=tf.int64, name="taylor_steps", **accumulate)
 
-    def update(self, grads_and_vars: Iterable[tuple[Any, Any]]) -> None:
+    def update(self, grads_and_vars: Iterable[tuple[Any, Any]], scale: Any = 1.0) -> None:
         """Add one batch: ``|sum over a channel's weights of w * g|`` per channel.
 
         Graph-mode safe (called inside the traced train step). Pairs whose variable
         is not a producer weight, or whose gradient is None, are ignored.
+
+        Under mixed precision the loss is scaled: Keras 3 hands the optimizer
+        gradients multiplied by the loss scale (``scale``; they are divided by it
+        here), and a batch whose gradients overflowed (any inf/NaN) is skipped, as
+        the loss-scale optimizer skips that step.
+
+        Args:
+            grads_and_vars: the ``(gradient, variable)`` pairs the optimizer applies.
+            scale: the factor the gradients are multiplied by (the loss scale). Defaults to 1.
         """
+        pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+        dense = [g for g, _ in pairs if not isinstance(g, tf.IndexedSlices)]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in dense] or [True])
+        inverse = 1.0 / tf.cast(scale, tf.float32)
         per_channel: dict[str, tf.Tensor] = {}
-        for grad, var in grads_and_vars:
+        for grad, var in pairs:
             index = self._by_variable.get(_key(var))
-            if grad is None or index is None or isinstance(grad, tf.IndexedSlices):
+            if index is None or isinstance(grad, tf.IndexedSlices):
                 continue
             name, weight, axis = self.owners[index]
             product = tf.cast(tf.convert_to_tensor(weight), tf.float32) * tf.cast(grad, tf.float32)
-            contribution = _sum_except(product, axis)
+            contribution = _sum_except(product, axis) * inverse
             per_channel[name] = (
                 per_channel[name] + contribution if name in per_channel else contribution
             )
         for name, value in per_channel.items():
-            self.scores_var[name].assign_add(tf.abs(value))
-        self.steps.assign_add(1)
+            value = tf.where(finite, tf.abs(value), tf.zeros_like(value))
+            self.scores_var[name].assign_add(value)
+        self.steps.assign_add(tf.cast(finite, tf.int64))
 
     @property
     def batches(self) -> int:

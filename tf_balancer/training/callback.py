@@ -85,7 +85,9 @@ class BalanceCallback(keras.callbacks.Callback):
     rebalanced network without recompiling. At the end of training the
     :class:`~tf_balancer.optimizer.MetaOptimizer` removes the channels for real,
     optionally fine-tunes, folds BatchNorm and fuses activations, and a report
-    compares the dense model (at the first rebalance) with the result.
+    compares the dense model (at the first rebalance) with the result. Its
+    ``final_flops_ratio`` is measured on the model produced; a pass that cannot
+    apply is rolled back and named, with that ratio, in one WARNING line.
 
     Each epoch it adds to the Keras ``logs`` (so History, CSVLogger and
     TensorBoard see them; list this callback before those):

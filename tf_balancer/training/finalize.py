@@ -4,6 +4,10 @@ Used by :class:`~tf_balancer.training.callback.BalanceCallback` at the end of
 ``fit`` and by :func:`~tf_balancer.training.oneshot.prune` for one-shot pruning;
 both describe the job as :class:`FinalizeInputs`, so the callback stays about
 *when* things happen and this module about *what*.
+
+The report describes the model actually produced: when a pass is rolled back
+(e.g. ``prune_channels``), ``final_flops_ratio`` says what is left and one
+WARNING line names the pass, its reason and the FLOPs ratio reached.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 from typing import Any
+
+import numpy as np
 
 from tf_balancer._quiet import quietly
 from tf_balancer.analysis import ModelAnalysis, analyze
@@ -110,15 +116,42 @@ class Finalizer:
         )
         records = []
         if first:
-            model, report = MetaOptimizer(first).run(model, ctx)
+            model, report = MetaOptimizer(first, rollback_log_level=logging.INFO).run(model, ctx)
             records += report.records
         model = self.finetune(model)
         if second:
-            model, report = MetaOptimizer(second).run(model, dataclasses.replace(ctx, plan=None))
+            optimizer = MetaOptimizer(second, rollback_log_level=logging.INFO)
+            model, report = optimizer.run(model, dataclasses.replace(ctx, plan=None))
             records += report.records
         report = self.build_report(model, plan, records)
+        self.warn_shortfall(report)
         logger.info("result:\n%s", summary_markdown(report))
         return model, report
+
+    def warn_shortfall(self, report: dict[str, Any]) -> None:
+        """One WARNING line when a pass was rolled back or the target was missed by > 1%.
+
+        It names each rolled-back pass with its reason and gives the FLOPs ratio
+        of the model produced (the per-epoch ``balancer/flops_ratio`` is the plan's).
+        """
+        rolled_back = [
+            f"{r['name']} ({r['message']})"
+            for r in report["passes"]
+            if r["status"] == "rolled_back"
+        ]
+        target, metric = report.get("target"), report.get("target_metric", "flops")
+        ratio = report[f"final_{metric}_ratio"]
+        missed = self.inputs.mode == "structured" and target is not None and ratio > target * 1.01
+        if not rolled_back and not missed:
+            return
+        rolled = f"rolled back {', '.join(rolled_back)}; " if rolled_back else ""
+        logger.warning(
+            "end of training: %sthe optimized model keeps %.3f of the dense %s (target %s)",
+            rolled,
+            ratio,
+            metric,
+            target,
+        )
 
     def finetune(self, model: Any) -> Any:
         """Fine-tune when asked and possible; otherwise say why not, once."""
@@ -158,10 +191,13 @@ class Finalizer:
         )
         return summary
 
-    def layer_rows(self, plan: KeepPlan | None) -> list[dict[str, Any]]:
+    def layer_rows(self, plan: KeepPlan | None, compacted: bool = True) -> list[dict[str, Any]]:
+        """Per producer: channels and FLOPs before/after (unchanged when not ``compacted``)."""
         if plan is None:
             return []
         graph = self.analysis.graph
+        if not compacted:  # prune_channels did not apply: every channel is still there
+            plan = KeepPlan({g.id: np.arange(g.size) for g in graph.prunable_groups}, plan.sizes)
         before = self.analysis.cost.layers
         after = self.analysis.cost_under(plan.keep_counts).layers
         attention = self.inputs.attention
@@ -194,14 +230,18 @@ class Finalizer:
 
     def build_report(self, model: Any, plan: KeepPlan | None, records: list) -> dict[str, Any]:
         job = self.inputs
+        dense, final = self.dense_summary(), self.summarize(model)
+        compacted = any(r.name == "prune_channels" and r.status == "applied" for r in records)
         report = {
             "mode": job.mode,
             **job.settings,
             "finetune_epochs": job.finetune.epochs,
-            "dense": self.dense_summary(),
-            "final": self.summarize(model),
+            "dense": dense,
+            "final": final,
+            "final_flops_ratio": final["flops"] / max(dense["flops"], 1),
+            "final_params_ratio": final["params"] / max(dense["params"], 1),
             "finetune": self.finetune_log,
-            "layers": self.layer_rows(plan),
+            "layers": self.layer_rows(plan, compacted),
             "passes": [dataclasses.asdict(r) for r in records],
             "attention_history": list(job.attention_history),
         }

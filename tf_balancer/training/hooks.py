@@ -30,6 +30,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from tf_balancer._compat import adapter_for
 from tf_balancer.attention.streaming import GradientStream
 
 __all__ = ["FitHooks"]
@@ -70,11 +71,12 @@ class FitHooks:
             self._optimizer = self.model.optimizer
             original_apply = self._optimizer.apply_gradients
             stream, after_update = self.stream, self.after_update
+            optimizer, adapter = self._optimizer, adapter_for(self.model)
 
             def apply_gradients(grads_and_vars, *args, **kwargs):
                 pairs = list(grads_and_vars)
-                if stream is not None:
-                    stream.update(pairs)
+                if stream is not None:  # before the update, which may change the loss scale
+                    stream.update(pairs, scale=adapter.gradient_scale(optimizer))
                 result = original_apply(pairs, *args, **kwargs)
                 if after_update is not None:  # tf.function keeps stateful ops in order
                     after_update()
