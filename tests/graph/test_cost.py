@@ -208,3 +208,25 @@ def test_plan_coster_totals_equal_model_cost(plan_analysis):
         report = full.cost_under(keep)
         assert coster.total(keep, "flops") == pytest.approx(report.flops)
         assert coster.total(keep, "params") == pytest.approx(report.params)
+
+
+def test_attention_einsums_are_counted_like_a_hand_count():
+    """TF's profiler has no statistics for Einsum: attention FLOPs were silently 0."""
+    from tf_balancer.graph.trace import op_flops
+
+    t, d, heads, key_dim = 8, 16, 4, 8
+    inp = keras.Input((t, d))
+    x = keras.layers.MultiHeadAttention(num_heads=heads, key_dim=key_dim, name="mha")(inp, inp)
+    model = keras.Model(inp, x)
+    analysis = analyze(model)
+    graph = analysis.traced.graph
+    einsum = sum(
+        flops
+        for name, flops in op_flops(graph).items()
+        if graph.get_operation_by_name(name).type == "Einsum"
+    )
+    projections = 3 * 2 * t * d * heads * key_dim  # query, key, value
+    scores_and_mix = 2 * (2 * heads * t * t * key_dim)  # Q.K^T and attention.V
+    output = 2 * t * heads * key_dim * d
+    assert einsum == projections + scores_and_mix + output
+    assert analysis.cost.layers["mha"].flops >= einsum

@@ -86,7 +86,8 @@ def op_flops(graph: tf.Graph) -> dict[str, int]:
     statistics; they are counted as the unfused ops they replace, by the
     profiler's own formulas (convolution/matmul: 2 per multiply-add; a fused
     BiasAdd or Add: 1 per output element; activations and batch norm: 0), so a
-    graph costs the same before and after Grappler.
+    graph costs the same before and after Grappler. ``Einsum`` (attention layers)
+    has no statistics either and is counted analytically.
     """
     flops = {}
     for op in graph.get_operations():
@@ -98,8 +99,37 @@ def op_flops(graph: tf.Graph) -> dict[str, int]:
     return flops
 
 
+def _einsum_flops(op: Any) -> int:
+    """FLOPs of an ``Einsum``, which TF's profiler does not count.
+
+    A two-operand einsum does one multiply-add for every combination of its index
+    values: ``2 * prod(size of each distinct index)`` (a matmul ``ij,jk->ik`` gives
+    the profiler's ``2 * i * j * k``). A one-operand einsum (a transpose or a sum)
+    counts one per input element.
+    """
+    equation = op.get_attr("equation")
+    equation = equation.decode() if isinstance(equation, bytes) else equation
+    operands = equation.split("->")[0].split(",")
+    shapes = [t.shape for t in op.inputs]
+    if (
+        "." in equation
+        or len(operands) != len(shapes)
+        or not all(s.is_fully_defined() for s in shapes)
+    ):
+        return 0
+    if len(shapes) == 1:
+        return shapes[0].num_elements()
+    sizes: dict[str, int] = {}
+    for letters, shape in zip(operands, shapes, strict=True):
+        sizes.update(zip(letters, (int(d) for d in shape), strict=True))
+    return 2 * int(np.prod(list(sizes.values())))
+
+
 def _fused_flops(op: Any) -> int:
-    """The profiler's count for the unfused equivalent of a Grappler-fused op (else 0)."""
+    """The profiler's count for an op it has no statistics for: Grappler-fused ops
+    (as their unfused equivalents) and ``Einsum`` (see :func:`_einsum_flops`); else 0."""
+    if op.type == "Einsum":
+        return _einsum_flops(op)
     if op.type not in ("_FusedConv2D", "_FusedMatMul", "_FusedDepthwiseConv2dNative"):
         return 0
     out = op.outputs[0].shape
