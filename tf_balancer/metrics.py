@@ -41,7 +41,15 @@ import tensorflow as tf
 
 from tf_balancer._compat import keras
 
-__all__ = ["LABEL_MODES", "MacroRecall", "MacroF1", "macro_scores", "task_metrics"]
+__all__ = [
+    "LABEL_MODES",
+    "MacroRecall",
+    "MacroF1",
+    "macro_scores",
+    "task_metrics",
+    "output_task_metrics",
+    "OutputMetric",
+]
 
 LABEL_MODES = ("auto", "sparse", "one_hot")
 
@@ -397,15 +405,32 @@ def _loss_name_and_logits(loss: Any) -> tuple[str, bool]:
     return snake, bool(config.get("from_logits", False))
 
 
+def _head_metrics(loss: Any, width: Any, prefix: str = "") -> list[Any]:
+    """Macro recall and F1 for one output head with ``loss`` and last dimension ``width``."""
+    name, from_logits = _loss_name_and_logits(loss)
+    if name in _SPARSE_LOSSES + _ONE_HOT_LOSSES and width and width > 1:
+        mode = "sparse" if name in _SPARSE_LOSSES else "one_hot"
+        num_classes, from_logits = int(width), False
+    elif name in _BINARY_LOSSES and width == 1:
+        mode, num_classes = "auto", 2
+    else:
+        return []
+    return [
+        cls(num_classes, label_mode=mode, from_logits=from_logits, name=f"{prefix}{cls_name}")
+        for cls, cls_name in ((MacroRecall, "macro_recall"), (MacroF1, "macro_f1"))
+    ]
+
+
 def task_metrics(model: Any) -> list[Any]:
-    """Macro recall and F1 metrics that fit the model's task, or ``[]``.
+    """Macro recall and F1 metrics that fit a single-output model's task, or ``[]``.
 
     The task is read from the compiled loss and the output shape: a sparse or
     categorical cross-entropy over ``C > 1`` outputs is ``C``-class classification
     (sparse or one-hot labels; logits or probabilities: the argmax is the same); a
     binary cross-entropy over one output is binary classification (threshold 0 for
     ``from_logits=True``, else 0.5). Regression losses, multi-label outputs and
-    models with several outputs or losses get no recall/F1 (``[]``).
+    models with several outputs get no recall/F1 (``[]``; see
+    :func:`output_task_metrics` for models with several heads).
 
     Example:
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
@@ -417,15 +442,67 @@ def task_metrics(model: Any) -> list[Any]:
     outputs = getattr(model, "outputs", None) or []
     if loss is None or isinstance(loss, (list, tuple, dict)) or len(outputs) != 1:
         return []
-    width = outputs[0].shape[-1]
-    name, from_logits = _loss_name_and_logits(loss)
-    if name in _SPARSE_LOSSES + _ONE_HOT_LOSSES and width and width > 1:
-        mode = "sparse" if name in _SPARSE_LOSSES else "one_hot"
-        num_classes, from_logits = int(width), False
-    elif name in _BINARY_LOSSES and width == 1:
-        mode, num_classes = "auto", 2
-    else:
-        return []
-    return [
-        cls(num_classes, label_mode=mode, from_logits=from_logits) for cls in (MacroRecall, MacroF1)
-    ]
+    return _head_metrics(loss, outputs[0].shape[-1])
+
+
+class OutputMetric:
+    """A metric fed one output of a multi-output model (labels and predictions selected
+    by output name from dicts, by position from lists)."""
+
+    def __init__(self, metric: Any, index: int, output: str):
+        self.metric, self.index, self.output = metric, index, output
+        self.name = metric.name
+
+    def _select(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return value[self.output]
+        if isinstance(value, (list, tuple)):
+            return value[self.index]
+        return value
+
+    def update_state(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
+        weight = None if sample_weight is None else self._select(sample_weight)
+        return self.metric.update_state(self._select(y_true), self._select(y_pred), weight)
+
+    def result(self) -> Any:
+        return self.metric.result()
+
+    def reset_state(self) -> None:
+        self.metric.reset_state()
+
+
+def output_task_metrics(model: Any) -> list[Any]:
+    """:func:`task_metrics`, and for a model with several outputs the same per head.
+
+    Each classification head ``name`` (per its compiled loss: a dict keyed by output
+    name, a list in output order, or one loss for every output) gets
+    ``<name>_macro_recall`` and ``<name>_macro_f1``; regression heads get none.
+
+    Example:
+        >>> inp = keras.Input((4,))
+        >>> model = keras.Model(inp, [keras.layers.Dense(3, name="cls")(inp),
+        ...                           keras.layers.Dense(1, name="reg")(inp)])
+        >>> model.compile(loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"})
+        >>> [m.name for m in output_task_metrics(model)]
+        ['cls_macro_recall', 'cls_macro_f1']
+    """
+    outputs = getattr(model, "outputs", None) or []
+    loss = getattr(model, "loss", None)
+    if len(outputs) <= 1 or loss is None:
+        return task_metrics(model)
+    from tf_balancer._compat import adapter_for
+
+    names = adapter_for(model).output_names(model)
+    metrics = []
+    for index, (name, tensor) in enumerate(zip(names, outputs, strict=True)):
+        if isinstance(loss, dict):
+            head_loss = loss.get(name)
+        elif isinstance(loss, (list, tuple)):
+            head_loss = loss[index] if index < len(loss) else None
+        else:
+            head_loss = loss
+        if head_loss is None:
+            continue
+        for metric in _head_metrics(head_loss, tensor.shape[-1], prefix=f"{name}_"):
+            metrics.append(OutputMetric(metric, index, name))
+    return metrics

@@ -155,3 +155,42 @@ def test_fit_returns_a_full_history_when_nothing_is_compacted(digits):
     assert history is model.history
     assert len(history.history["val_loss"]) == 2
     assert len(history.history["balancer/flops_ratio"]) == 2
+
+
+def test_two_input_two_output_model_gets_per_head_metrics_and_meets_the_target(digits):
+    """Streamed Taylor uses the compiled, weighted losses of both heads; the classification
+    head gets `val_cls_macro_f1`, the regression head no recall/F1."""
+    keras.utils.set_random_seed(0)
+    image, meta = keras.Input((16, 16, 1), name="image"), keras.Input((4,), name="meta")
+    x = keras.layers.Conv2D(16, 3, activation="relu")(image)
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(16, 3, activation="relu")(x))
+    x = keras.layers.Concatenate()([x, keras.layers.Dense(8, activation="relu")(meta)])
+    hidden = keras.layers.Dense(32, activation="relu")(x)
+    outputs = [
+        keras.layers.Dense(10, name="cls")(hidden),
+        keras.layers.Dense(1, name="reg")(hidden),
+    ]
+    model = keras.Model([image, meta], outputs)
+    model.compile(
+        optimizer="adam",
+        loss={"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"},
+        loss_weights={"cls": 1.0, "reg": 0.1},
+    )
+    rng = np.random.default_rng(0)
+    meta_train = rng.random((len(digits.x_train), 4), dtype=np.float32)
+    meta_val = rng.random((len(digits.x_val), 4), dtype=np.float32)
+    y_val = {"cls": digits.y_val, "reg": digits.y_val.astype("float32")}
+    history = model.fit(
+        [digits.x_train, meta_train],
+        {"cls": digits.y_train, "reg": digits.y_train.astype("float32")},
+        validation_data=([digits.x_val, meta_val], y_val),
+        epochs=3,
+        batch_size=64,
+        callbacks=[BalanceCallback(verbose=0)],
+        verbose=0,
+    )
+    assert history.history["balancer/flops_ratio"][-1] <= 0.5 + 1e-3
+    assert not any(key.startswith(("reg_macro", "val_reg_macro")) for key in history.history)
+    predicted = model.predict([digits.x_val, meta_val], verbose=0)[0].argmax(-1)
+    expected = f1_score(digits.y_val, predicted, average="macro", labels=range(10))
+    assert history.history["val_cls_macro_f1"][-1] == pytest.approx(expected, abs=1e-6)

@@ -29,7 +29,7 @@ from tf_balancer.attention.importance import (
 )
 from tf_balancer.attention.streaming import GradientStream
 from tf_balancer.errors import BalanceError, ConfigError
-from tf_balancer.metrics import task_metrics
+from tf_balancer.metrics import output_task_metrics
 from tf_balancer.report import log_layer_summaries, task_scores
 from tf_balancer.training.data_checks import check_callback_data
 from tf_balancer.training.finalize import FinalizeInputs, Finalizer
@@ -326,7 +326,7 @@ class BalanceCallback(keras.callbacks.Callback):
         streams = "taylor" in self._criteria() and self.probe is None
         self.stream = GradientStream(self.analysis.graph) if streams else None
         in_step = self.applier.apply_in_step if self._masks_in_step() else None
-        self.hooks = FitHooks(self.model, self.stream, task_metrics(self.model), in_step)
+        self.hooks = FitHooks(self.model, self.stream, output_task_metrics(self.model), in_step)
         self.hooks.install()
         if self.log_dir:
             self._writer = tf.summary.create_file_writer(self.log_dir)
