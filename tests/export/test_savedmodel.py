@@ -266,3 +266,26 @@ def test_bad_input_raises_typed_error_and_writes_nothing(case, cnn_dir, plain_di
     assert (tree_hash(dst) if os.path.isdir(dst) else None) == dst_before
     if before is not None:
         assert tree_hash(src) == before
+
+
+def test_cli_result_of_a_keras_savedmodel_loads_with_keras_like_its_source(tmp_path):
+    """`tf_keras.models.save_model` source -> `tf-balancer optimize` -> `load_model` works."""
+    import subprocess
+    import sys
+
+    from tf_balancer.demo import build_digits_cnn
+
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    model = randomize_batchnorm(build_digits_cnn(width=8, seed=0))
+    keras.models.save_model(model, src)
+    cli = os.path.join(os.path.dirname(sys.executable), "tf-balancer")
+    done = subprocess.run([cli, "optimize", src, "--output", dst], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    x = np.random.default_rng(0).random((4, 16, 16, 1), dtype=np.float32)
+    expected = model.predict(x, verbose=0)
+    reloaded = keras.models.load_model(dst)
+    assert not any(type(layer).__name__ == "BatchNormalization" for layer in reloaded.layers)
+    np.testing.assert_allclose(reloaded.predict(x, verbose=0), expected, rtol=1e-4, atol=1e-5)
+    serve = tf.saved_model.load(dst).signatures["serving_default"]
+    (served,) = serve(tf.constant(x)).values()
+    np.testing.assert_allclose(served.numpy(), expected, rtol=1e-4, atol=1e-5)

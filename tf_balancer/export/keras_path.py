@@ -124,10 +124,11 @@ def _channel_plan(model, config: OptimizeConfig, calibration, inputs, notes: lis
 
 
 def _segments(passes: tuple[str, ...]) -> list[list[str]]:
-    """Split before ``prune_channels`` (its plan needs the current model) and after pruning."""
+    """Split before ``prune_channels`` (its plan needs the current model), after pruning,
+    and before ``grappler`` (the Keras model before it is the one written)."""
     segments: list[list[str]] = [[]]
     for name in passes:
-        if name == "prune_channels" and segments[-1]:
+        if name in ("prune_channels", "grappler") and segments[-1]:
             segments.append([])
         segments[-1].append(name)
         if name in PRUNING_PASSES:
@@ -156,6 +157,11 @@ def optimize_keras(
 ) -> Run:
     """Run the passes in segments (see :func:`_segments`), save under every signature.
 
+    The result is written as a Keras SavedModel of the last Keras model (loadable
+    with ``tf_keras.models.load_model`` like the source); when Grappler ran last its
+    graph is verified but not written (a note says so), since TensorFlow runs
+    Grappler on the signatures when they execute.
+
     Args:
         model: the Keras model loaded from the SavedModel.
         io: its input and output names, from :func:`io_names`.
@@ -180,12 +186,26 @@ def optimize_keras(
         optimizer = MetaOptimizer(
             segment, rtol=tol.rtol, atol=tol.atol, fail_on_error=config.fail_on_error
         )
+        last_keras = model
         model, report = optimizer.run(model, ctx)
+        if isinstance(model, keras.Model):
+            last_keras = model
         records += [dataclasses.asdict(r) for r in report.records]
         if any(r.name in PRUNING_PASSES and r.status == "applied" for r in report.records):
             run = Run([], [], _caller(model, inputs, outputs), f"model after {segment[-1]}")
-    call = _caller(model, inputs, outputs)
+    keras_model = model if isinstance(model, keras.Model) else last_keras
+    if keras_model is not model:
+        notes.append(
+            "grappler's frozen graph is not written: the result is a Keras SavedModel "
+            "(tf_keras.models.load_model works, as on the source) whose signatures call the "
+            "model before Grappler; TensorFlow applies Grappler to them when they run"
+        )
+    call = _caller(keras_model, inputs, outputs)
     save_signatures(
-        dict.fromkeys(signatures, call), signatures, path, getattr(model, "weights", ())
+        dict.fromkeys(signatures, call),
+        signatures,
+        path,
+        keras_model.weights,
+        keras_model=keras_model,
     )
     return dataclasses.replace(run, records=records, notes=notes)

@@ -97,19 +97,30 @@ def call_signature(signature: Any, feed: Feed) -> dict[str, np.ndarray]:
 
 
 def save_signatures(
-    calls: Mapping[str, Callable], signatures: Mapping[str, Any], path: str, track=()
+    calls: Mapping[str, Callable],
+    signatures: Mapping[str, Any],
+    path: str,
+    track=(),
+    keras_model: Any = None,
 ) -> None:
     """Save ``calls[name]`` under each source signature (same input specs, output keys).
 
     ``calls[name]`` maps a feed (input key -> tensor) to output key -> tensor;
-    ``track`` holds the variables the calls read, saved with them.
+    ``track`` holds the variables the calls read, saved with them. With a tf_keras
+    ``keras_model`` (whose variables the calls read) the directory is written by
+    ``keras_model.save`` with those signatures: it loads with
+    ``tf_keras.models.load_model`` as a Keras-saved source did, and with
+    ``tf.saved_model.load``.
     """
-    root = tf.Module()
-    root.captured = list(track)  # the variables the signatures read, if any
     functions = {
         name: _serving(calls[name]).get_concrete_function(**input_specs(sig))
         for name, sig in signatures.items()
     }
+    if keras_model is not None:
+        keras_model.save(path, include_optimizer=False, signatures=functions)
+        return
+    root = tf.Module()
+    root.captured = list(track)  # the variables the signatures read, if any
     tf.saved_model.save(root, path, signatures=functions)
 
 
