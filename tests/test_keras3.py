@@ -290,3 +290,27 @@ def test_an_unbuilt_subclassed_model_gets_a_clear_error(kx):
     callback.set_params({"epochs": 2})
     with pytest.raises(UnsupportedModelError, match=r"model\(x\[:1\]\)"):
         callback.on_train_begin()
+
+
+def test_prune_one_shot_works_on_a_keras3_model(digits):
+    model = _sequential_cnn(keras3)
+    model.compile(
+        optimizer="adam",
+        loss=keras3.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    model.fit(digits.x_train, digits.y_train, epochs=2, batch_size=64, verbose=0)
+    weights = [w.copy() for w in model.get_weights()]
+    small, report = tfb.prune(
+        model,
+        0.5,
+        (digits.x_train[:512], digits.y_train[:512]),
+        validation_data=(digits.x_val, digits.y_val),
+        finetune_epochs=1,
+    )
+    assert adapter_for(small).version == 3
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
+    assert report["final"]["accuracy"] >= report["finetune"]["scores"][0] - 1e-6
+    assert len(report["finetune"]["scores"]) == 2  # the compacted model, one fine-tuned epoch
+    for got, want in zip(model.get_weights(), weights, strict=True):
+        np.testing.assert_array_equal(got, want)

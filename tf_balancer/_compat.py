@@ -227,14 +227,15 @@ def is_keras_model(obj: Any) -> bool:
 
 
 def adapter_for(obj: Any) -> KerasAdapter:
-    """The adapter of the Keras that ``obj`` (a layer or model) belongs to.
+    """The adapter of the Keras that ``obj`` (a layer, model or optimizer) belongs to.
 
     Raises:
         UnsupportedModelError: ``obj`` is not a Keras layer or model.
     """
-    if isinstance(obj, keras.layers.Layer):
+    if isinstance(obj, (keras.layers.Layer, keras.optimizers.Optimizer)):
         return _ADAPTERS[2]
-    if is_keras3_object(obj):
+    keras3 = _keras3() if "keras" in sys.modules else None
+    if is_keras3_object(obj) or (keras3 and isinstance(obj, keras3.optimizers.Optimizer)):
         return _adapter(3)
     raise UnsupportedModelError(
         f"expected a Keras model (tf_keras or Keras 3), got {type(obj).__name__}"

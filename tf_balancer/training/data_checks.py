@@ -36,7 +36,7 @@ import tensorflow as tf
 from tf_balancer.errors import ConfigError
 from tf_balancer.report import is_classifier
 
-__all__ = ["check_callback_data", "check_xy", "check_inputs", "check_labels"]
+__all__ = ["check_callback_data", "check_xy", "check_inputs", "check_labels", "pair"]
 
 Shape = tuple[int | None, ...]
 
@@ -182,7 +182,8 @@ def check_xy(model: Any, name: str, x: Any, y: Any = None, label_shapes: bool = 
         check_labels(model, name, y, n, shapes=label_shapes)
 
 
-def _pair(data: Any, name: str) -> tuple[Any, Any]:
+def pair(data: Any, name: str) -> tuple[Any, Any]:
+    """``(x, y)`` of a data argument given as ``(x, y)`` or ``(x, y, sample_weight)``."""
     if isinstance(data, (list, tuple)) and len(data) in (2, 3):
         return data[0], data[1]  # a third item (sample weights) is passed through
     raise ConfigError(
@@ -214,6 +215,6 @@ def check_callback_data(
     if probe is not None:
         check_xy(model, "probe_data", probe.x, probe.y, label_shapes=probe.loss is None)
     if validation_data is not None:
-        check_xy(model, "validation_data", *_pair(validation_data, "validation_data"))
+        check_xy(model, "validation_data", *pair(validation_data, "validation_data"))
     if isinstance(finetune_data, tuple):
-        check_xy(model, "finetune_data", *_pair(finetune_data, "finetune_data"))
+        check_xy(model, "finetune_data", *pair(finetune_data, "finetune_data"))

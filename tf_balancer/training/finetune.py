@@ -21,9 +21,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import keras
-from tf_balancer.metrics import task_metrics
-from tf_balancer.report import classification_scores
+from tf_balancer._compat import keras_of
+from tf_balancer.report import classification_scores, is_classifier
 
 __all__ = ["FINETUNE_LR_SCALE", "FinetuneSettings", "current_learning_rate", "finetune"]
 
@@ -60,7 +59,8 @@ def current_learning_rate(optimizer: Any) -> float:
     """
     rate = optimizer.get_config().get("learning_rate")
     if isinstance(rate, dict):  # a serialized LearningRateSchedule
-        rate = keras.optimizers.schedules.deserialize(rate)(optimizer.iterations)
+        schedules = keras_of(optimizer).optimizers.schedules
+        rate = schedules.deserialize(rate)(optimizer.iterations)
     elif rate is None:
         rate = optimizer.learning_rate
     return float(np.asarray(tf.convert_to_tensor(rate)))
@@ -77,7 +77,7 @@ def compile_like(model: Any, trained: Any, optimizer: Any) -> None:
     config = trained.get_compile_config() if hasattr(trained, "get_compile_config") else None
     if config:
         try:
-            kwargs = dict(keras.saving.deserialize_keras_object(config))
+            kwargs = dict(keras_of(trained).saving.deserialize_keras_object(config))
         except Exception as err:  # a custom metric Keras cannot rebuild: keep the loss
             logger.warning("fine-tuning without the compiled metrics (%s)", err)
     kwargs["optimizer"] = optimizer
@@ -111,7 +111,7 @@ def finetune(
     if rate is None:
         rate = settings.lr_scale * current_learning_rate(trained.optimizer)
     compile_like(model, trained, _fresh_optimizer(trained.optimizer, rate))
-    classifier = bool(task_metrics(trained))
+    classifier = is_classifier(trained)
     scores = [_score(model, validation, classifier)]
     best, best_weights = scores[0], model.get_weights()
     data = settings.data

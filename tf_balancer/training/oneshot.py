@@ -20,24 +20,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tf_balancer._compat import ensure_keras2_model
+from tf_balancer._compat import ensure_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.analysis import analyze
 from tf_balancer.attention.balance import Bounds, allocate
 from tf_balancer.attention.importance import ProbeData, attention_weights, group_scores
 from tf_balancer.errors import ConfigError
+from tf_balancer.training.data_checks import check_callback_data, pair
 from tf_balancer.training.finalize import STRUCTURED_PASSES, FinalizeInputs, Finalizer
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
 
 __all__ = ["prune"]
-
-
-def _xy(data: Any, name: str) -> tuple[Any, Any]:
-    if isinstance(data, ProbeData):
-        return data.x, data.y
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return data[0], data[1]
-    raise ConfigError(f"{name} must be (x, y) arrays, got {type(data).__name__}")
 
 
 @quietly
@@ -60,7 +53,7 @@ def prune(
     """Prune a trained model once to ``target`` and return the optimized model and report.
 
     Args:
-        model: a trained, compiled tf_keras model (left unchanged).
+        model: a trained, compiled Keras model, tf_keras or Keras 3 (left unchanged).
         target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
         data: ``(x, y)`` training samples: importance is computed on all of them
             and fine-tuning trains on them. Defaults to None (only for
@@ -86,17 +79,20 @@ def prune(
         the validation score before fine-tuning and after each epoch.
 
     Raises:
-        ConfigError: bad arguments, or data-driven importance without ``data``.
-        UnsupportedModelError: not a tf_keras model.
+        ConfigError: bad arguments, data or validation data that does not fit the
+            model, or data-driven importance without ``data``.
+        UnsupportedModelError: not a Keras model.
     """
-    model = ensure_keras2_model(model)
+    model = ensure_keras_model(model)
     if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
         raise ConfigError(f"target must be in (0, 1], got {target!r}")
     if finetune_epochs < 0 or batch_size < 1:
         raise ConfigError("finetune_epochs must be >= 0 and batch_size >= 1")
-    probe = ProbeData(*_xy(data, "data")) if data is not None else None
-    if validation_data is not None:
-        _xy(validation_data, "validation_data")
+    if isinstance(data, ProbeData):
+        probe = data
+    else:
+        probe = ProbeData(*pair(data, "data")) if data is not None else None
+    check_callback_data(model, probe, validation_data)
     if finetune_epochs and getattr(model, "optimizer", None) is None:
         raise ConfigError(
             "fine-tuning needs the model's loss and optimizer: compile the model, "
