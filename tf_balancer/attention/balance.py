@@ -1,10 +1,7 @@
 r"""The balancer: per-group channel budgets that meet a global FLOPs/params target.
 
-Problem. Group ``g`` has ``n_g`` channels with importance scores ``s_gj`` and
-removing one of its channels saves ``c_g`` units of cost (FLOPs or params,
-counting the producers' output side, the per-channel layers in between and the
-consumers' input side). Keep ``k_g`` channels, the ``k_g`` most important ones,
-so as to
+Problem. Group ``g`` has ``n_g`` channels with importance scores ``s_gj``.
+Keep ``k_g`` channels, the ``k_g`` most important ones, so as to
 
 .. math::
 
@@ -13,15 +10,32 @@ so as to
 
 where ``C`` is the exact cost model, ``T`` the target ratio and ``lo_g`` comes
 from the bounds (``min_keep``, ``max_prune_fraction``, rounded up to
-``round_to``). With the linear cost ``C(k) ~ sum_g c_g k_g`` the Lagrangian
-``L = sum s - lambda (sum c_g k_g - budget)`` is maximised channel by channel:
-**keep channel j of group g iff s_gj / c_g >= lambda**, clipped by the bounds.
-One scalar ``lambda`` (importance per unit cost) balances all layers; it is
-found by bisection on the *exact* cost of the rounded plan, so the target is
-always met. Writing ``A_g`` for the share of the budget a layer receives, this
-is the constrained cost problem ``min sum_g C_g A_g s.t. sum_g A_g = 1``
-generalised to importance-weighted channels: cheap-to-keep, important channels
-stay, expensive unimportant ones go first, and no layer falls below its bound.
+``round_to``).
+
+``C`` is not linear: a conv costs ``cin * cout``, so once a neighbouring group
+shrinks, a channel saves less than it did at full width. ``C`` is exactly
+quadratic in ``k`` (:meth:`PlanCoster.quadratic`), and ``balanced`` optimises it
+as such (:mod:`tf_balancer.attention.coupled`):
+
+1. the first-order plan: each group's per-channel cost ``c_g`` taken once at
+   full width, channels kept iff ``s_gj / c_g >= lambda`` (one multiplier,
+   importance per unit cost, bisected on the exact cost) - the Lagrangian
+   allocation ``min sum_g C_g A_g s.t. sum_g A_g = 1`` generalised to
+   importance-weighted channels; ``uniform`` and ``global`` plans as well;
+2. re-linearised: for a bisected ``lambda`` each group in turn takes the best
+   count given its neighbours' *current* counts (coordinate ascent on
+   ``V - lambda C``), ``O(log(1/tol) * sweeps * m * (m + L))`` for ``m``
+   groups of at most ``L`` levels;
+3. from the best of these, local moves on the exact cost until none helps:
+   fill the leftover budget by importance per marginal exact cost, exchange
+   channels between groups, re-assign two coupled groups jointly;
+4. exhaustive instead of (1)-(3) when at most ``EXACT_LIMIT`` plans exist.
+
+So the plan is never worse than ``uniform``, ``global`` or the first-order plan,
+and no group can grow by one step within the budget. On 120 random small
+instances it is within 0.4 % of the brute-force optimum in the worst case
+(mean 0.01 %, search alone; the first-order plan alone: 21 % and 0.7 %);
+ResNet50 takes ~0.05 s, DenseNet121 ~0.1 s (``benchmarks.bench_allocation``).
 
 Baselines (so the benefit is measured, not assumed):
     ``uniform``  the same keep ratio in every group (tfmot's default behaviour).
@@ -42,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from tf_balancer.attention import coupled
 from tf_balancer.errors import BalanceError, ConfigError
 
 __all__ = ["Bounds", "KeepPlan", "Allocation", "allocate", "STRATEGIES"]
@@ -107,9 +122,11 @@ class Allocation(KeepPlan):
         sizes: group id -> channels before pruning.
         strategy, target, target_metric: what was asked.
         achieved: the plan's cost ratio (exact cost model), ``<= target``.
-        threshold: the bisection state: for ``balanced``/``global`` the number of
-            channels cut from the global order (every kept channel has a higher
-            ``score / cost``, i.e. sits above lambda); for ``uniform`` the prune fraction.
+        threshold: how the plan was found: for ``global`` the number of channels
+            cut from the global score order, for ``uniform`` the prune fraction,
+            for ``balanced`` the Lagrange multiplier of the plan the local search
+            started from (importance per unit cost; 0 when the start was a
+            baseline plan or the search was exhaustive).
     """
 
     strategy: str = "balanced"
@@ -197,14 +214,42 @@ def allocate(
         raise BalanceError(
             _unreachable_message(analysis, lows, cost, full, target, target_metric, bounds)
         )
+    if strategy == "balanced":
+        counts, threshold = _balanced(coster, scores, sizes, lows, bounds, target_metric, budget)
+    else:
+        threshold, counts = _baseline(strategy, scores, sizes, bounds, cost, budget)
+    keep = {g: np.sort(np.argsort(-scores[g], kind="stable")[: counts[g]]) for g in scores}
+    return Allocation(keep, sizes, strategy, target, target_metric, cost(counts) / full, threshold)
+
+
+def _baseline(strategy, scores, sizes, bounds, cost, budget) -> tuple[float, dict[int, int]]:
+    """``(threshold, counts)`` of a threshold strategy (``uniform``, ``global``, first-order)."""
     if strategy == "uniform":
         counts_at, candidates = _uniform(sizes, bounds)
     else:
-        per_unit = _marginal_costs(sizes, cost, full) if strategy == "balanced" else None
+        full = cost(None)
+        per_unit = _marginal_costs(sizes, cost, full) if strategy == "linear" else None
         counts_at, candidates = _threshold(scores, per_unit, bounds)
-    threshold, counts = _bisect(counts_at, candidates, cost, budget)
-    keep = {g: np.sort(np.argsort(-scores[g], kind="stable")[: counts[g]]) for g in scores}
-    return Allocation(keep, sizes, strategy, target, target_metric, cost(counts) / full, threshold)
+    return _bisect(counts_at, candidates, cost, budget)
+
+
+def _balanced(coster, scores, sizes, lows, bounds, metric, budget) -> tuple[dict, float]:
+    """Counts of the exact-cost search (:mod:`.coupled`) and its multiplier."""
+    groups = sorted(scores)
+    quadratic = coster.quadratic(metric, groups)
+    cost = lambda counts: quadratic([(counts or sizes).get(g, sizes[g]) for g in groups])  # noqa: E731
+    starts = [
+        _baseline(name, scores, sizes, bounds, cost, budget)[1]
+        for name in ("linear", "uniform", "global")
+    ]
+    problem = coupled.Problem.build(
+        [scores[g] for g in groups],
+        [coupled.levels_for(sizes[g], lows[g], bounds.round_to) for g in groups],
+        quadratic,
+        budget,
+    )
+    counts, lam = coupled.solve(problem, [[s[g] for g in groups] for s in starts])
+    return {g: int(c) for g, c in zip(groups, counts, strict=True)}, 0.0 if math.isnan(lam) else lam
 
 
 def _marginal_costs(sizes: Mapping[int, int], cost: Callable, full: float) -> dict[int, float]:

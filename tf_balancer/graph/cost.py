@@ -41,6 +41,7 @@ __all__ = [
     "LayerCost",
     "CostReport",
     "PlanCoster",
+    "QuadraticCost",
     "model_cost",
     "core_flops",
     "measured_layer_flops",
@@ -121,6 +122,27 @@ def _param_coefficients(node: LayerNode) -> tuple[int, int, int, int]:
     return tuple(coef)
 
 
+@dataclasses.dataclass(frozen=True)
+class QuadraticCost:
+    """``cost(k) = k @ matrix @ k + linear @ k + constant`` (``matrix`` symmetric, >= 0).
+
+    ``k`` is one keep vector or a batch of them (rows).
+    """
+
+    matrix: np.ndarray
+    linear: np.ndarray
+    constant: float
+
+    def __call__(self, k: np.ndarray) -> np.ndarray | float:
+        k = np.asarray(k, dtype=np.float64)
+        quad = np.einsum("...i,ij,...j->...", k, self.matrix, k)
+        return quad + k @ self.linear + self.constant
+
+    def gradient(self, k: np.ndarray) -> np.ndarray:
+        """``d cost / d k`` at ``k``."""
+        return 2.0 * self.matrix @ np.asarray(k, dtype=np.float64) + self.linear
+
+
 class PlanCoster:
     """Vectorized cost of a model under many pruning plans (the balancer's inner loop).
 
@@ -197,6 +219,37 @@ class PlanCoster:
     def total(self, keep: Mapping[int, int] | None, metric: str = "flops") -> float:
         flops, params, _ = self.per_layer(keep)
         return float(np.sum(flops if metric == "flops" else params))
+
+    def quadratic(self, metric: str, groups: list[int]) -> QuadraticCost:
+        """The exact cost as a quadratic in the keep counts of ``groups`` (others whole).
+
+        Every layer costs ``A*cin*cout + B*cin + C*cout + D`` with ``cin``/``cout``
+        linear in the keep vector, so the total is ``k @ Q @ k + q @ k + r``.
+
+        Example:
+            >>> cost = coster.quadratic("flops", [3, 5])    # doctest: +SKIP
+            >>> cost(np.array([16, 8])) == coster.total({3: 16, 5: 8})  # doctest: +SKIP
+            True
+        """
+        a, b, c, rest, p_io, p_i, p_o, p_1 = self.coef.T
+        if metric == "flops":
+            pair, lin_in, lin_out, const = a, b, c + rest, 0.0
+        else:
+            pair, lin_in, lin_out, const = p_io, p_i, p_o, float(np.sum(p_1))
+        full_q = self.m_in.T @ (pair[:, None] * self.m_out)
+        full_lin = self.m_in.T @ lin_in + self.m_out.T @ lin_out
+        index = {g: i for i, g in enumerate(self.group_ids)}
+        chosen = np.array([index[g] for g in groups], dtype=int)
+        fixed = np.setdiff1d(np.arange(len(self.group_ids)), chosen)
+        f = self.sizes[fixed]
+        q_cc = full_q[np.ix_(chosen, chosen)]
+        lin = (
+            full_lin[chosen]
+            + full_q[np.ix_(chosen, fixed)] @ f
+            + full_q[np.ix_(fixed, chosen)].T @ f
+        )
+        const += float(f @ full_q[np.ix_(fixed, fixed)] @ f + full_lin[fixed] @ f)
+        return QuadraticCost((q_cc + q_cc.T) / 2.0, lin, const)
 
 
 def measured_layer_flops(traced: TracedGraph) -> dict[str, int]:
