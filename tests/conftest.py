@@ -18,6 +18,24 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+def profiler_flops(graph) -> int:
+    """TF's profiler total, plus 2 per element of every BatchNorm op.
+
+    The profiler counts ``FusedBatchNorm*`` as 0; tf_balancer counts its inference
+    scale-and-shift (a multiply and an add per element, as Keras 3 emits it), so a
+    model with BatchNorm costs the same on both Kerases and folding never adds FLOPs.
+    """
+    import tensorflow as tf
+
+    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
+    options["output"] = "none"
+    total = tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
+    for op in graph.get_operations():
+        if op.type.startswith("FusedBatchNorm") or op.type == "_FusedBatchNormEx":
+            total += 2 * op.outputs[0].shape.num_elements()
+    return total
+
+
 def randomize_batchnorm(model, seed: int = 0):
     """Give every BatchNormalization non-trivial statistics (in place; test models only)."""
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import subclassed_model
+from conftest import profiler_flops, subclassed_model
 
 from tf_balancer._compat import keras
 from tf_balancer.analysis import analyze, inspect, load_model
@@ -42,12 +42,6 @@ class _Affine(tf.Module):
             return tf.nn.bias_add(tf.matmul(x, self.w), self.b)
 
 
-def _profiler_flops(graph: tf.Graph) -> int:
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    return tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """The tiny model saved as a Keras SavedModel and as .h5, and a plain tf.Module SavedModel."""
@@ -69,7 +63,7 @@ def test_analyze_bundles_graph_trace_and_cost():
     assert list(analysis.cost.layers) == list(analysis.graph.nodes)
     assert analysis.traced.batch_size == analysis.cost.batch_size == 2
     assert set(analysis.measured_flops) <= set(analysis.graph.nodes)
-    assert analysis.cost.flops == _profiler_flops(analysis.traced.graph)
+    assert analysis.cost.flops == profiler_flops(analysis.traced.graph)
 
 
 def test_inspect_rows_and_totals():
@@ -136,7 +130,7 @@ def test_inspect_plain_savedmodel_gives_a_graph_level_view(saved):
     assert load_model(path) is None
     result = inspect(path, batch_size=2)
     assert [r.name for r in result.rows] == ["dense"]
-    assert result.total_flops == _profiler_flops(trace(path, batch_size=2).graph) == 2 * 24 + 6
+    assert result.total_flops == profiler_flops(trace(path, batch_size=2).graph) == 2 * 24 + 6
     assert result.total_params == 4 * 3 + 3
     assert not result.rows[0].prunable
     assert "no Keras metadata" in result.rows[0].why_not

@@ -23,6 +23,10 @@ from tf_balancer.errors import BalanceError
 
 L = keras.layers
 INSTANCES = 120
+# Worst and mean gap of the search alone (exhaustive path off). The ``retained`` gap is
+# relative to the optimum's penalty, which is small at loose targets; measured: worst
+# 0.4 % / mean 0.01 % (sum), worst 1.8 % / mean 0.03 % (retained).
+SEARCH_GAP = {"sum": (0.01, 0.002), "retained": (0.025, 0.002)}
 
 
 def _chain(widths, dense: int | None = None) -> keras.Model:
@@ -66,20 +70,29 @@ def test_quadratic_cost_equals_the_coster_on_random_plans(analyses):
                 assert quadratic(vector) == pytest.approx(exact, rel=1e-12)
 
 
-def _optimum(analysis, scores, metric, target, bounds) -> tuple[float, float]:
-    """Brute force: the best kept importance over all plans that fit."""
+def _problem(analysis, scores, metric, target, bounds, objective) -> coupled.Problem:
     groups = sorted(scores)
     levels = [
         coupled.levels_for(len(scores[g]), bounds.lower(len(scores[g])), bounds.round_to)
         for g in groups
     ]
-    plans = np.array(list(itertools.product(*levels)), dtype=np.float64)
-    full = analysis.coster.total(None, metric)
-    ratio = analysis.coster.quadratic(metric, groups)(plans) / full
-    prefix = [np.concatenate([[0.0], np.cumsum(np.sort(scores[g])[::-1])]) for g in groups]
-    value = sum(prefix[i][plans[:, i].astype(int)] for i in range(len(groups)))
-    fits = ratio <= target * (1 + 1e-12)
-    return float(value[fits].max())
+    quadratic = analysis.coster.quadratic(metric, groups)
+    budget = target * analysis.coster.total(None, metric)
+    return coupled.Problem.build([scores[g] for g in groups], levels, quadratic, budget, objective)
+
+
+def _optimum(problem: coupled.Problem) -> float:
+    """Brute force: the best value over all plans that fit."""
+    plans = np.array(list(itertools.product(*problem.levels)), dtype=np.float64)
+    index = np.array(list(itertools.product(*[range(len(lv)) for lv in problem.levels])))
+    cost = np.einsum("ni,ij,nj->n", plans, problem.matrix, plans)
+    cost += plans @ problem.linear + problem.constant
+    value = sum(v[index[:, i]] for i, v in enumerate(problem.values))
+    return float(value[cost <= problem.budget * (1 + 1e-12)].max())
+
+
+def _value(problem: coupled.Problem, plan) -> float:
+    return problem.value(problem.index([plan.keep_counts[g] for g in sorted(plan.keep)]))
 
 
 def _can_grow(analysis, plan, bounds, metric, target) -> bool:
@@ -124,42 +137,47 @@ def _instances(analyses):
         yield analysis, scores, target, metric, bounds
 
 
+@pytest.mark.parametrize("objective", coupled.OBJECTIVES)
 @pytest.mark.parametrize("exact_limit", [0, coupled.EXACT_LIMIT], ids=["search", "default"])
-def test_balanced_is_near_the_brute_force_optimum(analyses, monkeypatch, exact_limit):
+def test_balanced_is_near_the_brute_force_optimum(analyses, monkeypatch, exact_limit, objective):
     """Worst gap <= 1 %, mean <= 0.2 %, never below ``uniform``/``global``, budget used.
 
-    "Budget used": a plan more than 0.005 under the target must be maximal - no
-    group can grow by one allowed step within the budget (on these small models
-    one channel can cost several percent).
-
-    ``search`` disables the exhaustive path, so the Lagrangian search and the
-    local moves are measured on their own; ``default`` must be exact on
-    instances this small.
+    The gap is measured on the objective's value: for ``sum`` relative to the
+    optimum's kept importance; for ``log`` (values <= 0, a log of a product) as
+    ``1 - exp(value - optimum)``, the relative loss in the product of retained
+    shares. Bars: 1 % worst and 0.2 % mean, except the ``retained`` search alone
+    (``SEARCH_GAP``). ``search`` disables the exhaustive path, so the Lagrangian search and
+    the local moves are measured on their own; ``default`` must be exact on
+    instances this small. "Budget used": a plan more than 0.005 under the target
+    must be maximal - no group can grow by one allowed step within the budget (on
+    these small models one channel can cost several percent).
     """
     monkeypatch.setattr(coupled, "EXACT_LIMIT", exact_limit)
     gaps, short = [], 0
     for analysis, scores, target, metric, bounds in _instances(analyses):
-        plan = allocate(analysis, scores, target, metric, "balanced", bounds)
-        best = _optimum(analysis, scores, metric, target, bounds)
-        kept = _kept(plan, scores)
-        gaps.append(1.0 - kept / best)
+        plan = allocate(analysis, scores, target, metric, "balanced", bounds, objective)
+        problem = _problem(analysis, scores, metric, target, bounds, objective)
+        best, value = _optimum(problem), _value(problem, plan)
+        gaps.append((best - value) / max(abs(best), 1e-12))
         for baseline in ("uniform", "global"):
             other = allocate(analysis, scores, target, metric, baseline, bounds)
-            assert kept >= _kept(other, scores) * (1 - 1e-12), (baseline, target, metric)
+            assert value >= _value(problem, other) - 1e-9 * abs(value), (baseline, target)
         assert plan.achieved <= target * (1 + 1e-12)
         if plan.achieved < target - 0.005:  # then no group may grow one step within budget
             short += _can_grow(analysis, plan, bounds, metric, target)
     gaps = np.array(gaps)
     assert len(gaps) == INSTANCES
-    assert gaps.max() <= 0.01, gaps.max()
-    assert gaps.mean() <= 0.002, gaps.mean()
+    worst, mean = SEARCH_GAP[objective] if not exact_limit else (0.01, 0.002)
+    assert gaps.max() <= worst, gaps.max()
+    assert gaps.mean() <= mean, gaps.mean()
     assert short == 0, f"{short} plans left budget unused that one more step would fit in"
     if exact_limit:
         assert gaps.max() <= 1e-9
 
 
 def test_first_order_allocation_was_measurably_worse(analyses):
-    """The re-linearised search beats the old first-order plan where coupling matters.
+    """The re-linearised search beats the old first-order plan where coupling matters
+    (``sum`` objective, the one the first-order plan was built for).
 
     The first-order plan (each group's per-channel cost taken once at full
     width) is still the search's starting point; on these instances the final
@@ -173,7 +191,57 @@ def test_first_order_allocation_was_measurably_worse(analyses):
         sizes = {g: len(s) for g, s in scores.items()}
         _, linear = _baseline("linear", scores, sizes, bounds, cost, target * cost(None))
         first_order = sum(np.sort(scores[g])[::-1][: linear[g]].sum() for g in scores)
-        kept = _kept(allocate(analysis, scores, target, metric, "balanced", bounds), scores)
+        plan = allocate(analysis, scores, target, metric, "balanced", bounds, "sum")
+        kept = _kept(plan, scores)
         assert kept >= first_order * (1 - 1e-12)
         better += kept > first_order * (1 + 1e-6)
     assert better >= 10, better
+
+
+def test_level_values_by_hand():
+    scores, levels = np.array([1.0, 3.0, 0.0, 2.0]), np.array([1, 2, 4])
+    np.testing.assert_allclose(coupled.level_values(scores, levels, "sum"), [3.0, 5.0, 6.0])
+    # retained: 1 - 1/R, R = half the importance fraction (3/6, 5/6, 1) + half the width (1/4, 1/2, 1)
+    shares = np.array([0.5 * 0.5 + 0.5 * 0.25, 0.5 * 5 / 6 + 0.5 * 0.5, 1.0])
+    np.testing.assert_allclose(coupled.level_values(scores, levels, "retained"), 1 - 1 / shares)
+    # all-zero scores: the width fraction alone
+    zeros = coupled.level_values(np.zeros(4), levels, "retained")
+    np.testing.assert_allclose(zeros, 1 - 1 / np.array([0.25, 0.5, 1.0]))
+
+
+def test_cost_shares_of_a_chain_by_hand(analyses):
+    """``k_g dC/dk_g / C`` at full width, checked against finite differences of the coster."""
+    analysis = analyses[1]
+    sizes = _sizes(analysis)
+    groups = sorted(sizes)
+    full_counts = np.array([sizes[g] for g in groups], dtype=float)
+    shares = coupled.cost_shares(analysis.coster.quadratic("flops", groups), full_counts)
+    total = analysis.coster.total(None, "flops")
+    for g, share in zip(groups, shares, strict=True):
+        n = sizes[g]
+        # C is quadratic in k_g: the central difference of the coster is its exact derivative
+        up = analysis.coster.total({g: n + 1}, "flops")
+        down = analysis.coster.total({g: n - 1}, "flops")
+        assert share == pytest.approx(n * (up - down) / 2 / total, rel=1e-9)
+
+
+@pytest.mark.parametrize("exact_limit", [0, coupled.EXACT_LIMIT], ids=["search", "default"])
+def test_log_objective_is_uniform_for_flat_scores_and_a_homogeneous_cost(monkeypatch, exact_limit):
+    """Convs between prunable groups only (cost ``sum a_ij k_i k_j``), equal scores:
+    the ``log`` optimum keeps the same fraction everywhere; ``sum`` does not."""
+    from tf_balancer.graph.cost import QuadraticCost
+
+    monkeypatch.setattr(coupled, "EXACT_LIMIT", exact_limit)
+    sizes = [24, 12, 36, 18]
+    chain = np.zeros((4, 4))
+    for i, weight in enumerate([5.0, 1.0, 3.0]):  # layer i maps group i to group i + 1
+        chain[i, i + 1] = chain[i + 1, i] = weight / 2
+    quadratic = QuadraticCost(chain, np.zeros(4), 0.0)
+    budget = 0.25 * quadratic(np.array(sizes, dtype=float))  # every group at one half
+    levels = [coupled.levels_for(n, 1, 1) for n in sizes]
+    scores = [np.ones(n) for n in sizes]
+    for objective, uniform in (("retained", True), ("sum", False)):
+        problem = coupled.Problem.build(scores, levels, quadratic, budget, objective)
+        counts, _ = coupled.solve(problem, starts=[[1, 1, 1, 1]])
+        ratios = counts / np.array(sizes)
+        assert (np.ptp(ratios) <= 1 / 12 + 1e-9) == uniform, (objective, counts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import tensorflow as tf
+from conftest import profiler_flops
 
 from tf_balancer._compat import keras
 from tf_balancer.analysis import ModelAnalysis, analyze
@@ -15,12 +15,6 @@ from tf_balancer.graph.trace import trace_keras
 
 L = keras.layers
 _CORE_LAYERS = ("Conv2D", "DepthwiseConv2D", "Dense")
-
-
-def _profiler_flops(graph: tf.Graph) -> int:
-    options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
-    options["output"] = "none"
-    return tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops
 
 
 def _plan_model(f1: int, f2: int, f3: int, f4: int) -> keras.Model:
@@ -80,7 +74,7 @@ def big_analyses(resnet_analysis, mobilenet_analysis) -> dict[str, ModelAnalysis
 @pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2"])
 def test_total_flops_match_the_profiler(name, big_analyses):
     analysis = big_analyses[name]
-    expected = _profiler_flops(analysis.traced.graph)
+    expected = profiler_flops(analysis.traced.graph)
     assert expected > 0
     assert analysis.cost.flops == pytest.approx(expected, rel=0.01)
 
@@ -89,7 +83,7 @@ def test_total_flops_match_the_profiler_on_small_models():
     for model in _small_models():
         for batch_size in (1, 2):
             analysis = analyze(model, batch_size=batch_size)
-            expected = _profiler_flops(analysis.traced.graph)
+            expected = profiler_flops(analysis.traced.graph)
             assert analysis.cost.flops == pytest.approx(expected, rel=0.01), model.name
 
 
@@ -186,7 +180,7 @@ def test_cost_under_a_plan_equals_the_smaller_model(plan_analysis):
     }
     assert len(keep) == 4 and all(graph.groups[g].prunable for g in keep)
     planned = model_cost(graph, keep=keep, model=full.model)
-    assert planned.flops == small.cost.flops == _profiler_flops(small.traced.graph)
+    assert planned.flops == small.cost.flops == profiler_flops(small.traced.graph)
     assert planned.params == small_model.count_params()
     assert planned.activation_bytes == small.cost.activation_bytes
     assert planned.layers == small.cost.layers

@@ -5,12 +5,27 @@ Keep ``k_g`` channels, the ``k_g`` most important ones, so as to
 
 .. math::
 
-    \max_k \sum_g \sum_{j \le k_g} s_{g(j)} \quad\text{s.t.}\quad
+    \max_k \sum_g V_g(k_g) \quad\text{s.t.}\quad
     C(k) \le T \cdot C(n), \qquad lo_g \le k_g \le n_g,
 
 where ``C`` is the exact cost model, ``T`` the target ratio and ``lo_g`` comes
 from the bounds (``min_keep``, ``max_prune_fraction``, rounded up to
-``round_to``).
+``round_to``). The value ``V_g`` is the *objective*:
+
+* ``"sum"``: ``V_g(k) = sum_{j<=k} s_g(j)``, the kept importance. Optimised
+  exactly, it starves layers: on the digits CNN at 1/4 of the FLOPs it cut the
+  residual block's middle conv to 4 of 32 channels, because removing it also
+  makes its neighbours cheap, and the trained accuracy fell 1-2 points below
+  ``uniform`` (``benchmarks.compare``).
+* ``"retained"`` (default): ``V_g(k) = w_g (1 - 1 / R_g(k))``, ``R_g`` the
+  group's retained share (half its importance fraction, half its width
+  fraction) and ``w_g`` its share of the model's cost at full width
+  (``k_g dC/dk_g / C``). Halving a group costs ``w_g``, quartering it
+  ``3 w_g``: deep cuts are penalised progressively (a ``log R`` penalty tied
+  the uniform plan with cutting every other layer of a chain to 1/4). With
+  flat scores and every layer between prunable groups the optimum is the
+  uniform plan; importance moves channels from where they matter least per
+  unit cost to where they matter most.
 
 ``C`` is not linear: a conv costs ``cin * cout``, so once a neighbouring group
 shrinks, a channel saves less than it did at full width. ``C`` is exactly
@@ -31,11 +46,12 @@ as such (:mod:`tf_balancer.attention.coupled`):
    channels between groups, re-assign two coupled groups jointly;
 4. exhaustive instead of (1)-(3) when at most ``EXACT_LIMIT`` plans exist.
 
-So the plan is never worse than ``uniform``, ``global`` or the first-order plan,
-and no group can grow by one step within the budget. On 120 random small
-instances it is within 0.4 % of the brute-force optimum in the worst case
-(mean 0.01 %, search alone; the first-order plan alone: 21 % and 0.7 %);
-ResNet50 takes ~0.05 s, DenseNet121 ~0.1 s (``benchmarks.bench_allocation``).
+So the plan's value is never below that of ``uniform``, ``global`` or the
+first-order plan, and no group can grow by one step within the budget. On 120
+random small instances (``sum`` objective) the search alone is within 0.4 % of
+the brute-force optimum in the worst case, 0.01 % on average (the first-order
+plan alone: 21 % and 0.7 %); ResNet50 takes ~0.05 s, DenseNet121 ~0.1 s
+(``benchmarks.bench_allocation``).
 
 Baselines (so the benefit is measured, not assumed):
     ``uniform``  the same keep ratio in every group (tfmot's default behaviour).
@@ -120,7 +136,7 @@ class Allocation(KeepPlan):
     Attributes:
         keep: group id -> sorted indices of the channels kept.
         sizes: group id -> channels before pruning.
-        strategy, target, target_metric: what was asked.
+        strategy, target, target_metric, objective: what was asked.
         achieved: the plan's cost ratio (exact cost model), ``<= target``.
         threshold: how the plan was found: for ``global`` the number of channels
             cut from the global score order, for ``uniform`` the prune fraction,
@@ -134,6 +150,7 @@ class Allocation(KeepPlan):
     target_metric: str = "flops"
     achieved: float = 1.0
     threshold: float = 0.0
+    objective: str = "retained"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -142,6 +159,7 @@ class Allocation(KeepPlan):
             "target_metric": self.target_metric,
             "achieved": self.achieved,
             "threshold": self.threshold,
+            "objective": self.objective,
             "keep": {str(g): idx.tolist() for g, idx in self.keep.items()},
             "sizes": {str(g): n for g, n in self.sizes.items()},
         }
@@ -180,6 +198,7 @@ def allocate(
     target_metric: str = "flops",
     strategy: str = "balanced",
     bounds: Bounds | None = None,
+    objective: str = "retained",
 ) -> Allocation:
     """Choose how many (and which) channels each prunable group keeps.
 
@@ -191,6 +210,9 @@ def allocate(
         target_metric: ``"flops"`` or ``"params"``.
         strategy: ``"balanced"``, ``"uniform"`` or ``"global"``.
         bounds: per-group limits (defaults: ``Bounds()``).
+        objective: what ``balanced`` maximises: ``"retained"`` (default), a
+            cost-share-weighted penalty on the share of each group that is
+            cut, or ``"sum"``, the total kept importance (module docstring).
 
     Returns:
         An :class:`Allocation` whose exact cost ratio is ``<= target`` (up to a
@@ -203,6 +225,8 @@ def allocate(
     """
     bounds = bounds or Bounds()
     _validate(scores, target, target_metric, strategy, analysis.graph)
+    if objective not in coupled.OBJECTIVES:
+        raise ConfigError(f"objective must be one of {coupled.OBJECTIVES}, got {objective!r}")
     coster = analysis.coster
     scores = {g: np.asarray(s, dtype=np.float64) for g, s in sorted(scores.items())}
     sizes = {g: len(s) for g, s in scores.items()}
@@ -215,11 +239,14 @@ def allocate(
             _unreachable_message(analysis, lows, cost, full, target, target_metric, bounds)
         )
     if strategy == "balanced":
-        counts, threshold = _balanced(coster, scores, sizes, lows, bounds, target_metric, budget)
+        counts, threshold = _balanced(
+            coster, scores, sizes, lows, bounds, target_metric, budget, objective
+        )
     else:
         threshold, counts = _baseline(strategy, scores, sizes, bounds, cost, budget)
     keep = {g: np.sort(np.argsort(-scores[g], kind="stable")[: counts[g]]) for g in scores}
-    return Allocation(keep, sizes, strategy, target, target_metric, cost(counts) / full, threshold)
+    achieved = cost(counts) / full
+    return Allocation(keep, sizes, strategy, target, target_metric, achieved, threshold, objective)
 
 
 def _baseline(strategy, scores, sizes, bounds, cost, budget) -> tuple[float, dict[int, int]]:
@@ -233,7 +260,7 @@ def _baseline(strategy, scores, sizes, bounds, cost, budget) -> tuple[float, dic
     return _bisect(counts_at, candidates, cost, budget)
 
 
-def _balanced(coster, scores, sizes, lows, bounds, metric, budget) -> tuple[dict, float]:
+def _balanced(coster, scores, sizes, lows, bounds, metric, budget, objective) -> tuple[dict, float]:
     """Counts of the exact-cost search (:mod:`.coupled`) and its multiplier."""
     groups = sorted(scores)
     quadratic = coster.quadratic(metric, groups)
@@ -247,6 +274,7 @@ def _balanced(coster, scores, sizes, lows, bounds, metric, budget) -> tuple[dict
         [coupled.levels_for(sizes[g], lows[g], bounds.round_to) for g in groups],
         quadratic,
         budget,
+        objective,
     )
     counts, lam = coupled.solve(problem, [[s[g] for g in groups] for s in starts])
     return {g: int(c) for g, c in zip(groups, counts, strict=True)}, 0.0 if math.isnan(lam) else lam

@@ -3,9 +3,10 @@ r"""Search for the ``balanced`` plan under the exact, coupled cost.
 The cost of a plan is exactly quadratic in the keep counts ``k`` (a conv costs
 ``cin * cout``; both are linear in ``k``): ``C(k) = k Q k + q k + r`` with
 ``Q >= 0`` (:meth:`~tf_balancer.graph.cost.PlanCoster.quadratic`). Each group's
-kept importance ``V_g(k_g)`` (the sum of its ``k_g`` best scores) is concave.
-We maximise ``sum_g V_g(k_g)`` subject to ``C(k) <= budget`` over the allowed
-counts of each group (its *levels*: lower bound .. size in ``round_to`` steps).
+value ``V_g(k_g)`` is concave in its count (:func:`level_values`: the kept
+importance, or a weighted penalty on the share it loses). We maximise
+``sum_g V_g(k_g)`` subject to ``C(k) <= budget`` over the allowed counts of each
+group (its *levels*: lower bound .. size in ``round_to`` steps).
 
 Algorithm (``m`` groups, ``L`` levels in the largest group):
 
@@ -25,8 +26,8 @@ Algorithm (``m`` groups, ``L`` levels in the largest group):
    to grow another by one level, taking the best importance gain that fits -
    alternated until neither improves. ``O(m^2 * EXCHANGE_DEPTH)`` per move.
 
-The result is never worse than any starting plan, and is maximal: no group can
-grow by one level within the budget.
+The result's value is never below any starting plan's, and it is maximal: no
+group can grow by one level within the budget.
 
 Example:
     >>> problem = Problem.build(scores, levels, quadratic, budget)  # doctest: +SKIP
@@ -42,14 +43,28 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["Problem", "solve", "levels_for", "EXACT_LIMIT"]
+__all__ = [
+    "Problem",
+    "solve",
+    "levels_for",
+    "level_values",
+    "cost_shares",
+    "EXACT_LIMIT",
+    "OBJECTIVES",
+]
 
 EXACT_LIMIT = 100_000
 EXCHANGE_DEPTH = 16
-_LAMBDA_TOLERANCE = 1e-4  # relative precision of the bisected multiplier
+_LAMBDA_TOLERANCE = 1e-3  # relative precision of the bisected multiplier
 _MAX_SWEEPS = 25
 _REL = 1e-12
 _MAX_MOVES = 2000
+# Extra effort for small problems (at most SMALL_PROBLEM groups): several starts for
+# the local search, and grow-and-repair moves. On ResNet50 and DenseNet121 (37 and
+# 120 groups, 16 cases) they changed the objective by <= 0.14 % at 30-150x the time.
+SMALL_PROBLEM = 16
+LOCAL_STARTS = 8
+GROW_DEPTH = 4
 PAIR_WINDOW = 4
 PAIR_GRID = 12
 
@@ -58,6 +73,48 @@ def levels_for(size: int, low: int, round_to: int) -> np.ndarray:
     """Allowed keep counts of a group: ``low``, the multiples of ``round_to`` above it, ``size``."""
     first = -(-low // round_to) * round_to
     return np.unique(np.array([low, *range(first, size + 1, round_to), size], dtype=np.int64))
+
+
+OBJECTIVES = ("retained", "sum")
+IMPORTANCE_SHARE = 0.5  # "retained": weight of the importance fraction against the width
+
+
+def level_values(scores: np.ndarray, levels: np.ndarray, objective: str = "retained") -> np.ndarray:
+    """A group's value at each of its levels (keep counts), before weighting.
+
+    ``sum``: the kept importance ``V_g(k)`` (sum of the ``k`` best scores).
+    ``retained``: ``1 - 1 / R_g(k)``, ``R_g`` the group's retained share - half
+    the fraction of its importance kept, half the fraction of its channels kept
+    (``IMPORTANCE_SHARE``). Halving a group's share costs 1, quartering it 3:
+    deep cuts are penalised progressively, so no layer is starved because its
+    channels looked cheap. Concave in ``k`` like ``sum``.
+
+    Example:
+        >>> level_values(np.array([3.0, 1.0]), np.array([1, 2]), "sum").tolist()
+        [3.0, 4.0]
+        >>> level_values(np.array([3.0, 1.0]), np.array([1, 2])).tolist()  # R = 0.625, 1
+        [-0.6, 0.0]
+    """
+    s = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    prefix = np.concatenate([[0.0], np.cumsum(s)])
+    if objective == "sum":
+        return prefix[levels]
+    width = np.asarray(levels, dtype=np.float64) / len(s)
+    importance = prefix[levels] / prefix[-1] if prefix[-1] > 0 else width
+    share = IMPORTANCE_SHARE * importance + (1.0 - IMPORTANCE_SHARE) * width
+    return 1.0 - 1.0 / np.maximum(share, 1e-12)
+
+
+def cost_shares(quadratic, full: np.ndarray) -> np.ndarray:
+    """Each group's cost elasticity at full width: ``k_g dC/dk_g / C``.
+
+    The ``retained`` objective weights group ``g`` by it, so with flat scores the
+    optimum of ``sum_g w_g (1 - n_g / k_g)`` under a homogeneous quadratic cost
+    (every layer between two prunable groups) is the uniform plan; importance,
+    and layers with a fixed side (the first conv, the classifier), tilt it.
+    """
+    full = np.asarray(full, dtype=np.float64)
+    return full * quadratic.gradient(full) / max(float(quadratic(full)), 1e-300)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,11 +136,22 @@ class Problem:
     budget: float
 
     @classmethod
-    def build(cls, scores: Sequence[np.ndarray], levels: Sequence[np.ndarray], quadratic, budget):
-        values = []
-        for s, lv in zip(scores, levels, strict=True):
-            prefix = np.concatenate([[0.0], np.cumsum(np.sort(np.asarray(s, float))[::-1])])
-            values.append(prefix[lv])
+    def build(
+        cls,
+        scores: Sequence[np.ndarray],
+        levels: Sequence[np.ndarray],
+        quadratic,
+        budget: float,
+        objective: str = "retained",
+    ) -> Problem:
+        """An instance from per-group scores; ``objective`` as in :func:`level_values`
+        (``retained`` values weighted by :func:`cost_shares`)."""
+        full = np.array([lv[-1] for lv in levels], dtype=np.float64)
+        weights = cost_shares(quadratic, full) if objective == "retained" else np.ones(len(full))
+        values = [
+            w * level_values(s, lv, objective)
+            for s, lv, w in zip(scores, levels, weights, strict=True)
+        ]
         return cls(
             list(levels), values, quadratic.matrix, quadratic.linear, quadratic.constant, budget
         )
@@ -118,12 +186,17 @@ def solve(problem: Problem, starts: Sequence[Sequence[int]]) -> tuple[np.ndarray
     if exact is not None:
         return problem.counts(exact), math.nan
     candidates = [(problem.index(s), math.nan) for s in starts]
-    lagrangian = _lagrangian(problem)
-    if lagrangian is not None:
-        candidates.append(lagrangian)
+    small = len(problem.levels) <= SMALL_PROBLEM
+    candidates += _lagrangian(problem)
     values = [problem.value(x) for x, _ in candidates]
-    x, lam = candidates[int(np.argmax(values))]  # the first of equals: starts win ties
-    return problem.counts(_improve(problem, x.copy())), lam
+    order = np.argsort(-np.array(values), kind="stable")[: LOCAL_STARTS if small else 1]
+    best, lam, best_value = None, math.nan, -math.inf
+    for i in order:  # the first of equals wins: starts before multipliers
+        x = _improve(problem, candidates[i][0].copy(), GROW_DEPTH if small else 0)
+        value = problem.value(x)
+        if value > best_value + _REL * max(abs(best_value), 1.0) or best is None:
+            best, lam, best_value = x, candidates[i][1], value
+    return problem.counts(best), lam
 
 
 def _exhaustive(problem: Problem) -> np.ndarray | None:
@@ -140,26 +213,24 @@ def _exhaustive(problem: Problem) -> np.ndarray | None:
     return grid[best[np.argmax(cost[best])]]  # ties: keep the channels the budget allows
 
 
-def _lagrangian(problem: Problem) -> tuple[np.ndarray, float] | None:
-    """Best fitting coordinate-ascent plan over a geometric bisection of ``lambda``."""
+def _lagrangian(problem: Problem) -> list[tuple[np.ndarray, float]]:
+    """The distinct fitting coordinate-ascent plans ``(x, lambda)`` met while
+    bisecting ``lambda`` (the ascent starts from the lowest levels, warm after)."""
     high = _lambda_high(problem)
     if high <= 0:
-        return None
-    lo, hi = math.log(high) - 40.0, math.log(high)
+        return []
+    lo, hi = math.log(high) - 30.0, math.log(high)
     x = np.zeros(len(problem.levels), dtype=np.int64)
-    best, best_value = None, -math.inf
+    found: dict[bytes, tuple[np.ndarray, float]] = {}
     while hi - lo > _LAMBDA_TOLERANCE:
         mid = 0.5 * (lo + hi)
         x = _coordinate_ascent(problem, math.exp(mid), x)
-        k = problem.counts(x)
-        if problem.cost(k) <= problem.limit:
+        if problem.cost(problem.counts(x)) <= problem.limit:
             hi = mid
-            value = problem.value(x)
-            if value > best_value:
-                best, best_value = (x.copy(), math.exp(mid)), value
+            found.setdefault(x.tobytes(), (x.copy(), math.exp(mid)))
         else:
             lo = mid
-    return best
+    return list(found.values())
 
 
 def _lambda_high(problem: Problem) -> float:
@@ -190,7 +261,7 @@ def _coordinate_ascent(problem: Problem, lam: float, x: np.ndarray) -> np.ndarra
     return x
 
 
-def _improve(problem: Problem, x: np.ndarray) -> np.ndarray:
+def _improve(problem: Problem, x: np.ndarray, grow_depth: int = 0) -> np.ndarray:
     """Local moves until none raises the kept importance: fill and exchange first
     (cheap), a two-group re-assignment when they are stuck."""
     for _ in range(_MAX_MOVES):
@@ -202,9 +273,17 @@ def _improve(problem: Problem, x: np.ndarray) -> np.ndarray:
             x[grow] += 1
             continue
         pair = _best_pair(problem, x)
-        if pair is None:
+        if pair is not None:
+            x[pair[0]], x[pair[2]] = pair[1], pair[3]
+            continue
+        moved = None
+        if grow_depth:
+            moved = _best_triple(problem, x)
+            if moved is None:
+                moved = _best_grow_and_repair(problem, x, grow_depth)
+        if moved is None:
             return x
-        x[pair[0]], x[pair[2]] = pair[1], pair[3]
+        x = moved
     return _fill(problem, x)
 
 
@@ -310,3 +389,74 @@ def _best_pair(problem: Problem, x: np.ndarray) -> tuple[int, int, int, int] | N
         return None
     p, i, j = np.unravel_index(flat, total.shape)
     return int(g[p]), int(cand[g[p], i]), int(h[p]), int(cand[h[p], j])
+
+
+def _best_grow_and_repair(problem: Problem, x: np.ndarray, depth: int) -> np.ndarray | None:
+    """Grow one group by up to ``depth`` levels, then shrink the others (one
+    level at a time, least value lost per unit of cost saved) until the plan fits;
+    the best such plan when it beats ``x``, else ``None``. Reaches trades among
+    three or more groups that the pairwise moves cannot."""
+    base = problem.value(x)
+    best, best_value = None, base + _REL * max(abs(base), 1.0)
+    top = np.array([len(lv) - 1 for lv in problem.levels])
+    for h in np.flatnonzero(x < top):
+        for step in range(1, min(depth, top[h] - x[h]) + 1):
+            trial = x.copy()
+            trial[h] += step
+            trial = _repair(problem, trial, keep=h)
+            if trial is not None and problem.value(trial) > best_value:
+                best, best_value = trial, problem.value(trial)
+    return best
+
+
+def _repair(problem: Problem, x: np.ndarray, keep: int) -> np.ndarray | None:
+    """Shrink groups other than ``keep`` until ``x`` fits (``None`` if it cannot)."""
+    k = problem.counts(x)
+    cost = problem.cost(k)
+    while cost > problem.limit:
+        room = np.flatnonzero(x > 0)
+        room = room[room != keep]
+        if not len(room):
+            return None
+        drop = np.array([k[g] - problem.levels[g][x[g] - 1] for g in room])
+        loss = np.array([problem.values[g][x[g]] - problem.values[g][x[g] - 1] for g in room])
+        grad = 2.0 * problem.matrix[room] @ k + problem.linear[room]
+        saving = drop * grad - drop * drop * problem.matrix[room, room]
+        j = int(np.argmin(np.where(saving > 0, loss / np.maximum(saving, 1e-300), np.inf)))
+        g = room[j]
+        x[g] -= 1
+        k[g] -= drop[j]
+        cost -= saving[j]
+    return x
+
+
+def _best_triple(problem: Problem, x: np.ndarray, depth: int = 2) -> np.ndarray | None:
+    """The best fitting plan that moves three groups by up to ``depth`` levels each
+    (others fixed), when it beats ``x``; ``O(m^3 (2 depth + 1)^3)``, small problems only."""
+    m = len(problem.levels)
+    if m < 3:
+        return None
+    base = problem.value(x)
+    best, best_value = None, base + _REL * max(abs(base), 1.0)
+    steps = np.array(list(itertools.product(range(-depth, depth + 1), repeat=3)))
+    for trio in itertools.combinations(range(m), 3):
+        trio = np.array(trio)
+        top = np.array([len(problem.levels[g]) - 1 for g in trio])
+        index = x[trio] + steps
+        ok = np.all((index >= 0) & (index <= top), axis=1)
+        if not ok.any():
+            continue
+        index = index[ok]
+        plans = np.repeat(problem.counts(x)[None], len(index), axis=0)
+        value = np.full(len(index), base)
+        for j, g in enumerate(trio):
+            plans[:, g] = problem.levels[g][index[:, j]]
+            value += problem.values[g][index[:, j]] - problem.values[g][x[g]]
+        cost = np.einsum("ni,ij,nj->n", plans, problem.matrix, plans)
+        cost += plans @ problem.linear + problem.constant
+        value = np.where(cost <= problem.limit, value, -np.inf)
+        i = int(np.argmax(value))
+        if value[i] > best_value:
+            best, best_value = x.copy(), value[i]
+            best[trio] = index[i]
+    return best

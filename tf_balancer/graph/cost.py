@@ -1,7 +1,9 @@
 """Per-layer cost: FLOPs, parameters and activation memory, with or without a plan.
 
 FLOPs follow TF's profiler conventions (a multiply-add counts 2; BiasAdd and
-element-wise ops count one per element; FusedBatchNorm and ReLU count 0). Each
+element-wise ops count one per element; ReLU counts 0), except that inference
+BatchNorm counts its scale-and-shift, 2 per element, where the profiler says 0
+(:func:`~tf_balancer.graph.trace.op_flops`). Each
 layer's FLOPs are split in two parts:
 
 * the **core** - convolution / matmul / bias - computed analytically from the
@@ -12,8 +14,8 @@ layer's FLOPs are split in two parts:
   on the traced graph, and scaled by the layer's kept fraction of channels.
 
 At full width the total therefore equals the profiler's ``float_ops`` on the
-same frozen graph; the tests also check that the analytic core agrees with the
-profiler's numbers for the core ops.
+same frozen graph plus 2 per BatchNorm output element; the tests also check
+that the analytic core agrees with the profiler's numbers for the core ops.
 
 Example:
     >>> from tf_balancer._compat import keras

@@ -78,16 +78,27 @@ def freeze(concrete_function: Any) -> tuple[Any, Any]:
     return frozen.graph.as_graph_def(), frozen
 
 
-def op_flops(graph: tf.Graph) -> dict[str, int]:
-    """FLOPs of every op as TF's profiler counts them (0 for unregistered ops).
+BATCH_NORM_OPS = frozenset(
+    {"FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3", "_FusedBatchNormEx"}
+)
 
-    Grappler's fused ops (``_FusedConv2D``, ``_FusedMatMul``,
-    ``_FusedDepthwiseConv2dNative``, ``_FusedBatchNormEx``) have no profiler
-    statistics; they are counted as the unfused ops they replace, by the
-    profiler's own formulas (convolution/matmul: 2 per multiply-add; a fused
-    BiasAdd or Add: 1 per output element; activations and batch norm: 0), so a
-    graph costs the same before and after Grappler. ``Einsum`` (attention layers)
-    has no statistics either and is counted analytically.
+
+def op_flops(graph: tf.Graph) -> dict[str, int]:
+    """FLOPs of every op, as TF's profiler counts them where it has statistics.
+
+    Ops the profiler has no statistics for are counted by its conventions
+    (2 per multiply-add, 1 per element for a bias add or add, 0 for
+    activations) rather than as 0:
+
+    * Grappler's fused ops (``_FusedConv2D``, ``_FusedMatMul``,
+      ``_FusedDepthwiseConv2dNative``) as the unfused ops they replace, so a
+      graph costs the same before and after Grappler;
+    * ``FusedBatchNorm*`` (and ``_FusedBatchNormEx``) as its inference
+      arithmetic, a multiply and an add per element - what Keras 3's
+      BatchNormalization emits as explicit ops, and what folding it into the
+      producer replaces with one bias add. (The profiler counts it as 0, which
+      made a folded model look *more* expensive than the model it came from.)
+    * ``Einsum`` (attention layers) analytically.
     """
     flops = {}
     for op in graph.get_operations():
@@ -126,10 +137,12 @@ def _einsum_flops(op: Any) -> int:
 
 
 def _fused_flops(op: Any) -> int:
-    """The profiler's count for an op it has no statistics for: Grappler-fused ops
-    (as their unfused equivalents) and ``Einsum`` (see :func:`_einsum_flops`); else 0."""
+    """The count for an op the profiler has no statistics for (see :func:`op_flops`)."""
     if op.type == "Einsum":
         return _einsum_flops(op)
+    if op.type in BATCH_NORM_OPS:
+        shape = op.outputs[0].shape
+        return 2 * shape.num_elements() if shape.is_fully_defined() else 0
     if op.type not in ("_FusedConv2D", "_FusedMatMul", "_FusedDepthwiseConv2dNative"):
         return 0
     out = op.outputs[0].shape
@@ -146,7 +159,8 @@ def _fused_flops(op: Any) -> int:
     else:  # depthwise: each output element reads one kh x kw window of one channel
         core = 2 * int(weights[0]) * int(weights[1]) * outputs
     fused = [f.decode() if isinstance(f, bytes) else f for f in op.get_attr("fused_ops")]
-    extra = sum(outputs for name in fused if name in ("BiasAdd", "Add"))
+    per_element = {"BiasAdd": 1, "Add": 1, "FusedBatchNorm": 2}
+    extra = sum(per_element.get(name, 0) * outputs for name in fused)
     return core + extra
 
 
