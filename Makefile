@@ -27,7 +27,7 @@ test: lint
 demo: $(STAMP)
 	$(BIN)/tf-balancer demo --output demo_out
 
-BENCHMARKS := bench_analysis bench_allocation bench_compaction bench_overhead bench_defaults compare
+BENCHMARKS := bench_analysis bench_allocation bench_pipeline bench_compaction bench_overhead bench_defaults compare
 
 bench: $(STAMP)
 	for b in $(BENCHMARKS); do $(BIN)/python -m benchmarks.$$b || exit 1; done

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import warnings
 
+import keras as keras3
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import profiler_flops, subclassed_model
+from conftest import profiler_flops, randomize_batchnorm, residual_concat_cnn, subclassed_model
 
 from tf_balancer._compat import keras
 from tf_balancer.analysis import analyze, inspect, load_model
@@ -181,3 +182,13 @@ def test_inspect_non_savedmodel_directory_raises_model_load_error(tmp_path):
 def test_inspect_rejects_a_non_positive_batch_size():
     with pytest.raises(TFBalancerError, match="batch_size"):
         inspect(_model(), batch_size=0)
+
+
+@pytest.mark.parametrize("k", [keras, keras3], ids=["tf_keras", "keras3"])
+def test_unfrozen_analysis_costs_the_same_as_frozen(k):
+    """The optimizer's per-pass stats skip freezing; they must not change a number."""
+    model = randomize_batchnorm(residual_concat_cnn(k=k))
+    frozen, unfrozen = analyze(model), analyze(model, frozen=False)
+    assert unfrozen.cost.layers == frozen.cost.layers
+    assert unfrozen.measured_flops == frozen.measured_flops
+    assert any(op.type == "ReadVariableOp" for op in unfrozen.traced.graph.get_operations())

@@ -87,23 +87,30 @@ class OptimizationReport:
 
 def model_stats(model: Any) -> dict[str, int]:
     """Layers, params and FLOPs (batch 1) of a Keras model or a concrete function."""
+    return _stats_and_graph(model)[0]
+
+
+def _stats_and_graph(model: Any) -> tuple[dict[str, int], LayerGraph | None]:
+    """:func:`model_stats` and, for a Keras model, its layer graph (for the next pass)."""
     from tf_balancer.graph.trace import constant_params, op_flops, trace_function
 
     if is_keras_model(model):
         from tf_balancer.analysis import analyze
 
-        analysis = analyze(model)
-        return {
+        analysis = analyze(model, frozen=False)  # costs are the same; freezing is slow
+        stats = {
             "layers": len(analysis.graph.nodes),
             "params": analysis.cost.params,
             "flops": analysis.cost.flops,
         }
+        return stats, analysis.graph
     traced = trace_function(model)
-    return {
+    stats = {
         "layers": len(traced.graph_def.node),
         "params": constant_params(traced.graph_def),
         "flops": sum(op_flops(traced.graph).values()),
     }
+    return stats, None
 
 
 class MetaOptimizer:
@@ -122,6 +129,8 @@ class MetaOptimizer:
             :class:`~tf_balancer.errors.VerificationError` instead of rolling back.
         rollback_log_level: the ``logging`` level of the line logged for a pass
             rolled back. Defaults to ``logging.WARNING``.
+        progress_log_level: the level of the line logged after every pass
+            (status, seconds, FLOPs before -> after). Defaults to ``logging.DEBUG``.
 
     Raises:
         ConfigError: unknown pass name (the message lists the registered ones),
@@ -136,6 +145,7 @@ class MetaOptimizer:
         atol: float | None = None,
         fail_on_error: bool = False,
         rollback_log_level: int = logging.WARNING,
+        progress_log_level: int = logging.DEBUG,
     ):
         self.passes = [get_pass(p) if isinstance(p, str) else p for p in passes]
         for p in self.passes[:-1]:
@@ -143,6 +153,7 @@ class MetaOptimizer:
                 raise ConfigError(f"pass {p.name!r} does not return a Keras model; put it last")
         self.rtol, self.atol, self.fail_on_error = rtol, atol, fail_on_error
         self.rollback_log_level = rollback_log_level
+        self.progress_log_level = progress_log_level
 
     @quietly
     def run(self, model: Any, ctx: PassContext | None = None) -> tuple[Any, OptimizationReport]:
@@ -155,35 +166,47 @@ class MetaOptimizer:
         if is_keras_model(model):
             model = functional_twin(model)
         probe = ctx.probe_inputs if ctx.probe_inputs is not None else random_inputs(model)
-        stats = model_stats(model)
+        current = _stats_and_graph(model)
         records = []
         for graph_pass in self.passes:
-            model, stats, record = self._run_one(graph_pass, model, stats, ctx, probe)
+            model, current, record = self._run_one(graph_pass, model, current, ctx, probe)
             records.append(record)
+            logger.log(
+                self.progress_log_level,
+                "pass %s: %s in %.1f s (FLOPs %s -> %s)",
+                record.name,
+                record.status,
+                record.seconds,
+                f"{record.before['flops']:,}",
+                f"{record.after['flops']:,}",
+            )
         return model, OptimizationReport(tuple(records))
 
     def _run_one(
-        self, graph_pass: GraphPass, model: Any, stats: dict, ctx: PassContext, probe: Any
+        self, graph_pass: GraphPass, model: Any, current: tuple, ctx: PassContext, probe: Any
     ):
+        """One pass; ``current`` is ``(stats, layer graph)`` of ``model``, reused (each
+        applied pass analyses its result once, and the next pass starts from that)."""
         name = graph_pass.name
         start = time.perf_counter()
+        stats, graph = current
         snapshot = _weights_of(model)
         try:
-            graph = LayerGraph.from_model(model)
+            graph = graph if graph is not None else LayerGraph.from_model(model)
             result = graph_pass.run(model, graph, ctx)
             _restore_if_mutated(model, snapshot)
             outcome = Outcome(True)
-            after = stats
+            after = current
             if result.changed:
                 outcome = self._verify(graph_pass, model, graph, ctx, result.model, probe)
-                after = model_stats(result.model) if outcome.ok else stats
+                after = _stats_and_graph(result.model) if outcome.ok else current
         except Exception as err:  # any failure of a pass is rolled back, by design
             if self.fail_on_error:
                 raise PassError(f"pass {name!r} failed: {err}") from err
             logger.log(self.rollback_log_level, "pass %s failed and was rolled back: %s", name, err)
             return (
                 model,
-                stats,
+                current,
                 PassRecord(
                     name, "rolled_back", f"error: {err}", time.perf_counter() - start, stats, stats
                 ),
@@ -201,7 +224,7 @@ class MetaOptimizer:
             message = f"verification failed: {outcome.reason}"
             return (
                 model,
-                stats,
+                current,
                 PassRecord(
                     name, "rolled_back", message, seconds, stats, stats, outcome.max_abs_diff
                 ),
@@ -209,7 +232,7 @@ class MetaOptimizer:
         if not result.changed:
             return (
                 model,
-                stats,
+                current,
                 PassRecord(
                     name,
                     "unchanged",
@@ -227,7 +250,7 @@ class MetaOptimizer:
             result.message,
             seconds,
             stats,
-            after,
+            after[0],
             outcome.max_abs_diff,
             dict(result.stats),
         )

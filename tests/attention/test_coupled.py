@@ -142,11 +142,10 @@ def _instances(analyses):
 def test_balanced_is_near_the_brute_force_optimum(analyses, monkeypatch, exact_limit, objective):
     """Worst gap <= 1 %, mean <= 0.2 %, never below ``uniform``/``global``, budget used.
 
-    The gap is measured on the objective's value: for ``sum`` relative to the
-    optimum's kept importance; for ``log`` (values <= 0, a log of a product) as
-    ``1 - exp(value - optimum)``, the relative loss in the product of retained
-    shares. Bars: 1 % worst and 0.2 % mean, except the ``retained`` search alone
-    (``SEARCH_GAP``). ``search`` disables the exhaustive path, so the Lagrangian search and
+    The gap is relative to the optimum's value: its kept importance for ``sum``,
+    its penalty (the value is <= 0) for ``retained``. Bars: 1 % worst and 0.2 %
+    mean, except the ``retained`` search alone (``SEARCH_GAP``). ``search``
+    disables the exhaustive path, so the Lagrangian search and
     the local moves are measured on their own; ``default`` must be exact on
     instances this small. "Budget used": a plan more than 0.005 under the target
     must be maximal - no group can grow by one allowed step within the budget (on

@@ -45,11 +45,11 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class TracedGraph:
-    """A frozen inference graph.
+    """An inference graph, usually frozen.
 
     Attributes:
-        graph_def: the frozen ``GraphDef`` (variables are constants).
-        function: the frozen concrete function (callable on tensors).
+        graph_def: the ``GraphDef`` (frozen: variables are constants).
+        function: the (frozen) concrete function (callable on tensors).
         op_to_layer: op name -> owning layer name, for every op that belongs
             to a layer (Keras models), or to a name scope (other graphs).
         batch_size: the fixed batch dimension the graph was traced with.
@@ -194,7 +194,7 @@ def _fixed_specs(specs: Iterable[Any], batch_size: int | None) -> list[tf.Tensor
     return fixed
 
 
-def trace_keras(model: Any, batch_size: int | None = 1) -> TracedGraph:
+def trace_keras(model: Any, batch_size: int | None = 1, *, frozen: bool = True) -> TracedGraph:
     """Trace a Keras model (tf_keras or Keras 3) in inference mode at a fixed batch size.
 
     The traced function runs the model's flattened calls one by one, each inside
@@ -204,7 +204,9 @@ def trace_keras(model: Any, batch_size: int | None = 1) -> TracedGraph:
     computes exactly what ``model(x, training=False)`` computes.
 
     ``batch_size=None`` keeps the batch axis open (for deployment; TF's FLOPs
-    statistics need a fixed batch).
+    statistics need a fixed batch). ``frozen=False`` skips freezing the variables
+    into constants (about half the time on a large model): the graph reads them
+    instead, with the same ops, shapes and FLOPs - enough for costing.
     """
     from tf_balancer.graph.walk import run_calls, walk_model
 
@@ -223,8 +225,9 @@ def trace_keras(model: Any, batch_size: int | None = 1) -> TracedGraph:
         outputs = run_calls(walk, xs, scope=_CALL_SCOPE)
         return outputs if len(outputs) > 1 else outputs[0]
 
-    graph_def, frozen = freeze(forward.get_concrete_function(*specs))
-    return TracedGraph(graph_def, frozen, _map_ops(graph_def, scopes), batch_size)
+    concrete = forward.get_concrete_function(*specs)
+    graph_def, function = freeze(concrete) if frozen else (concrete.graph.as_graph_def(), concrete)
+    return TracedGraph(graph_def, function, _map_ops(graph_def, scopes), batch_size)
 
 
 def load_saved_model(path: str | os.PathLike) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings, f
 __all__ = ["FinalizeInputs", "Finalizer", "FINETUNE_LR_SCALE"]
 
 logger = logging.getLogger(__name__)
+# end-of-training passes: a line per pass (progress), rollbacks at INFO (a warning follows)
+_LOG_LEVELS = {"rollback_log_level": logging.INFO, "progress_log_level": logging.INFO}
 
 STRUCTURED_PASSES = ("prune_channels", "strip_training_ops", "fold_batchnorm", "fuse_activation")
 LOSSLESS_PASSES = ("strip_training_ops", "fold_batchnorm", "fuse_activation")
@@ -116,14 +119,16 @@ class Finalizer:
         )
         records = []
         if first:
-            model, report = MetaOptimizer(first, rollback_log_level=logging.INFO).run(model, ctx)
+            model, report = MetaOptimizer(first, **_LOG_LEVELS).run(model, ctx)
             records += report.records
         model = self.finetune(model)
         if second:
-            optimizer = MetaOptimizer(second, rollback_log_level=logging.INFO)
+            optimizer = MetaOptimizer(second, **_LOG_LEVELS)
             model, report = optimizer.run(model, dataclasses.replace(ctx, plan=None))
             records += report.records
+        start = time.perf_counter()
         report = self.build_report(model, plan, records)
+        logger.info("measured dense vs optimized in %.1f s", time.perf_counter() - start)
         self.warn_shortfall(report)
         logger.info("result:\n%s", summary_markdown(report))
         return model, report
@@ -175,7 +180,7 @@ class Finalizer:
         return model
 
     def summarize(self, model: Any) -> dict[str, Any]:
-        analysis = analyze(model)
+        analysis = analyze(model, frozen=False)
         summary: dict[str, Any] = {"flops": analysis.cost.flops, "params": analysis.cost.params}
         validation = self.inputs.validation_data
         if validation is not None:

@@ -1,0 +1,73 @@
+"""Benchmark: the lossless pass pipeline against one ``analyze`` of the same model.
+
+For EfficientNetB0 and DenseNet121 (``weights=None``, 64x64), times one
+``analyze`` (after a warm-up call) and one ``MetaOptimizer(LOSSLESS).run``
+(strip_training_ops, fold_batchnorm, fuse_activation, grappler), prints the
+per-pass seconds, and a verdict per model against the targets of issue 13:
+pipeline <= 8 s and <= 3x one ``analyze``.
+
+Usage::
+
+    python -m benchmarks.bench_pipeline [--models EfficientNetB0 DenseNet121]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+PASSES = ("strip_training_ops", "fold_batchnorm", "fuse_activation", "grappler")
+TARGET_SECONDS, TARGET_RATIO = 8.0, 3.0
+
+
+def run_one(name: str) -> dict[str, Any]:
+    """Seconds of ``analyze`` and of the pipeline, and the pipeline's records."""
+    from tf_balancer._compat import keras
+    from tf_balancer.analysis import analyze
+    from tf_balancer.optimizer import MetaOptimizer
+
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(weights=None, input_shape=(64, 64, 3))
+    analyze(model)  # warm-up: TensorFlow's one-time start-up is not the pipeline's cost
+    start = time.perf_counter()
+    analyze(model)
+    t_analyze = time.perf_counter() - start
+    start = time.perf_counter()
+    _, report = MetaOptimizer(list(PASSES)).run(model)
+    return {
+        "analyze": t_analyze,
+        "pipeline": time.perf_counter() - start,
+        "passes": [(r.name, r.status, r.seconds) for r in report.records],
+    }
+
+
+def report(results: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for name, r in results.items():
+        ratio = r["pipeline"] / r["analyze"]
+        ok = r["pipeline"] <= TARGET_SECONDS and ratio <= TARGET_RATIO
+        passes = ", ".join(f"{p} {s} {t:.1f} s" for p, s, t in r["passes"])
+        lines += [
+            f"{name} (64x64): analyze {r['analyze']:.1f} s; pipeline {r['pipeline']:.1f} s "
+            f"({passes})",
+            f"verdict: {'PASS' if ok else 'FAIL'}: pipeline {r['pipeline']:.1f} s "
+            f"(target <= {TARGET_SECONDS:g} s), {ratio:.1f}x analyze (target <= {TARGET_RATIO:g}x)",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["EfficientNetB0", "DenseNet121"])
+    args = parser.parse_args(argv)
+    print(report({name: run_one(name) for name in args.models}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
