@@ -99,6 +99,46 @@ def test_binary_output_matches_sklearn(n, seed, from_logits, column, weighted):
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+@QUICK
+@given(
+    n=st.integers(1, 40),
+    labels=st.integers(2, 6),
+    seed=st.integers(0, 2**31 - 1),
+    from_logits=st.booleans(),
+    weighted=st.booleans(),
+)
+def test_multi_label_matches_sklearn(n, labels, seed, from_logits, weighted):
+    """``label_mode="multi_label"``: sklearn's macro scores on indicator arrays."""
+    rng = np.random.default_rng(seed)
+    truth = rng.integers(0, 2, (n, labels))
+    outputs = rng.normal(size=(n, labels)).astype("float32")
+    if not from_logits:
+        outputs = 1.0 / (1.0 + np.exp(-outputs))
+    predicted = (outputs > (0.0 if from_logits else 0.5)).astype(int)
+    sw = rng.uniform(0.0, 2.0, n) if weighted else None
+    kwargs = dict(average="macro", zero_division=0, sample_weight=sw)
+    expected = recall_score(truth, predicted, **kwargs), f1_score(truth, predicted, **kwargs)
+    got = metric_values(
+        truth.astype("float32"),
+        outputs,
+        labels,
+        sw,
+        label_mode="multi_label",
+        from_logits=from_logits,
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_task_metrics_for_a_multi_label_head():
+    from tf_balancer.metrics import task_metrics
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="sigmoid")])
+    model.compile(loss="binary_crossentropy")
+    metrics = task_metrics(model)
+    assert [m.name for m in metrics] == ["macro_recall", "macro_f1"]
+    assert {m.label_mode for m in metrics} == {"multi_label"} and metrics[0].num_classes == 3
+
+
 def test_binary_output_with_one_hot_labels():
     labels = np.array([0, 1, 1, 0, 1])
     probs = np.array([[0.2], [0.9], [0.4], [0.7], [0.6]], dtype="float32")

@@ -18,6 +18,10 @@ Accepted shapes (``C = num_classes``):
   (shape ``(..., C)``; argmax over the last axis, so smoothed labels work too).
   ``label_mode="auto"`` treats ``y_true`` as one-hot when it has the rank of ``y_pred``
   (at least 2) and a last dimension of ``C``; otherwise as sparse.
+* ``label_mode="multi_label"``: ``C`` independent binary labels (``y_true`` and
+  ``y_pred`` of shape ``(..., C)``, each score thresholded like one binary output);
+  one 2x2 confusion matrix per label, macro over labels - sklearn's
+  ``recall_score``/``f1_score`` on multi-label indicator arrays.
 
 The accumulator is float64 so that counts stay exact far beyond float32's 2**24.
 
@@ -51,7 +55,7 @@ __all__ = [
     "OutputMetric",
 ]
 
-LABEL_MODES = ("auto", "sparse", "one_hot")
+LABEL_MODES = ("auto", "sparse", "one_hot", "multi_label")
 
 
 def _validate_num_classes(num_classes: Any) -> int:
@@ -97,11 +101,12 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
             raise ValueError(f"from_logits must be True or False, got {from_logits!r}.")
         super().__init__(name=name, dtype=dtype)
         self.num_classes = num_classes
+        multi = label_mode == "multi_label"
         self.label_mode = label_mode
         self.from_logits = bool(from_logits)
         self.confusion_matrix = self.add_weight(
             name="confusion_matrix",
-            shape=(num_classes, num_classes),
+            shape=(num_classes, 2, 2) if multi else (num_classes, num_classes),
             initializer="zeros",
             dtype=tf.float64,
         )
@@ -121,6 +126,8 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
         """
         y_pred = tf.convert_to_tensor(y_pred)
         y_true = tf.convert_to_tensor(y_true)
+        if self.label_mode == "multi_label":
+            return self._update_multi_label(y_true, y_pred, sample_weight)
         predicted = self._predicted_labels(y_pred)
         labels = tf.reshape(self._true_labels(y_true, y_pred), [-1])
         weights = None
@@ -137,6 +144,18 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
             weights=weights,
             dtype=tf.float64,
         )
+        return tf.group(self.confusion_matrix.assign_add(batch))
+
+    def _update_multi_label(self, y_true, y_pred, sample_weight):
+        """Add one batch to the per-label 2x2 confusion matrices."""
+        labels = self.num_classes
+        predicted = tf.reshape(self._threshold(y_pred), [-1, labels])
+        truth = tf.reshape(tf.cast(tf.round(tf.cast(y_true, tf.float32)), tf.int32), [-1, labels])
+        cell = tf.one_hot(truth * 2 + predicted, 4, dtype=tf.float64)  # (N, labels, 4)
+        if sample_weight is not None:
+            weights = tf.reshape(tf.cast(sample_weight, tf.float64), [-1, 1, 1])
+            cell = cell * weights
+        batch = tf.reshape(tf.reduce_sum(cell, axis=0), [labels, 2, 2])
         return tf.group(self.confusion_matrix.assign_add(batch))
 
     def _predicted_labels(self, y_pred: tf.Tensor) -> tf.Tensor:
@@ -210,6 +229,8 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
     def _per_class(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """True positives, true counts (row sums), predicted counts (column sums)."""
         cm = self.confusion_matrix
+        if self.label_mode == "multi_label":  # per label: rows true 0/1, columns predicted 0/1
+            return cm[:, 1, 1], cm[:, 1, 0] + cm[:, 1, 1], cm[:, 0, 1] + cm[:, 1, 1]
         return tf.linalg.diag_part(cm), tf.reduce_sum(cm, axis=1), tf.reduce_sum(cm, axis=0)
 
     def get_config(self) -> dict[str, Any]:
@@ -413,6 +434,8 @@ def _head_metrics(loss: Any, width: Any, prefix: str = "") -> list[Any]:
         num_classes, from_logits = int(width), False
     elif name in _BINARY_LOSSES and width == 1:
         mode, num_classes = "auto", 2
+    elif name in _BINARY_LOSSES and width and width > 1:
+        mode, num_classes = "multi_label", int(width)
     else:
         return []
     return [
@@ -428,8 +451,9 @@ def task_metrics(model: Any) -> list[Any]:
     categorical cross-entropy over ``C > 1`` outputs is ``C``-class classification
     (sparse or one-hot labels; logits or probabilities: the argmax is the same); a
     binary cross-entropy over one output is binary classification (threshold 0 for
-    ``from_logits=True``, else 0.5). Regression losses, multi-label outputs and
-    models with several outputs get no recall/F1 (``[]``; see
+    ``from_logits=True``, else 0.5); over ``C > 1`` outputs it is ``C``-label
+    classification (``label_mode="multi_label"``). Regression losses and models
+    with several outputs get no recall/F1 (``[]``; see
     :func:`output_task_metrics` for models with several heads).
 
     Example:

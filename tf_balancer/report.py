@@ -79,14 +79,20 @@ def saved_model_size(model: Any) -> dict[str, int]:
         return {"bytes": directory_size(path), "gzip_bytes": os.path.getsize(archive)}
 
 
-def classification_scores(model: Any, x: Any, y: Any, num_classes: int | None = None) -> dict:
+def classification_scores(
+    model: Any, x: Any, y: Any, num_classes: int | None = None, multi_label: bool = False
+) -> dict:
     """Accuracy, macro recall and macro F1 of ``model`` on ``(x, y)``.
 
     Outputs of width > 1 are argmax-ed; a single output is a binary classifier
     (threshold 0 for logits, 0.5 for probabilities). Labels may be class ids or
-    one-hot.
+    one-hot. ``multi_label``: each output column is its own binary label
+    (thresholded the same way); accuracy is the exact-match (subset) accuracy and
+    recall/F1 are macro over labels, as sklearn computes them on indicator arrays.
     """
     logits = np.asarray(model.predict(x, verbose=0, batch_size=256))
+    if multi_label:
+        return _multi_label_scores(logits, np.asarray(y))
     if logits.ndim == 1 or logits.shape[-1] == 1:
         predicted = (logits.reshape(-1) > (0.0 if logits.min() < 0 else 0.5)).astype(int)
         num_classes = num_classes or 2
@@ -97,6 +103,19 @@ def classification_scores(model: Any, x: Any, y: Any, num_classes: int | None = 
     if labels.ndim > 1 and labels.shape[-1] == num_classes and num_classes > 1:
         labels = labels.argmax(-1)
     return dict(macro_scores(labels.reshape(-1), predicted, num_classes))
+
+
+def _multi_label_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    width = scores.shape[-1]
+    predicted = scores.reshape(-1, width) > (0.0 if scores.min() < 0 else 0.5)
+    truth = np.round(labels.reshape(-1, width)).astype(bool)
+    tp = (predicted & truth).sum(0)
+    true_count, predicted_count = truth.sum(0), predicted.sum(0)
+    recall = np.divide(tp, true_count, out=np.zeros(width), where=true_count > 0)
+    denominator = true_count + predicted_count
+    f1 = np.divide(2 * tp, denominator, out=np.zeros(width), where=denominator > 0)
+    accuracy = float(np.mean(np.all(predicted == truth, axis=1)))
+    return {"accuracy": accuracy, "recall": float(recall.mean()), "f1": float(f1.mean())}
 
 
 def regression_scores(model: Any, x: Any, y: Any) -> dict[str, float]:
@@ -137,8 +156,19 @@ def is_classifier(model: Any) -> bool:
     return bool(task_metrics(model))
 
 
+def is_multi_label(model: Any) -> bool:
+    """Whether ``model``'s compiled loss and output read as multi-label classification
+    (binary cross-entropy over several outputs)."""
+    return any(getattr(m, "label_mode", "") == "multi_label" for m in task_metrics(model))
+
+
 def task_scores(
-    model: Any, x: Any, y: Any, classifier: bool | None = None, num_classes: int | None = None
+    model: Any,
+    x: Any,
+    y: Any,
+    classifier: bool | None = None,
+    num_classes: int | None = None,
+    multi_label: bool | None = None,
 ) -> dict[str, float]:
     """``accuracy``/``recall``/``f1`` for classifiers, ``mae``/``rmse`` otherwise.
 
@@ -148,6 +178,8 @@ def task_scores(
         y: labels (class ids or one-hot) or regression targets.
         classifier: the task; None reads it from ``model`` (:func:`is_classifier`).
         num_classes: classes of a classifier; None reads them from the output.
+        multi_label: score each output column as its own binary label; None reads
+            it from ``model`` (:func:`is_multi_label`).
 
     Returns:
         The scores by name.
@@ -159,8 +191,10 @@ def task_scores(
     """
     if classifier is None:
         classifier = is_classifier(model)
+    if multi_label is None:
+        multi_label = is_multi_label(model)
     if classifier:
-        return classification_scores(model, x, y, num_classes)
+        return classification_scores(model, x, y, num_classes, multi_label)
     return regression_scores(model, x, y)
 
 
@@ -171,13 +205,15 @@ def evaluate_model(
     num_classes: int | None = None,
     latency_batches: Sequence[int] = (1, 64),
     classifier: bool | None = None,
+    multi_label: bool | None = None,
 ) -> dict[str, float]:
     """Task scores on ``(x, y)`` (:func:`task_scores`), plus latency per batch size.
 
-    ``classifier`` as in :func:`task_scores`; pass it when ``model`` is not compiled
-    but the task is known (e.g. a compacted copy of a compiled regression model).
+    ``classifier`` and ``multi_label`` as in :func:`task_scores`; pass them when
+    ``model`` is not compiled but the task is known (e.g. a compacted copy of a
+    compiled regression model).
     """
-    summary = task_scores(model, x, y, classifier, num_classes)
+    summary = task_scores(model, x, y, classifier, num_classes, multi_label)
     for batch in latency_batches:
         summary[f"latency_ms_b{batch}"] = measure_latency(model, model.input_shape, batch)
     return summary

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import keras_of
-from tf_balancer.report import classification_scores, is_classifier
+from tf_balancer.report import classification_scores, is_classifier, is_multi_label
 
 __all__ = ["FINETUNE_LR_SCALE", "FinetuneSettings", "current_learning_rate", "finetune"]
 
@@ -84,11 +84,11 @@ def compile_like(model: Any, trained: Any, optimizer: Any) -> None:
     model.compile(**kwargs)
 
 
-def _score(model: Any, validation: Any, classifier: bool) -> float:
+def _score(model: Any, validation: Any, classifier: bool, multi_label: bool = False) -> float:
     """Validation accuracy for classifiers, else minus the compiled loss."""
     x, y = validation[0], validation[1]
     if classifier:
-        return classification_scores(model, x, y)["accuracy"]
+        return classification_scores(model, x, y, multi_label=multi_label)["accuracy"]
     return -float(model.evaluate(x, y, verbose=0, return_dict=True)["loss"])
 
 
@@ -111,8 +111,8 @@ def finetune(
     if rate is None:
         rate = settings.lr_scale * current_learning_rate(trained.optimizer)
     compile_like(model, trained, _fresh_optimizer(trained.optimizer, rate))
-    classifier = is_classifier(trained)
-    scores = [_score(model, validation, classifier)]
+    task = (is_classifier(trained), is_multi_label(trained))
+    scores = [_score(model, validation, *task)]
     best, best_weights = scores[0], model.get_weights()
     data = settings.data
     for _ in range(settings.epochs):
@@ -120,7 +120,7 @@ def finetune(
             model.fit(data[0], data[1], batch_size=settings.batch_size, epochs=1, verbose=0)
         else:
             model.fit(data, epochs=1, verbose=0)
-        scores.append(_score(model, validation, classifier))
+        scores.append(_score(model, validation, *task))
         if scores[-1] > best:
             best, best_weights = scores[-1], model.get_weights()
     model.set_weights(best_weights)
