@@ -239,3 +239,50 @@ def test_scoring_leaves_the_model_weights_unchanged(trained, criterion):
     assert len(before) == len(after)
     for old, new in zip(before, after, strict=True):
         np.testing.assert_array_equal(old, new)
+
+
+def _two_heads():
+    keras.utils.set_random_seed(0)
+    image, extra = keras.Input((8, 8, 1), name="image"), keras.Input((5,), name="extra")
+    x = keras.layers.Conv2D(8, 3, activation="relu")(image)
+    x = keras.layers.Dense(8, activation="relu")(keras.layers.GlobalAveragePooling2D()(x))
+    x = keras.layers.Concatenate()([x, keras.layers.Dense(4, activation="relu")(extra)])
+    cls = keras.layers.Dense(3, activation="softmax", name="cls")(x)
+    reg = keras.layers.Dense(1, name="reg")(x)
+    model = keras.Model([image, extra], [cls, reg])
+    model.compile(
+        "adam",
+        {"cls": "sparse_categorical_crossentropy", "reg": "mse"},
+        loss_weights={"cls": 1.0, "reg": 0.5},
+    )
+    return model
+
+
+def test_taylor_on_two_outputs_uses_the_weighted_compiled_losses_for_any_label_structure():
+    """Labels as a dict by output name, a list or a tuple; inputs as a list or a dict."""
+    model = _two_heads()
+    graph = LayerGraph.from_model(model)
+    rng = np.random.default_rng(0)
+    x = [
+        rng.normal(size=(40, 8, 8, 1)).astype("float32"),
+        rng.normal(size=(40, 5)).astype("float32"),
+    ]
+    y = {"cls": rng.integers(0, 3, 40), "reg": rng.normal(size=(40, 1)).astype("float32")}
+    scce, mse = keras.losses.SparseCategoricalCrossentropy(), keras.losses.MeanSquaredError()
+
+    def by_hand(labels, outputs):
+        return scce(labels["cls"], outputs[0]) + 0.5 * mse(labels["reg"], outputs[1])
+
+    taylor = get_importance("taylor")
+    expected = taylor(graph, ProbeData(x, y, loss=by_hand, batch_size=16))
+    assert any(np.any(v > 0) for v in expected.values())
+    structures = [
+        (x, y),
+        ({"image": x[0], "extra": x[1]}, y),
+        (x, [y["cls"], y["reg"]]),
+        (tuple(x), (y["cls"], y["reg"])),
+    ]
+    for xs, ys in structures:
+        got = taylor(graph, ProbeData(xs, ys, batch_size=16))
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-4, atol=1e-7)

@@ -70,12 +70,15 @@ class ProbeData:
     max_batches: int | None = None
 
     def batches(self) -> list[tuple[Any, Any]]:
-        n = len(self.x[0] if isinstance(self.x, (list, tuple)) else self.x)
+        """``(x, y)`` batches; ``x`` and ``y`` may be arrays or the nested lists,
+        tuples and dicts of arrays ``fit`` accepts (sliced leaf by leaf)."""
+        n = len(tf.nest.flatten(self.x)[0])
         out = []
         for start in range(0, n, self.batch_size)[: self.max_batches]:
             sl = slice(start, start + self.batch_size)
-            xb = [a[sl] for a in self.x] if isinstance(self.x, (list, tuple)) else self.x[sl]
-            out.append((xb, None if self.y is None else self.y[sl]))
+            cut = lambda value, sl=sl: tf.nest.map_structure(lambda a: a[sl], value)  # noqa: E731
+            xb = list(cut(self.x)) if isinstance(self.x, tuple) else cut(self.x)
+            out.append((xb, None if self.y is None else cut(self.y)))
         return out
 
 
@@ -182,15 +185,12 @@ def taylor(graph: LayerGraph, probe: ProbeData | GradientStream | None) -> dict[
 
     def gradients(xb: Any, yb: Any) -> list[Any]:
         with tf.GradientTape() as tape:
-            predictions = model(xb, training=False)
-            if yb.shape.num_elements() == predictions.shape.num_elements():
-                yb = tf.reshape(yb, predictions.shape)  # (n,) labels vs (n, 1) outputs
-            loss = loss_fn(yb, predictions)
+            loss = loss_fn(yb, model(xb, training=False))
         return tape.gradient(loss, variables)
 
     scores = {name: 0.0 for name, _ in _producers(graph)}
     for xb, yb in probe.batches():
-        grads = _replicated(gradients, xb, tf.convert_to_tensor(yb))
+        grads = _replicated(gradients, xb, tf.nest.map_structure(tf.convert_to_tensor, yb))
         per_channel: dict[str, Any] = {}
         for (name, var, axis), grad in zip(owners, grads, strict=True):
             if grad is not None:
@@ -216,10 +216,70 @@ def _replicated(fn: Callable[..., list[Any]], *args: Any) -> list[Any]:
 
 
 def _default_loss(graph: LayerGraph) -> Callable[[Any, Any], Any]:
-    """The model's loss function (not ``compiled_loss``, which also updates metrics)."""
+    """The model's compiled loss as ``loss(y, predictions) -> scalar``.
+
+    Not ``compiled_loss``, which also updates the loss metrics. A model with
+    several outputs gets the weighted sum of its per-output losses (``loss`` and
+    ``loss_weights`` as dicts by output name, lists in output order, or one loss
+    for every output); labels as ``fit`` takes them (a dict by output name or a
+    list in output order).
+    """
+    model = getattr(graph, "model", None)
+    loss = getattr(model, "loss", None)
+    outputs = list(getattr(model, "outputs", None) or [])
+    if loss is None:
+        raise ConfigError(
+            "taylor importance needs the model's loss: compile the model or pass "
+            "ProbeData(loss=...)"
+        )
+    if len(outputs) <= 1 and not isinstance(loss, (dict, list, tuple)):
+        return _shaped(_per_sample_mean(loss))
+    from tf_balancer._compat import adapter_for
+
+    names = adapter_for(model).output_names(model)
+    weights = _loss_weights(model)
+    heads = []
+    for index, name in enumerate(names):
+        head = _by_output(loss, index, name, None)
+        if head is not None:
+            heads.append(
+                (
+                    index,
+                    name,
+                    _shaped(_per_sample_mean(head)),
+                    _by_output(weights, index, name, 1.0),
+                )
+            )
+
+    def total(y: Any, predictions: Any) -> Any:
+        labels = y if isinstance(y, dict) else dict(zip(names, tf.nest.flatten(y), strict=True))
+        if isinstance(predictions, dict):
+            outs = predictions
+        else:
+            outs = dict(zip(names, tf.nest.flatten(predictions), strict=True))
+        return tf.add_n([float(w) * fn(labels[name], outs[name]) for _, name, fn, w in heads])
+
+    return total
+
+
+def _by_output(value: Any, index: int, name: str, default: Any) -> Any:
+    """``value``'s entry for output ``name`` (dict) / ``index`` (list), or ``value`` itself."""
+    if isinstance(value, dict):
+        return value.get(name, default)
+    if isinstance(value, (list, tuple)):
+        return value[index] if index < len(value) else default
+    return default if value is None else value
+
+
+def _loss_weights(model: Any) -> Any:
+    config = model.get_compile_config() if hasattr(model, "get_compile_config") else None
+    return (config or {}).get("loss_weights")
+
+
+def _per_sample_mean(loss: Any) -> Callable[[Any, Any], Any]:
+    """A loss (name, ``Loss`` or function) as ``(y, p) -> mean over samples``."""
     from tf_balancer._compat import keras
 
-    loss = getattr(getattr(graph, "model", None), "loss", None)
     if isinstance(loss, str):
         loss = keras.losses.get(loss)
     if isinstance(loss, keras.losses.Loss):
@@ -229,11 +289,22 @@ def _default_loss(graph: LayerGraph) -> Callable[[Any, Any], Any]:
         per_sample = type(loss).from_config(config)
         return lambda y, p: tf.reduce_mean(per_sample(y, p))
     if callable(loss):
-        return loss
+        return lambda y, p: tf.reduce_mean(loss(y, p))
     raise ConfigError(
-        "taylor importance needs a single loss: compile the model with one loss "
-        "or pass ProbeData(loss=...)"
+        f"taylor importance cannot use the compiled loss {loss!r}: pass ProbeData(loss=...)"
     )
+
+
+def _shaped(loss_fn: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """``loss_fn`` with ``(n,)`` labels reshaped to ``(n, 1)`` outputs (and the like)."""
+
+    def call(y: Any, p: Any) -> Any:
+        y = tf.convert_to_tensor(y)
+        if y.shape.num_elements() == p.shape.num_elements() and y.shape != p.shape:
+            y = tf.reshape(y, p.shape)
+        return loss_fn(y, p)
+
+    return call
 
 
 def _activation_stats(graph: LayerGraph, probe: ProbeData) -> dict[str, tuple[np.ndarray, ...]]:
