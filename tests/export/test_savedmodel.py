@@ -289,3 +289,29 @@ def test_cli_result_of_a_keras_savedmodel_loads_with_keras_like_its_source(tmp_p
     serve = tf.saved_model.load(dst).signatures["serving_default"]
     (served,) = serve(tf.constant(x)).values()
     np.testing.assert_allclose(served.numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+def test_a_keras3_export_keeps_its_serve_endpoint(tmp_path, heads):
+    """``model.export`` writes a ``serve`` endpoint (positional tensor in, the model's
+    outputs out) besides the signatures; the optimized SavedModel keeps it."""
+    import keras as keras3
+
+    keras3.utils.set_random_seed(0)
+    inp = keras3.Input((8, 8, 3))
+    x = keras3.layers.Conv2D(8, 3)(inp)
+    x = keras3.layers.GlobalAveragePooling2D()(keras3.layers.ReLU()(x))
+    outputs = [keras3.layers.Dense(4)(x), keras3.layers.Dense(1)(x)][:heads]
+    model = keras3.Model(inp, outputs if heads > 1 else outputs[0])
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    model.export(src)
+    report = optimize_saved_model(src, dst)
+    assert any("endpoint serve" in note for note in report["notes"])
+    source, result = tf.saved_model.load(src), tf.saved_model.load(dst)
+    x = np.random.default_rng(0).random((3, 8, 8, 3), dtype=np.float32)
+    expected, got = source.serve(x), result.serve(x)
+    assert tf.nest.map_structure(lambda t: t.shape, got) == tf.nest.map_structure(
+        lambda t: t.shape, expected
+    )
+    for a, b in zip(tf.nest.flatten(expected), tf.nest.flatten(got), strict=True):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5)

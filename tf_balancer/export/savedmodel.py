@@ -51,6 +51,7 @@ from tf_balancer.export.signatures import (
     make_feed,
     plain_specs,
     save_signatures,
+    source_endpoints,
     verify_signatures,
 )
 from tf_balancer.export.writers import atomic_directory
@@ -143,11 +144,13 @@ def _require_calibration(config: OptimizeConfig, calibration: Any) -> None:
 # --------------------------------------------------------------------------- plain
 
 
-def _optimize_plain(signatures: Mapping[str, Any], config: OptimizeConfig, path: str) -> Run:
+def _optimize_plain(loaded: Any, signatures: Mapping[str, Any], config, path: str) -> Run:
     skipped = [name for name in config.passes if name in KERAS_ONLY_PASSES]
     notes = [f"skipped {name}: it needs a Keras SavedModel (keras_metadata.pb)" for name in skipped]
     calls, records = optimize_signatures(signatures, config)
-    save_signatures(calls, signatures, path)
+    endpoints = source_endpoints(loaded, signatures)
+    save_signatures(calls, signatures, path, endpoints=endpoints)
+    notes += [f"kept endpoint {name}(...) of the source" for name in endpoints]
     return Run(records, notes)
 
 
@@ -214,7 +217,7 @@ def optimize_saved_model(
     io = None if model is None else io_names(model, signatures)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         if model is None:
-            run = _optimize_plain(signatures, config, tmp)
+            run = _optimize_plain(loaded, signatures, config, tmp)
         else:
             run = optimize_keras(model, io, signatures, feeds[main][0], config, calibration, tmp)
         output = tf.saved_model.load(tmp)

@@ -33,6 +33,7 @@ __all__ = [
     "make_feed",
     "call_signature",
     "save_signatures",
+    "source_endpoints",
     "plain_specs",
     "verify_signatures",
 ]
@@ -102,6 +103,7 @@ def save_signatures(
     path: str,
     track=(),
     keras_model: Any = None,
+    endpoints: Mapping[str, Any] | None = None,
 ) -> None:
     """Save ``calls[name]`` under each source signature (same input specs, output keys).
 
@@ -110,7 +112,8 @@ def save_signatures(
     ``keras_model`` (whose variables the calls read) the directory is written by
     ``keras_model.save`` with those signatures: it loads with
     ``tf_keras.models.load_model`` as a Keras-saved source did, and with
-    ``tf.saved_model.load``.
+    ``tf.saved_model.load``. ``endpoints`` (:func:`source_endpoints`) are kept as
+    callable attributes of the saved root, as the source had them.
     """
     functions = {
         name: _serving(calls[name]).get_concrete_function(**input_specs(sig))
@@ -121,7 +124,45 @@ def save_signatures(
         return
     root = tf.Module()
     root.captured = list(track)  # the variables the signatures read, if any
+    for name, endpoint in (endpoints or {}).items():
+        setattr(root, name, _endpoint(calls[name], signatures[name], endpoint))
     tf.saved_model.save(root, path, signatures=functions)
+
+
+def source_endpoints(loaded: Any, signatures: Mapping[str, Any]) -> dict[str, Any]:
+    """The source's callable endpoints that are also signatures (Keras 3's
+    ``model.export`` writes ``serve``): name -> the endpoint's concrete function.
+
+    ``loaded.serve(x)`` takes positional tensors and returns the model's output
+    structure, where the signature takes and returns dicts; the optimized
+    SavedModel gets the same endpoints (:func:`save_signatures`).
+    """
+    found = {}
+    for name in signatures:
+        endpoint = getattr(loaded, name, None)
+        concretes = list(getattr(endpoint, "concrete_functions", None) or [])
+        if len(concretes) == 1:
+            found[name] = concretes[0]
+    return found
+
+
+def _endpoint(call: Callable, signature: Any, source: Any) -> Any:
+    """A ``tf.function`` with ``source``'s positional inputs and output structure
+    that runs ``call`` (signature input key -> tensor, to output key -> tensor)."""
+    args = source.structured_input_signature[0]
+    specs = tf.nest.flatten(args)
+    keys = list(input_specs(signature))
+    names = [spec.name if spec.name in keys else key for spec, key in zip(specs, keys, strict=True)]
+    structure = source.structured_outputs
+
+    def endpoint(*inputs):
+        outputs = call(dict(zip(names, tf.nest.flatten(inputs), strict=True)))
+        if isinstance(structure, dict) and set(structure) == set(outputs):
+            return {key: outputs[key] for key in structure}
+        ordered = sorted(outputs, key=lambda k: (len(k), k))  # output_0 < output_1 < output_10
+        return tf.nest.pack_sequence_as(structure, [outputs[k] for k in ordered])
+
+    return tf.function(endpoint, input_signature=list(args))
 
 
 def _serving(call: Callable) -> Any:
