@@ -315,3 +315,27 @@ def test_a_keras3_export_keeps_its_serve_endpoint(tmp_path, heads):
     )
     for a, b in zip(tf.nest.flatten(expected), tf.nest.flatten(got), strict=True):
         np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5)
+
+
+def test_a_mixed_float16_savedmodel_is_verified_at_float16_tolerances(tmp_path):
+    """Folding BatchNorm in float16 moves outputs by ~1e-3: beyond float32's rtol 1e-4,
+    within float16's rounding; ``optimize`` reads the compute dtype from the graph."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((16, 16, 3))
+        x = inp
+        for width in (16, 32):
+            x = keras.layers.Conv2D(width, 3, padding="same")(x)
+            x = keras.layers.ReLU()(keras.layers.BatchNormalization()(x))
+        x = keras.layers.GlobalAveragePooling2D()(x)
+        model = randomize_batchnorm(keras.Model(inp, keras.layers.Dense(10, dtype="float32")(x)))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    src, dst = str(tmp_path / "src"), str(tmp_path / "dst")
+    model.save(src, save_format="tf")
+    report = optimize_saved_model(src, dst)
+    checked = report["verification"]["signatures"]["serving_default"]
+    assert checked["compute_dtype"] == "float16"
+    assert 1e-4 < checked["max_rel_diff"] and checked["max_abs_diff"] < 1e-2
+    assert {p["name"]: p["status"] for p in report["passes"]}["fold_batchnorm"] == "applied"

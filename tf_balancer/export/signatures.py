@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer.errors import ConfigError, VerificationError
+from tf_balancer.verify import tolerance_for
 
 __all__ = [
     "Feed",
@@ -36,6 +37,7 @@ __all__ = [
     "source_endpoints",
     "plain_specs",
     "verify_signatures",
+    "compute_dtype_of",
 ]
 
 #: Input key -> array, one batch for one signature.
@@ -178,6 +180,25 @@ def plain_specs(signature: Any) -> tuple[dict, dict]:
     return as_plain(input_specs(signature)), as_plain(signature.structured_outputs)
 
 
+_LOW_PRECISION = {tf.float16.as_datatype_enum: "float16", tf.bfloat16.as_datatype_enum: "bfloat16"}
+_COMPUTE_OPS = frozenset(
+    {"Conv2D", "MatMul", "BatchMatMulV2", "DepthwiseConv2dNative", "Einsum", "Conv3D"}
+)
+
+
+def compute_dtype_of(signature: Any) -> str:
+    """``"float16"``/``"bfloat16"`` when a convolution or matmul of the signature's
+    graph (its function library included) computes in it, else ``"float32"``."""
+    graph_def = signature.graph.as_graph_def()
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes += list(function.node_def)
+    for node in nodes:
+        if node.op in _COMPUTE_OPS and node.attr["T"].type in _LOW_PRECISION:
+            return _LOW_PRECISION[node.attr["T"].type]
+    return "float32"
+
+
 def _verify_one(name: str, expected: Mapping, output: Any, feed: Feed, tol: Any) -> dict:
     """Max abs/rel difference of one signature's outputs; raise outside ``tol``."""
     actual = call_signature(output, feed)
@@ -191,10 +212,11 @@ def _verify_one(name: str, expected: Mapping, output: Any, feed: Feed, tol: Any)
         diff = np.abs(e.astype(np.float64) - a.astype(np.float64))
         worst_abs = max(worst_abs, float(diff.max(initial=0.0)))
         worst_rel = max(worst_rel, float((diff / (np.abs(e) + 1e-12)).max(initial=0.0)))
-        if not np.allclose(a, e, rtol=tol.rtol, atol=tol.atol):
+        atol = tol.atol_for(e)
+        if not np.allclose(a, e, rtol=tol.rtol, atol=atol):
             raise VerificationError(
                 f"signature {name!r} output {key!r} differs by up to {worst_abs:.3g} "
-                f"(rtol={tol.rtol:g}, atol={tol.atol:g}); nothing was written. Loosen the "
+                f"(rtol={tol.rtol:g}, atol={atol:g}); nothing was written. Loosen the "
                 "verify tolerances of the config or remove the pass that changes the outputs"
             )
     return {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel}
@@ -209,10 +231,14 @@ def verify_signatures(run: Run, source: Mapping, output: Any, feeds: Mapping, to
         source: signature name -> source signature.
         output: the loaded optimized SavedModel.
         feeds: signature name -> ``(feed, origin)`` from :func:`make_feed`.
-        tol: an object with ``rtol`` and ``atol`` (a ``VerifyConfig``).
+        tol: an object with ``rtol`` and ``atol`` (a ``VerifyConfig``): used as
+            they are when the signature computes in float32; under mixed
+            precision they can only loosen the compute dtype's row of
+            :data:`tf_balancer.verify.TOLERANCES` (:func:`compute_dtype_of`).
 
     Returns:
-        Signature name -> ``inputs`` (origin), ``batch``, ``max_abs_diff``, ``max_rel_diff``.
+        Signature name -> ``inputs`` (origin), ``batch``, ``max_abs_diff``,
+        ``max_rel_diff``, ``compute_dtype``.
 
     Raises:
         VerificationError: a signature changed or its outputs differ beyond ``tol``.
@@ -226,6 +252,8 @@ def verify_signatures(run: Run, source: Mapping, output: Any, feeds: Mapping, to
                 f"signature {name!r} changed: {found} instead of {plain_specs(source[name])}"
             )
         expected = run.reference(feed) if run.reference else call_signature(source[name], feed)
-        numbers = _verify_one(name, expected, mine, feed, tol)
+        dtype = compute_dtype_of(source[name])
+        tolerance = tolerance_for(dtype, tol.rtol, tol.atol)
+        numbers = {**_verify_one(name, expected, mine, feed, tolerance), "compute_dtype": dtype}
         results[name] = {"inputs": origin, "batch": len(next(iter(feed.values()))), **numbers}
     return results
