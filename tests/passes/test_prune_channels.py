@@ -274,3 +274,50 @@ def test_no_plan_and_nothing_masked_is_unchanged():
     result = get_pass("prune_channels").run(model, LayerGraph.from_model(model), PassContext())
     assert not result.changed
     assert result.model is model
+
+
+def _squeeze_excite(k):
+    """Rescaling, a conv, a squeeze-excite block (pool, Reshape, reduce, expand,
+    Multiply), a conv and a head: every group between input and head is prunable."""
+    layers = k.layers
+    k.utils.set_random_seed(0)
+    inp = k.Input((16, 16, 3))
+    x = layers.Rescaling(1 / 255.0)(inp)
+    x = layers.Conv2D(16, 3, padding="same", activation="swish", name="stem")(x)
+    se = layers.Reshape((1, 1, 16), name="se_reshape")(layers.GlobalAveragePooling2D()(x))
+    se = layers.Conv2D(4, 1, activation="swish", name="se_reduce")(se)
+    se = layers.Conv2D(16, 1, activation="sigmoid", name="se_expand")(se)
+    x = layers.Multiply(name="se_excite")([x, se])
+    x = layers.Conv2D(8, 3, activation="relu", name="conv")(x)
+    return k.Model(inp, layers.Dense(5, name="head")(layers.GlobalAveragePooling2D()(x)))
+
+
+@pytest.mark.parametrize("kind", ["tf_keras", "keras3"])
+def test_squeeze_excite_blocks_are_pruned_and_compacted_exactly(kind):
+    import keras as keras3
+
+    k = keras if kind == "tf_keras" else keras3
+    model = _squeeze_excite(k)
+    analysis = analyze(model)
+    prunable = sorted(g.size for g in analysis.graph.prunable_groups)
+    assert prunable == [4, 8, 16], [(g.size, g.reasons) for g in analysis.graph.groups.values()]
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.5)
+    result = PruneChannels().run(model, analysis.graph, PassContext(plan=plan))
+    stem = next(g for g in analysis.graph.prunable_groups if g.size == 16)
+    kept = len(plan.keep[stem.id])
+    assert kept < 16
+    reshape = result.model.get_layer("se_reshape")
+    assert tuple(reshape.get_config()["target_shape"]) == (1, 1, kept)
+    x = np.random.default_rng(0).random((4, 16, 16, 3), dtype=np.float32) * 255
+    expected = np.asarray(masked_copy(analysis.graph, plan)(x))
+    np.testing.assert_allclose(np.asarray(result.model(x)), expected, rtol=1e-4, atol=1e-5)
+    assert analyze(result.model).cost.flops / analysis.cost.flops == pytest.approx(plan.achieved)
+
+
+def test_a_reshape_that_moves_channels_stays_opaque():
+    inp = keras.Input((4, 4, 8))
+    x = keras.layers.Conv2D(6, 1, name="c")(inp)
+    x = keras.layers.Reshape((4, 24), name="mix")(x)  # the last axis now mixes channels
+    model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
+    group = next(g for g in analyze(model).graph.groups.values() if "c" in g.nodes("producer"))
+    assert not group.prunable and any("Reshape" in r for r in group.reasons), group.reasons

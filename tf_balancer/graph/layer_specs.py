@@ -9,7 +9,8 @@ model to count parameters under a plan. One table, three users.
 Roles:
     ``producer``     creates new output channels (Conv, Dense, SeparableConv).
     ``passthrough``  output channel ``c`` depends only on input channel ``c``
-                     (BatchNorm, activations, pooling, DepthwiseConv2D, Dropout).
+                     (BatchNorm, activations, pooling, DepthwiseConv2D, Dropout,
+                     scalar Rescaling, a Reshape that keeps the last axis).
     ``merge``        element-wise merge of same-shaped inputs (Add, Multiply, ...).
     ``concat``       concatenation along the channel axis.
     ``flatten``      channels become ``spatial x channels`` features.
@@ -28,7 +29,7 @@ from typing import Any
 
 from tf_balancer._compat import is_layer, weight_attribute
 
-__all__ = ["LayerSpec", "spec_for", "opaque_reason", "couples_channels"]
+__all__ = ["LayerSpec", "spec_for", "opaque_reason", "couples_channels", "keeps_channel_axis"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +112,8 @@ _SPECS: dict[str, LayerSpec] = {
             "Cropping2D",
             "UpSampling1D",
             "UpSampling2D",
+            "Reshape",  # only when it keeps the channel axis: see opaque_reason
+            "Rescaling",  # a scalar scale and offset
         )
     },
 }
@@ -134,12 +137,31 @@ def opaque_reason(layer: Any, rank: int | None = None) -> str | None:
         return "depth_multiplier != 1"
     if couples_channels(layer) and _SPECS.get(type(layer).__name__) != _CONV:
         return f"activation {config['activation']!r} couples channels"
+    if type(layer).__name__ == "Reshape" and not keeps_channel_axis(layer):
+        return "Reshape that changes the last (channel) axis"
+    if type(layer).__name__ == "Rescaling" and not _is_scalar(config):
+        return "Rescaling with a per-channel scale or offset"
     axis = config.get("axis")
     if type(layer).__name__ in ("Concatenate", "BatchNormalization") and not _is_last_axis(
         axis, rank
     ):
         return f"works along axis {axis} (not the channel axis)"
     return None
+
+
+def keeps_channel_axis(layer: Any) -> bool:
+    """True for a ``Reshape`` whose last axis is its input's last axis (channel ``c``
+    stays channel ``c``: e.g. squeeze-excite's ``Reshape((1, 1, C))`` after pooling)."""
+    target = tuple(layer.get_config().get("target_shape") or ())
+    try:
+        channels = layer.input.shape[-1]
+    except (AttributeError, ValueError, RuntimeError):  # unbuilt, or shared: unknown
+        return False
+    return bool(target) and channels is not None and target[-1] == int(channels)
+
+
+def _is_scalar(config: dict) -> bool:
+    return all(isinstance(config.get(k, 0.0), (int, float)) for k in ("scale", "offset"))
 
 
 def couples_channels(layer: Any) -> bool:

@@ -103,6 +103,9 @@ def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, in
     if spec.role == "producer":
         key = next(k for k in _WIDTH_KEYS if k in layer.get_config())
         overrides[key] = len(keep_out)
+    elif type(layer).__name__ == "Reshape":  # keeps the channel axis (layer_specs)
+        target = tuple(layer.get_config()["target_shape"])
+        overrides["target_shape"] = (*target[:-1], len(keep_out))
     return arrays, overrides
 
 
