@@ -131,7 +131,7 @@ def test_depthwise_conv_passes_channels_through():
     "make_unknown, name",
     [
         (lambda: L.Lambda(lambda t: t * 2.0, name="mystery"), "mystery"),
-        (lambda: L.Reshape((4, 4, 3), name="reshaper"), "reshaper"),
+        (lambda: L.Reshape((4, 12, 1), name="reshaper"), "reshaper"),  # moves channels
     ],
 )
 def test_unknown_layer_blocks_the_groups_it_touches(make_unknown, name):
