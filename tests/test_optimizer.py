@@ -278,3 +278,22 @@ def test_a_pass_that_mutates_its_input_is_rolled_back_and_the_input_restored():
     assert result is model  # the input, restored, is the result of a rolled-back pass
     assert_model_unchanged(model, snapshot)  # bit-identical
     np.testing.assert_array_equal(model(_x(), training=False).numpy(), y)
+
+
+def test_one_progress_line_per_pass_at_the_level_asked(caplog):
+    """End of training shows a line per pass (status, seconds, FLOPs before -> after)."""
+    import logging
+
+    passes = ["strip_training_ops", "fold_batchnorm", "fuse_activation"]
+    optimizer = MetaOptimizer(passes, progress_log_level=logging.INFO)
+    with caplog.at_level(logging.INFO, logger="tf_balancer.optimizer"):
+        _, report = optimizer.run(_model())
+    lines = [r.getMessage() for r in caplog.records if r.name == "tf_balancer.optimizer"]
+    assert len(lines) == len(passes), lines
+    for line, record in zip(lines, report.records, strict=True):
+        assert line.startswith(f"pass {record.name}: {record.status} in ")
+        assert f"FLOPs {record.before['flops']:,} -> {record.after['flops']:,}" in line
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tf_balancer.optimizer"):
+        MetaOptimizer(passes).run(_model())  # default: DEBUG, not shown at INFO
+    assert not [r for r in caplog.records if r.name == "tf_balancer.optimizer"]
