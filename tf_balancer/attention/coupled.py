@@ -42,6 +42,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from tf_balancer.attention.moves import improve
+from tf_balancer.graph.cost import QuadraticCost
 
 __all__ = [
     "Problem",
@@ -101,7 +102,7 @@ def level_values(scores: np.ndarray, levels: np.ndarray, objective: str = "retai
     return 1.0 - 1.0 / np.maximum(share, 1e-12)
 
 
-def cost_shares(quadratic, full: np.ndarray) -> np.ndarray:
+def cost_shares(quadratic: QuadraticCost, full: np.ndarray) -> np.ndarray:
     """Each group's cost elasticity at full width: ``k_g dC/dk_g / C``.
 
     The ``retained`` objective weights group ``g`` by it, so with flat scores the
@@ -119,16 +120,14 @@ class Problem:
 
     Attributes:
         levels: per group, the allowed keep counts, ascending.
-        values: per group, the kept importance at each level.
-        matrix, linear, constant: the exact cost ``k Q k + q k + r``.
+        values: per group, the objective's value at each level.
+        quadratic: the exact cost ``k Q k + q k + r`` of keep counts ``k``.
         budget: the largest allowed cost.
     """
 
     levels: list[np.ndarray]
     values: list[np.ndarray]
-    matrix: np.ndarray
-    linear: np.ndarray
-    constant: float
+    quadratic: QuadraticCost
     budget: float
 
     @classmethod
@@ -136,7 +135,7 @@ class Problem:
         cls,
         scores: Sequence[np.ndarray],
         levels: Sequence[np.ndarray],
-        quadratic,
+        quadratic: QuadraticCost,
         budget: float,
         objective: str = "retained",
     ) -> Problem:
@@ -148,9 +147,15 @@ class Problem:
             w * level_values(s, lv, objective)
             for s, lv, w in zip(scores, levels, weights, strict=True)
         ]
-        return cls(
-            list(levels), values, quadratic.matrix, quadratic.linear, quadratic.constant, budget
-        )
+        return cls(list(levels), values, quadratic, budget)
+
+    @property
+    def matrix(self) -> np.ndarray:
+        return self.quadratic.matrix
+
+    @property
+    def linear(self) -> np.ndarray:
+        return self.quadratic.linear
 
     @property
     def limit(self) -> float:
@@ -165,8 +170,13 @@ class Problem:
             [int(np.searchsorted(lv, c)) for lv, c in zip(self.levels, counts, strict=True)]
         )
 
-    def cost(self, k: np.ndarray) -> float:
-        return float(k @ self.matrix @ k + self.linear @ k + self.constant)
+    def cost(self, k: np.ndarray) -> np.ndarray | float:
+        """The exact cost of keep counts ``k`` (one plan, or a batch of them as rows)."""
+        return self.quadratic(k)
+
+    def gradient(self, k: np.ndarray) -> np.ndarray:
+        """``d cost / d k`` at keep counts ``k``."""
+        return self.quadratic.gradient(k)
 
     def value(self, x: np.ndarray) -> float:
         return float(sum(v[i] for v, i in zip(self.values, x, strict=True)))
@@ -202,7 +212,7 @@ def _exhaustive(problem: Problem) -> np.ndarray | None:
         return None
     grid = np.array(list(itertools.product(*[range(n) for n in sizes])), dtype=np.int64)
     k = np.stack([lv[grid[:, g]] for g, lv in enumerate(problem.levels)], axis=1).astype(float)
-    cost = np.einsum("ni,ij,nj->n", k, problem.matrix, k) + k @ problem.linear + problem.constant
+    cost = problem.cost(k)
     value = sum(v[grid[:, g]] for g, v in enumerate(problem.values))
     value = np.where(cost <= problem.limit, value, -np.inf)
     best = np.flatnonzero(value >= value.max() - _REL * max(abs(value.max()), 1.0))
@@ -232,7 +242,7 @@ def _lagrangian(problem: Problem) -> list[tuple[np.ndarray, float]]:
 def _lambda_high(problem: Problem) -> float:
     """A multiplier at which no group gains by growing from its lowest level."""
     k = problem.counts(np.zeros(len(problem.levels), dtype=np.int64))
-    grad = 2.0 * problem.matrix @ k + problem.linear
+    grad = problem.gradient(k)
     steps = [(lv[1] - lv[0]) * grad[g] for g, lv in enumerate(problem.levels) if len(lv) > 1]
     positive = [s for s in steps if s > 0]
     total = sum(float(v[-1] - v[0]) for v in problem.values)

@@ -75,7 +75,7 @@ def _fill(problem: Problem, x: np.ndarray) -> np.ndarray:
             return x
         delta = np.array([problem.levels[g][x[g] + 1] - k[g] for g in open_])
         gain = np.array([problem.values[g][x[g] + 1] - problem.values[g][x[g]] for g in open_])
-        grad = 2.0 * problem.matrix[open_] @ k + problem.linear[open_]
+        grad = problem.gradient(k)[open_]
         extra = delta * grad + delta * delta * problem.matrix[open_, open_]
         fits = cost + extra <= problem.limit
         if not fits.any():
@@ -94,7 +94,7 @@ def _best_exchange(problem: Problem, x: np.ndarray) -> tuple[int, int, int] | No
     m = len(problem.levels)
     k = problem.counts(x)
     cost = problem.cost(k)
-    grad = 2.0 * problem.matrix @ k + problem.linear
+    grad = problem.gradient(k)
     diag = np.diag(problem.matrix)
     depth = EXCHANGE_DEPTH
     drop = np.full((m, depth), np.nan)  # channels removed when shrinking g by t+1 levels
@@ -147,7 +147,7 @@ def _best_pair(problem: Problem, x: np.ndarray) -> tuple[int, int, int, int] | N
     if not len(pairs):
         return None
     k = problem.counts(x)
-    grad = 2.0 * problem.matrix @ k + problem.linear
+    grad = problem.gradient(k)
     cand = _pair_candidates(problem, x)
     valid = cand >= 0
     safe = np.where(valid, cand, 0)
@@ -197,7 +197,7 @@ def _repair(problem: Problem, x: np.ndarray, keep: int) -> np.ndarray | None:
             return None
         drop = np.array([k[g] - problem.levels[g][x[g] - 1] for g in room])
         loss = np.array([problem.values[g][x[g]] - problem.values[g][x[g] - 1] for g in room])
-        grad = 2.0 * problem.matrix[room] @ k + problem.linear[room]
+        grad = problem.gradient(k)[room]
         saving = drop * grad - drop * drop * problem.matrix[room, room]
         j = int(np.argmin(np.where(saving > 0, loss / np.maximum(saving, 1e-300), np.inf)))
         g = room[j]
@@ -229,9 +229,7 @@ def _best_triple(problem: Problem, x: np.ndarray, depth: int = 2) -> np.ndarray 
         for j, g in enumerate(trio):
             plans[:, g] = problem.levels[g][index[:, j]]
             value += problem.values[g][index[:, j]] - problem.values[g][x[g]]
-        cost = np.einsum("ni,ij,nj->n", plans, problem.matrix, plans)
-        cost += plans @ problem.linear + problem.constant
-        value = np.where(cost <= problem.limit, value, -np.inf)
+        value = np.where(problem.cost(plans) <= problem.limit, value, -np.inf)
         i = int(np.argmax(value))
         if value[i] > best_value:
             best, best_value = x.copy(), value[i]
