@@ -53,6 +53,7 @@ __all__ = [
     "task_metrics",
     "output_task_metrics",
     "OutputMetric",
+    "per_output",
 ]
 
 LABEL_MODES = ("auto", "sparse", "one_hot", "multi_label")
@@ -495,6 +496,24 @@ class OutputMetric:
         self.metric.reset_state()
 
 
+def per_output(value: Any, index: int, name: str, default: Any = None) -> Any:
+    """``value``'s entry for output ``name`` / number ``index``, as Keras reads a
+    compile argument: a dict by output name, a list in output order, or one value
+    for every output (``default`` when missing or None).
+
+    Example:
+        >>> per_output({"cls": "mse"}, 1, "reg", default=1.0)
+        1.0
+        >>> per_output(["a", "b"], 1, "reg")
+        'b'
+    """
+    if isinstance(value, dict):
+        return value.get(name, default)
+    if isinstance(value, (list, tuple)):
+        return value[index] if index < len(value) else default
+    return default if value is None else value
+
+
 def output_task_metrics(model: Any) -> list[Any]:
     """:func:`task_metrics`, and for a model with several outputs the same per head.
 
@@ -519,12 +538,7 @@ def output_task_metrics(model: Any) -> list[Any]:
     names = adapter_for(model).output_names(model)
     metrics = []
     for index, (name, tensor) in enumerate(zip(names, outputs, strict=True)):
-        if isinstance(loss, dict):
-            head_loss = loss.get(name)
-        elif isinstance(loss, (list, tuple)):
-            head_loss = loss[index] if index < len(loss) else None
-        else:
-            head_loss = loss
+        head_loss = per_output(loss, index, name)
         if head_loss is None:
             continue
         for metric in _head_metrics(head_loss, tensor.shape[-1], prefix=f"{name}_"):

@@ -36,6 +36,7 @@ from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.layer_specs import spec_for
 from tf_balancer.graph.walk import rebuild
+from tf_balancer.metrics import per_output
 
 __all__ = [
     "ProbeData",
@@ -240,16 +241,10 @@ def _default_loss(graph: LayerGraph) -> Callable[[Any, Any], Any]:
     weights = _loss_weights(model)
     heads = []
     for index, name in enumerate(names):
-        head = _by_output(loss, index, name, None)
+        head = per_output(loss, index, name)
         if head is not None:
-            heads.append(
-                (
-                    index,
-                    name,
-                    _shaped(_per_sample_mean(head)),
-                    _by_output(weights, index, name, 1.0),
-                )
-            )
+            weight = per_output(weights, index, name, default=1.0)
+            heads.append((name, _shaped(_per_sample_mean(head)), weight))
 
     def total(y: Any, predictions: Any) -> Any:
         labels = y if isinstance(y, dict) else dict(zip(names, tf.nest.flatten(y), strict=True))
@@ -257,18 +252,9 @@ def _default_loss(graph: LayerGraph) -> Callable[[Any, Any], Any]:
             outs = predictions
         else:
             outs = dict(zip(names, tf.nest.flatten(predictions), strict=True))
-        return tf.add_n([float(w) * fn(labels[name], outs[name]) for _, name, fn, w in heads])
+        return tf.add_n([float(w) * fn(labels[name], outs[name]) for name, fn, w in heads])
 
     return total
-
-
-def _by_output(value: Any, index: int, name: str, default: Any) -> Any:
-    """``value``'s entry for output ``name`` (dict) / ``index`` (list), or ``value`` itself."""
-    if isinstance(value, dict):
-        return value.get(name, default)
-    if isinstance(value, (list, tuple)):
-        return value[index] if index < len(value) else default
-    return default if value is None else value
 
 
 def _loss_weights(model: Any) -> Any:
