@@ -28,6 +28,7 @@ __all__ = [
     "classification_scores",
     "regression_scores",
     "is_classifier",
+    "task_of",
     "task_scores",
     "evaluate_model",
     "markdown_table",
@@ -151,15 +152,20 @@ def is_classifier(model: Any) -> bool:
     reads its loss and output as classification; a model without a compiled loss
     is taken for a classifier (the task cannot be read from it).
     """
+    return task_of(model)["classifier"]
+
+
+def task_of(model: Any) -> dict[str, bool]:
+    """``{"classifier": ..., "multi_label": ...}`` read once from ``model``'s compiled
+    loss and output (see :func:`is_classifier`; multi-label is binary cross-entropy
+    over several outputs). The keyword arguments of :func:`task_scores` and
+    :func:`evaluate_model` for an uncompiled copy of ``model``.
+    """
     if getattr(model, "loss", None) is None:
-        return True
-    return bool(task_metrics(model))
-
-
-def is_multi_label(model: Any) -> bool:
-    """Whether ``model``'s compiled loss and output read as multi-label classification
-    (binary cross-entropy over several outputs)."""
-    return any(getattr(m, "label_mode", "") == "multi_label" for m in task_metrics(model))
+        return {"classifier": True, "multi_label": False}
+    metrics = task_metrics(model)
+    multi_label = any(getattr(m, "label_mode", "") == "multi_label" for m in metrics)
+    return {"classifier": bool(metrics), "multi_label": multi_label}
 
 
 def task_scores(
@@ -176,10 +182,10 @@ def task_scores(
         model: the model to score.
         x: inputs.
         y: labels (class ids or one-hot) or regression targets.
-        classifier: the task; None reads it from ``model`` (:func:`is_classifier`).
+        classifier: the task; None reads it from ``model`` (:func:`task_of`).
         num_classes: classes of a classifier; None reads them from the output.
         multi_label: score each output column as its own binary label; None reads
-            it from ``model`` (:func:`is_multi_label`).
+            it from ``model`` (:func:`task_of`).
 
     Returns:
         The scores by name.
@@ -189,10 +195,10 @@ def task_scores(
         >>> sorted(task_scores(model, x_val, y_val))  # doctest: +SKIP
         ['mae', 'rmse']
     """
-    if classifier is None:
-        classifier = is_classifier(model)
-    if multi_label is None:
-        multi_label = is_multi_label(model)
+    if classifier is None or multi_label is None:
+        task = task_of(model)
+        classifier = task["classifier"] if classifier is None else classifier
+        multi_label = task["multi_label"] if multi_label is None else multi_label
     if classifier:
         return classification_scores(model, x, y, num_classes, multi_label)
     return regression_scores(model, x, y)

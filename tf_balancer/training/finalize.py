@@ -26,10 +26,9 @@ from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext
 from tf_balancer.report import (
     evaluate_model,
-    is_classifier,
-    is_multi_label,
     saved_model_size,
     summary_markdown,
+    task_of,
 )
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings, finetune
 
@@ -191,8 +190,7 @@ class Finalizer:
         validation = self.inputs.validation_data
         if validation is not None:
             # The task is read from the trained (compiled) model; compacted copies are not compiled.
-            trained = self.inputs.model
-            task = {"classifier": is_classifier(trained), "multi_label": is_multi_label(trained)}
+            task = task_of(self.inputs.model)
             summary.update(evaluate_model(model, validation[0], validation[1], **task))
         sizes = saved_model_size(model)
         summary["saved_model_bytes"], summary["saved_model_gzip_bytes"] = (

@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import keras_of
-from tf_balancer.report import classification_scores, is_classifier, is_multi_label
+from tf_balancer.report import classification_scores, task_of
 
 __all__ = ["FINETUNE_LR_SCALE", "FinetuneSettings", "current_learning_rate", "finetune"]
 
@@ -111,8 +111,8 @@ def finetune(
     if rate is None:
         rate = settings.lr_scale * current_learning_rate(trained.optimizer)
     compile_like(model, trained, _fresh_optimizer(trained.optimizer, rate))
-    task = (is_classifier(trained), is_multi_label(trained))
-    scores = [_score(model, validation, *task)]
+    task = task_of(trained)
+    scores = [_score(model, validation, **task)]
     best, best_weights = scores[0], model.get_weights()
     data = settings.data
     for _ in range(settings.epochs):
@@ -120,7 +120,7 @@ def finetune(
             model.fit(data[0], data[1], batch_size=settings.batch_size, epochs=1, verbose=0)
         else:
             model.fit(data, epochs=1, verbose=0)
-        scores.append(_score(model, validation, *task))
+        scores.append(_score(model, validation, **task))
         if scores[-1] > best:
             best, best_weights = scores[-1], model.get_weights()
     model.set_weights(best_weights)
