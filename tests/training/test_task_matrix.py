@@ -54,7 +54,7 @@ def _setup(task: str, rng: np.random.Generator):
         y = {"cls": rng.integers(0, 3, N), "reg": rng.normal(size=(N, 1)).astype("float32")}
         return model, x, y, ("val_cls_macro_f1", "val_cls_macro_recall", "val_loss")
     if task == "binary":
-        out, loss, y = L.Dense(1, activation="sigmoid", **head), "binary_crossentropy", None
+        out, loss = L.Dense(1, activation="sigmoid", **head), "binary_crossentropy"
         y = rng.integers(0, 2, (N, 1)).astype("float32")
     elif task == "multiclass_one_hot":
         out, loss = L.Dense(4, activation="softmax", **head), "categorical_crossentropy"
