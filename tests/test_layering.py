@@ -32,6 +32,7 @@ RANKS = {
     "tf_balancer.export": 8,
     "tf_balancer.training": 9,
     "tf_balancer.demo": 10,
+    "tf_balancer.demo_sequences": 10,
     "tf_balancer.cli": 11,
 }
 

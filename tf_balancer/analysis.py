@@ -22,7 +22,7 @@ from typing import Any
 from tf_balancer._compat import is_keras3_object, is_keras_model, load_model_file
 from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, ModelLoadError
-from tf_balancer.graph.cost import CostReport, PlanCoster, measured_layer_flops
+from tf_balancer.graph.cost import CostReport, PlanCoster, flops_source, measured_layer_flops
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.trace import TracedGraph, op_flops, trace, trace_keras
 
@@ -74,6 +74,9 @@ class InspectRow:
     group: int | None
     prunable: bool
     why_not: str
+    flops_source: str = "profiler"
+    """``"analytic"`` where TF's profiler has no statistics for the layer's main ops
+    (recurrent steps, ``Einsum``): the FLOPs come from tf_balancer's formulas."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +122,7 @@ class InspectResult:
                     r.type,
                     shape,
                     f"{r.params:,}",
-                    f"{r.flops:,}",
+                    f"{r.flops:,}" + ("*" if r.flops_source == "analytic" else ""),
                     f"{r.flops_pct:.1f}",
                     f"{r.activation_bytes:,}",
                     group,
@@ -151,7 +154,10 @@ class InspectResult:
             for row in lines
         ]
         rule = "-" * max(len(line) for line in rendered)
-        return "\n".join([rendered[0], rule, *rendered[1:-1], rule, rendered[-1]])
+        table = [rendered[0], rule, *rendered[1:-1], rule, rendered[-1]]
+        if any(r.flops_source == "analytic" for r in self.rows):
+            table.append("* analytic FLOPs: TF's profiler does not count these ops")
+        return "\n".join(table)
 
 
 def load_model(path: str | os.PathLike) -> Any:
@@ -175,10 +181,9 @@ def _rows_from_analysis(analysis: ModelAnalysis) -> list[InspectRow]:
         c = analysis.cost.layers[node.name]
         gid = analysis.graph.group_of(node.name)
         group = analysis.graph.groups.get(gid) if gid is not None else None
-        prunable = bool(group and group.prunable and node.role == "producer")
-        why = (
-            "" if prunable or node.role != "producer" or group is None else "; ".join(group.reasons)
-        )
+        owns = node.role in ("producer", "attention")
+        prunable = bool(group and group.prunable and owns)
+        why = "" if prunable or not owns or group is None else "; ".join(group.reasons)
         rows.append(
             InspectRow(
                 node.name,
@@ -191,6 +196,7 @@ def _rows_from_analysis(analysis: ModelAnalysis) -> list[InspectRow]:
                 gid,
                 prunable,
                 why,
+                flops_source(node),
             )
         )
     return rows

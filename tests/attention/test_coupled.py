@@ -188,7 +188,8 @@ def test_first_order_allocation_was_measurably_worse(analyses):
     for analysis, scores, target, metric, bounds in itertools.islice(_instances(analyses), 60):
         cost = lambda counts, a=analysis, m=metric: a.coster.total(counts, m)  # noqa: E731
         sizes = {g: len(s) for g, s in scores.items()}
-        _, linear = _baseline("linear", scores, sizes, bounds, cost, target * cost(None))
+        limits = dict.fromkeys(sizes, bounds)
+        _, linear = _baseline("linear", scores, sizes, limits, cost, target * cost(None))
         first_order = sum(np.sort(scores[g])[::-1][: linear[g]].sum() for g in scores)
         plan = allocate(analysis, scores, target, metric, "balanced", bounds, "sum")
         kept = _kept(plan, scores)

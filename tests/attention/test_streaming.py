@@ -49,8 +49,8 @@ def test_stream_update_is_abs_of_the_per_channel_sum_of_w_times_g(setup, digits)
     expected: dict[str, np.ndarray] = {}
     for name, weight, axis in producer_weights(analysis.graph):
         product = weight.numpy() * by_id[id(weight)].numpy()
-        per_channel = product.sum(axis=tuple(i for i in range(product.ndim) if i != axis))
-        expected[name] = expected.get(name, 0.0) + per_channel
+        along = product.sum(axis=tuple(i for i in range(product.ndim) if i != axis.axis))
+        expected[name] = expected.get(name, 0.0) + along.reshape(axis.blocks, -1).sum(0)
     scores = stream.scores()
     for name, value in expected.items():
         np.testing.assert_allclose(scores[name], np.abs(value), rtol=1e-5, atol=1e-9)

@@ -108,6 +108,21 @@ class Bounds:
     def round_up(self, k: int, size: int) -> int:
         return min(size, -(-k // self.round_to) * self.round_to)
 
+    def for_unit(self, unit: int) -> Bounds:
+        """These bounds for a group whose elements stand for ``unit`` channels each
+        (an attention head of width 16 counts as 16 channels toward ``min_keep``
+        and ``round_to``).
+
+        Example:
+            >>> Bounds(min_keep=4, round_to=8).for_unit(16)
+            Bounds(min_keep=1, max_prune_fraction=0.9, round_to=1)
+        """
+        if unit == 1:
+            return self
+        return Bounds(
+            -(-self.min_keep // unit), self.max_prune_fraction, max(1, self.round_to // unit)
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class KeepPlan:
@@ -233,45 +248,47 @@ def allocate(
     full = coster.total(None, target_metric)
     budget = target * full
     cost = lambda counts: coster.total(counts, target_metric)  # noqa: E731
-    lows = {g: bounds.lower(n) for g, n in sizes.items()}
+    limits = {g: bounds.for_unit(analysis.graph.groups[g].unit) for g in sizes}
+    lows = {g: limits[g].lower(n) for g, n in sizes.items()}
     if cost(lows) > budget * (1 + 1e-12):
         raise BalanceError(
             _unreachable_message(analysis, lows, cost, full, target, target_metric, bounds)
         )
     if strategy == "balanced":
         counts, threshold = _balanced(
-            coster, scores, sizes, lows, bounds, target_metric, budget, objective
+            coster, scores, sizes, lows, limits, target_metric, budget, objective
         )
     else:
-        threshold, counts = _baseline(strategy, scores, sizes, bounds, cost, budget)
+        threshold, counts = _baseline(strategy, scores, sizes, limits, cost, budget)
     keep = {g: np.sort(np.argsort(-scores[g], kind="stable")[: counts[g]]) for g in scores}
     achieved = cost(counts) / full
     return Allocation(keep, sizes, strategy, target, target_metric, achieved, threshold, objective)
 
 
-def _baseline(strategy, scores, sizes, bounds, cost, budget) -> tuple[float, dict[int, int]]:
-    """``(threshold, counts)`` of a threshold strategy (``uniform``, ``global``, first-order)."""
+def _baseline(strategy, scores, sizes, limits, cost, budget) -> tuple[float, dict[int, int]]:
+    """``(threshold, counts)`` of a threshold strategy (``uniform``, ``global``, first-order);
+    ``limits``: group id -> its :class:`Bounds`."""
     if strategy == "uniform":
-        counts_at, candidates = _uniform(sizes, bounds)
+        counts_at, candidates = _uniform(sizes, limits)
     else:
         full = cost(None)
         per_unit = _marginal_costs(sizes, cost, full) if strategy == "linear" else None
-        counts_at, candidates = _threshold(scores, per_unit, bounds)
+        counts_at, candidates = _threshold(scores, per_unit, limits)
     return _bisect(counts_at, candidates, cost, budget)
 
 
-def _balanced(coster, scores, sizes, lows, bounds, metric, budget, objective) -> tuple[dict, float]:
+def _balanced(coster, scores, sizes, lows, limits, metric, budget, objective) -> tuple[dict, float]:
     """Counts of the exact-cost search (:mod:`.coupled`) and its multiplier."""
     groups = sorted(scores)
     quadratic = coster.quadratic(metric, groups)
     cost = lambda counts: quadratic([(counts or sizes).get(g, sizes[g]) for g in groups])  # noqa: E731
     starts = [
-        _baseline(name, scores, sizes, bounds, cost, budget)[1]
+        _baseline(name, scores, sizes, limits, cost, budget)[1]
         for name in ("linear", "uniform", "global")
     ]
     problem = coupled.Problem.build(
         [scores[g] for g in groups],
-        [coupled.levels_for(sizes[g], lows[g], bounds.round_to) for g in groups],
+        [coupled.levels_for(sizes[g], lows[g], limits[g].round_to) for g in groups],
         quadratic,
         budget,
         objective,
@@ -286,7 +303,9 @@ def _marginal_costs(sizes: Mapping[int, int], cost: Callable, full: float) -> di
 
 
 def _threshold(
-    scores: Mapping[int, np.ndarray], per_unit: Mapping[int, float] | None, bounds: Bounds
+    scores: Mapping[int, np.ndarray],
+    per_unit: Mapping[int, float] | None,
+    limits: Mapping[int, Bounds],
 ) -> tuple[Callable[[int], dict[int, int]], np.ndarray]:
     """Plans keeping the best channels by ``score / cost`` (raw score when cost-blind).
 
@@ -307,8 +326,8 @@ def _threshold(
     def counts_at(state: int) -> dict[int, int]:
         kept = total - int(state)
         return {
-            g: bounds.round_up(
-                max(int(np.searchsorted(pos, kept)), bounds.lower(len(pos))), len(pos)
+            g: limits[g].round_up(
+                max(int(np.searchsorted(pos, kept)), limits[g].lower(len(pos))), len(pos)
             )
             for g, pos in zip(groups, positions, strict=True)
         }
@@ -317,13 +336,13 @@ def _threshold(
 
 
 def _uniform(
-    sizes: Mapping[int, int], bounds: Bounds
+    sizes: Mapping[int, int], limits: Mapping[int, Bounds]
 ) -> tuple[Callable[[float], dict[int, int]], np.ndarray]:
     """Keep counts for one prune ratio everywhere (threshold = fraction pruned)."""
 
     def counts_at(pruned: float) -> dict[int, int]:
         return {
-            g: bounds.round_up(max(math.ceil(n * (1.0 - pruned) - 1e-9), bounds.lower(n)), n)
+            g: limits[g].round_up(max(math.ceil(n * (1.0 - pruned) - 1e-9), limits[g].lower(n)), n)
             for g, n in sizes.items()
         }
 

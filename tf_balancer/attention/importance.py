@@ -1,7 +1,8 @@
 """Channel importance criteria behind a registry, and layer attention weights.
 
 A criterion is a callable ``(graph, probe) -> {node name: scores}`` giving one
-score per output channel of every producer layer (Conv/Dense/SeparableConv);
+score per own channel of every producer layer (output channels of
+Conv/Dense/SeparableConv, units of a recurrent layer, heads of an attention layer);
 :func:`group_scores` sums the scores of a channel group's producers. Criteria
 are interchangeable and can be combined with weights (each is first divided by
 its mean over all prunable channels so the weights mean what they say).
@@ -12,7 +13,9 @@ Built-in criteria:
                     weights, accumulated over the training batches during ``fit``
                     (a :class:`GradientStream`) or over probe batches (needs labels).
     ``activation``  mean ``|a|`` of the channel over probe batches, measured
-                    after the BatchNorm/activation the producer feeds.
+                    after the BatchNorm/activation the producer feeds (attention
+                    heads, which have no tensor of their own, get their weight
+                    magnitude scaled to the criterion's mean; also for ``apoz``).
     ``apoz``        ``1 - APoZ`` (average percentage of zeros) at the same point.
     ``bn_scale``    ``|gamma|`` of the BatchNormalization layers in the group.
 
@@ -34,7 +37,7 @@ import tensorflow as tf
 from tf_balancer.attention.streaming import GradientStream, producer_weights
 from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.graph.layer_graph import LayerGraph
-from tf_balancer.graph.layer_specs import spec_for
+from tf_balancer.graph.layer_specs import per_channel, spec_for, weights_on
 from tf_balancer.graph.walk import rebuild
 from tf_balancer.metrics import per_output
 
@@ -117,13 +120,11 @@ def _producers(graph: LayerGraph):
 
 
 def _out_axis_reduce(node, fn: Callable[[np.ndarray, int], np.ndarray]) -> np.ndarray:
-    """Apply ``fn(weight, out_axis)`` to each output-side weight and sum."""
+    """Apply ``fn(weight, axis)`` to each of the node's own-channel weights; sum per channel."""
     spec = spec_for(node.layer, len(node.input_shapes[0]))
     total = 0.0
-    for attr, axis in spec.out_axes.items():
-        weight = getattr(node.layer, attr, None)
-        if weight is not None:
-            total = total + fn(np.asarray(weight), axis % len(weight.shape))
+    for axis, weight in weights_on(node.layer, spec.out_axes):
+        total = total + per_channel(fn(np.asarray(weight), axis.axis), axis.blocks)
     return np.asarray(total, dtype=np.float64)
 
 
@@ -192,12 +193,12 @@ def taylor(graph: LayerGraph, probe: ProbeData | GradientStream | None) -> dict[
     scores = {name: 0.0 for name, _ in _producers(graph)}
     for xb, yb in probe.batches():
         grads = _replicated(gradients, xb, tf.nest.map_structure(tf.convert_to_tensor, yb))
-        per_channel: dict[str, Any] = {}
+        channels: dict[str, Any] = {}
         for (name, var, axis), grad in zip(owners, grads, strict=True):
             if grad is not None:
-                contrib = _sum_except(var.numpy() * np.asarray(grad), axis)
-                per_channel[name] = per_channel.get(name, 0.0) + contrib
-        for name, value in per_channel.items():
+                contrib = _sum_except(var.numpy() * np.asarray(grad), axis.axis)
+                channels[name] = channels.get(name, 0.0) + per_channel(contrib, axis.blocks)
+        for name, value in channels.items():
             scores[name] = scores[name] + np.abs(value)
     return {name: np.asarray(v, dtype=np.float64) for name, v in scores.items()}
 
@@ -300,7 +301,7 @@ def _activation_stats(graph: LayerGraph, probe: ProbeData) -> dict[str, tuple[np
     alone feeds (BatchNorm, activation, dropout), so APoZ - the average
     percentage of zeros - is taken after the ReLU, where it means something.
     """
-    producers = dict(_producers(graph))
+    producers = {name: node for name, node in _producers(graph) if node.role == "producer"}
     keys = [_output_key(graph, _after_chain(graph, name)) for name in producers]
     model = rebuild(graph.walk, lambda call: call.layer, outputs=keys)
     abs_sum = {name: 0.0 for name in producers}
@@ -337,7 +338,8 @@ def _after_chain(graph: LayerGraph, name: str) -> str:
 def activation(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
     """Mean |activation| of each producer's channels (after its BN/activation) over probe batches."""
     stats = _activation_stats(graph, _require_probe(probe, "activation"))
-    return {name: mean_abs.astype(np.float64) for name, (mean_abs, _) in stats.items()}
+    scores = {name: mean_abs.astype(np.float64) for name, (mean_abs, _) in stats.items()}
+    return _with_heads(graph, scores)
 
 
 @register_importance("apoz")
@@ -348,7 +350,21 @@ def apoz(graph: LayerGraph, probe: ProbeData | None) -> dict[str, np.ndarray]:
     information (Hu et al., 2016, "Network Trimming").
     """
     stats = _activation_stats(graph, _require_probe(probe, "apoz"))
-    return {name: (1.0 - zeros).astype(np.float64) for name, (_, zeros) in stats.items()}
+    scores = {name: (1.0 - zeros).astype(np.float64) for name, (_, zeros) in stats.items()}
+    return _with_heads(graph, scores)
+
+
+def _with_heads(graph: LayerGraph, scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``scores`` plus the attention heads, which have no tensor of their own to
+    measure: a head gets its weight magnitude, scaled to the mean of ``scores``."""
+    heads = {name: node for name, node in _producers(graph) if node.role == "attention"}
+    if not heads:
+        return scores
+    mean = float(np.mean(np.concatenate(list(scores.values())))) if scores else 1.0
+    for name, node in heads.items():
+        size = _out_axis_reduce(node, lambda w, ax: _sum_except(np.abs(w), ax))
+        scores[name] = size / (float(np.mean(size)) or 1.0) * mean
+    return scores
 
 
 def _output_key(graph: LayerGraph, node_name: str) -> str:

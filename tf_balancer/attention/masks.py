@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer.graph.layer_graph import LayerGraph
-from tf_balancer.graph.layer_specs import spec_for
+from tf_balancer.graph.layer_specs import axis_index, spec_for, weight_of, weights_on
 from tf_balancer.graph.walk import clone_flat
 
 __all__ = ["channel_masks", "apply_masks", "masked_copy"]
@@ -39,16 +39,15 @@ def channel_masks(graph: LayerGraph, plan: Any) -> dict[tuple[str, str], np.ndar
         for member in graph.groups[gid].members:
             node = graph.nodes[member.node]
             spec = spec_for(node.layer, len(node.input_shapes[0]))
-            for attr, axis in getattr(spec, _ROLE_AXES[member.role]).items():
-                weight = getattr(node.layer, attr, None)
-                if weight is None:
-                    continue
-                key = (member.node, attr)
+            for axis, weight in weights_on(node.layer, getattr(spec, _ROLE_AXES[member.role])):
                 mask = masks.setdefault(
-                    key, np.ones(weight.shape, dtype=tf.as_dtype(weight.dtype).as_numpy_dtype)
+                    (member.node, axis.attr),
+                    np.ones(weight.shape, dtype=tf.as_dtype(weight.dtype).as_numpy_dtype),
                 )
                 index = [slice(None)] * len(weight.shape)
-                index[axis] = member.indices(pruned)
+                index[axis.axis] = axis_index(
+                    member.indices(pruned), weight.shape[axis.axis], axis.blocks
+                )
                 mask[tuple(index)] = 0
     return masks
 
@@ -71,7 +70,7 @@ def apply_masks(
     masks = channel_masks(graph, plan) if masks is None else masks
     for (name, attr), mask in masks.items():
         layer = layers[name] if layers is not None else graph.nodes[name].layer
-        weight = getattr(layer, attr)
+        weight = weight_of(layer, attr)
         weight.assign(weight.numpy() * mask)
 
 

@@ -31,22 +31,22 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer.graph.layer_graph import LayerGraph
-from tf_balancer.graph.layer_specs import spec_for
+from tf_balancer.graph.layer_specs import WeightAxis, spec_for, weights_on
 
 __all__ = ["GradientStream", "producer_weights"]
 
 
-def producer_weights(graph: LayerGraph) -> list[tuple[str, Any, int]]:
-    """``(producer name, weight variable, output-channel axis)`` of every prunable producer."""
+def producer_weights(graph: LayerGraph) -> list[tuple[str, Any, WeightAxis]]:
+    """``(producer name, weight variable, its channel axis)`` of every prunable producer
+    (a weight with channels on two axes, like a recurrent kernel, is listed twice)."""
     out = []
     for group in graph.prunable_groups:
         for name in group.nodes("producer"):
             node = graph.nodes[name]
             spec = spec_for(node.layer, len(node.input_shapes[0]))
-            for attr, axis in spec.out_axes.items():
-                weight = getattr(node.layer, attr, None)
-                if weight is not None:
-                    out.append((name, weight, axis % len(weight.shape)))
+            out.extend(
+                (name, weight, axis) for axis, weight in weights_on(node.layer, spec.out_axes)
+            )
     return out
 
 
@@ -64,10 +64,11 @@ class GradientStream:
 
     def __init__(self, graph: LayerGraph):
         self.owners = producer_weights(graph)
-        self._by_variable = {_key(weight): i for i, (_, weight, _) in enumerate(self.owners)}
-        names = dict.fromkeys(name for name, _, _ in self.owners)
+        self._by_variable: dict[Any, list[int]] = {}
+        for i, (_, weight, _) in enumerate(self.owners):
+            self._by_variable.setdefault(_key(weight), []).append(i)
         sizes = {
-            name: int(weight.shape[axis]) for name, weight, axis in self.owners if name in names
+            name: int(weight.shape[axis.axis]) // axis.blocks for name, weight, axis in self.owners
         }
         accumulate = {
             "synchronization": tf.VariableSynchronization.ON_READ,
@@ -76,7 +77,7 @@ class GradientStream:
         }
         self.scores_var = {
             name: tf.Variable(tf.zeros(sizes[name], tf.float32), name="taylor", **accumulate)
-            for name in names
+            for name in sizes
         }
         self.steps = tf.Variable(0, dtype=tf.int64, name="taylor_steps", **accumulate)
 
@@ -101,15 +102,19 @@ class GradientStream:
         inverse = 1.0 / tf.cast(scale, tf.float32)
         per_channel: dict[str, tf.Tensor] = {}
         for grad, var in pairs:
-            index = self._by_variable.get(_key(var))
-            if index is None or isinstance(grad, tf.IndexedSlices):
+            if isinstance(grad, tf.IndexedSlices):
                 continue
-            name, weight, axis = self.owners[index]
-            product = tf.cast(tf.convert_to_tensor(weight), tf.float32) * tf.cast(grad, tf.float32)
-            contribution = _sum_except(product, axis) * inverse
-            per_channel[name] = (
-                per_channel[name] + contribution if name in per_channel else contribution
-            )
+            for index in self._by_variable.get(_key(var), ()):
+                name, weight, axis = self.owners[index]
+                product = tf.cast(tf.convert_to_tensor(weight), tf.float32) * tf.cast(
+                    grad, tf.float32
+                )
+                contribution = _sum_except(product, axis.axis) * inverse
+                if axis.blocks > 1:
+                    contribution = tf.reduce_sum(tf.reshape(contribution, (axis.blocks, -1)), 0)
+                per_channel[name] = (
+                    per_channel[name] + contribution if name in per_channel else contribution
+                )
         for name, value in per_channel.items():
             value = tf.where(finite, tf.abs(value), tf.zeros_like(value))
             self.scores_var[name].assign_add(value)

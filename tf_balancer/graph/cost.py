@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from tf_balancer.graph.layer_graph import LayerGraph, LayerNode
-from tf_balancer.graph.layer_specs import spec_for
+from tf_balancer.graph.layer_specs import RECURRENT_GATES, spec_for, weights_on, width_of
 from tf_balancer.graph.trace import TracedGraph, op_flops, trace_keras
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "QuadraticCost",
     "model_cost",
     "core_flops",
+    "flops_source",
     "measured_layer_flops",
 ]
 
@@ -82,45 +83,113 @@ class CostReport:
         return sum(c.activation_bytes for c in self.layers.values())
 
 
-def core_coefficients(node: LayerNode, batch: int) -> tuple[int, int, int]:
-    """``(a, b, c)`` with core FLOPs ``a*cin*cout + b*cin + c*cout`` (all 0 if no core)."""
-    config = node.layer.get_config()
-    cls = node.class_name
+def core_coefficients(node: LayerNode, batch: int) -> tuple[float, float, float, float]:
+    """``(a, b, c, e)`` with core FLOPs ``a*cin*cout + b*cin + c*cout + e*cout**2``
+    (all 0 if the layer has no core)."""
+    layer = node.layer
+    wrapped = _wrapped(layer)
+    if wrapped is not layer and type(layer).__name__ == "Bidirectional":
+        return _bidirectional_coefficients(node, wrapped, batch)
+    config = wrapped.get_config()
+    cls = type(wrapped).__name__
     in_shape, out_shape = node.input_shapes[0], node.output_shape
     positions = batch * math.prod(int(d) for d in out_shape[1:-1])
     bias = positions if config.get("use_bias", False) else 0
     kernel = math.prod(config.get("kernel_size", (1,)))
+    if cls in RECURRENT_GATES:
+        return _recurrent_coefficients(cls, config, batch * int(in_shape[1]))
     if cls == "Dense":
         rows = batch * math.prod(int(d) for d in in_shape[1:-1])
-        return 2 * rows, 0, rows if config.get("use_bias") else 0
+        return 2 * rows, 0, rows if config.get("use_bias") else 0, 0
     if cls in ("Conv1D", "Conv2D", "Conv3D"):
-        return 2 * positions * kernel, 0, bias
+        return 2 * positions * kernel, 0, bias, 0
     if cls in ("SeparableConv1D", "SeparableConv2D"):
-        return 2 * positions, 2 * positions * kernel, bias
+        return 2 * positions, 2 * positions * kernel, bias, 0
     if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
-        return 0, 0, 2 * positions * kernel + bias
-    return 0, 0, 0
+        return 0, 0, 2 * positions * kernel + bias, 0
+    return 0, 0, 0, 0
+
+
+_GATE_OPS = {"SimpleRNN": 1, "GRU": 8, "LSTM": 8}
+"""Element-wise adds and multiplies per unit per step outside the matmuls and bias:
+SimpleRNN adds its two products; an LSTM adds them (4 gates) and updates
+``c = f*c + i*g`` (3) and ``h = o*tanh(c)`` (1); a GRU adds z and r (2),
+``x_h + r*h_r`` (2) and ``h = z*h + (1-z)*hh`` (4). Activations count 0."""
+
+
+def _recurrent_coefficients(cls: str, config: dict, steps: int) -> tuple[float, ...]:
+    """One recurrent layer over ``steps`` = batch x time steps, from its units ``u``:
+    ``2*g*cin*u + 2*g*u*u`` multiply-adds, ``g*u`` bias adds (twice for a GRU with
+    ``reset_after``) and the gate arithmetic, per step. TF's profiler cannot see
+    inside the ``while`` loop that runs the steps, so this count is analytic."""
+    gates = RECURRENT_GATES[cls]
+    bias = gates * (2 if config.get("reset_after") else 1) if config.get("use_bias", True) else 0
+    return 2 * gates * steps, 0, (bias + _GATE_OPS[cls]) * steps, 2 * gates * steps
+
+
+def _bidirectional_coefficients(node: LayerNode, inner: Any, batch: int) -> tuple[float, ...]:
+    """Both directions of a ``Bidirectional`` layer; with ``merge_mode="concat"`` its
+    output holds the units twice, so ``cout`` counts them twice."""
+    copies = int(node.output_shape[-1]) // width_of(inner)
+    config = inner.get_config()
+    a, b, c, e = _recurrent_coefficients(
+        type(inner).__name__, config, batch * int(node.input_shapes[0][1])
+    )
+    return 2 * a / copies, 2 * b, 2 * c / copies, 2 * e / copies**2
+
+
+def _wrapped(layer: Any) -> Any:
+    """The layer a ``TimeDistributed``/``Bidirectional`` wraps (its forward layer)."""
+    name = type(layer).__name__
+    if name == "TimeDistributed":
+        return layer.layer
+    if name == "Bidirectional":
+        return layer.forward_layer
+    return layer
+
+
+def flops_source(node: LayerNode) -> str:
+    """``"analytic"`` where TF's profiler has no statistics for a layer's main ops
+    (recurrent steps inside a ``while`` loop; ``Einsum`` in attention), counted by
+    this module's formulas instead; ``"profiler"`` otherwise."""
+    inner = _wrapped(node.layer)
+    if type(inner).__name__ in RECURRENT_GATES and not inner.get_config().get("unroll"):
+        return "analytic"
+    if type(inner).__name__ in ("MultiHeadAttention", "EinsumDense"):
+        return "analytic"
+    return "profiler"
+
+
+def _fixed_flops(node: LayerNode, batch: int) -> int:
+    """FLOPs of a layer that no plan changes: an attention layer's output bias (the
+    rest of its ops are per head)."""
+    if node.role != "attention" or not node.layer.get_config().get("use_bias", True):
+        return 0
+    return batch * math.prod(int(d) for d in node.output_shape[1:])
 
 
 def core_flops(node: LayerNode, batch: int, cin: int, cout: int) -> int:
-    """Analytic conv/matmul/bias FLOPs of a producer or depthwise layer, else 0."""
-    a, b, c = core_coefficients(node, batch)
-    return a * cin * cout + b * cin + c * cout
+    """Analytic conv/matmul/recurrent/bias FLOPs of a producer or depthwise layer, else 0."""
+    a, b, c, e = core_coefficients(node, batch)
+    return round(a * cin * cout + b * cin + c * cout + e * cout * cout)
 
 
-def _param_coefficients(node: LayerNode) -> tuple[int, int, int, int]:
-    """``(p_io, p_i, p_o, p_1)``: params = p_io*fin*fout + p_i*fin + p_o*fout + p_1."""
+def _param_coefficients(node: LayerNode) -> tuple[int, int, int, int, int]:
+    """``(p_io, p_i, p_o, p_oo, p_1)``: params =
+    ``p_io*fin*fout + p_i*fin + p_o*fout + p_oo*fout**2 + p_1`` (``fout``: the
+    node's own channels; a recurrent kernel has them on two axes)."""
     spec = spec_for(node.layer, len(node.input_shapes[0]) if node.input_shapes else None)
-    coef = [0, 0, 0, node.layer.count_params()]
-    for attr in {*spec.out_axes, *spec.in_axes, *spec.ch_axes}:
-        weight = getattr(node.layer, attr, None)
-        if weight is None:
-            continue
-        size = int(np.prod(weight.shape))
-        has_in = attr in spec.in_axes
-        has_out = attr in spec.out_axes or attr in spec.ch_axes
-        coef[3] -= size
-        coef[(0 if has_out else 1) if has_in else 2] += size
+    coef = [0, 0, 0, 0, node.layer.count_params()]
+    axes: dict[int, list[int]] = {}  # weight -> [input axes, own axes]
+    weights = {}
+    for field, slot in (("in_axes", 0), ("out_axes", 1), ("ch_axes", 1)):
+        for _, weight in weights_on(node.layer, getattr(spec, field)):
+            weights[id(weight)] = weight
+            axes.setdefault(id(weight), [0, 0])[slot] += 1
+    for key, (n_in, n_own) in axes.items():
+        size = int(np.prod(weights[key].shape))
+        coef[4] -= size
+        coef[{(1, 1): 0, (1, 0): 1, (0, 1): 2, (0, 2): 3}[(min(n_in, 1), min(n_own, 2))]] += size
     return tuple(coef)
 
 
@@ -148,9 +217,11 @@ class QuadraticCost:
 class PlanCoster:
     """Vectorized cost of a model under many pruning plans (the balancer's inner loop).
 
-    Each layer's FLOPs are ``a*cin*cout + b*cin + c*cout + rest*cout/full_out``
-    and its params ``p_io*fin*fout + p_i*fin + p_o*fout + p_1``, where ``cin`` /
-    ``cout`` are linear in the kept channels of each group. Evaluating a plan
+    Each layer's FLOPs are ``a*cin*cout + b*cin + c*cout + e*cout**2 +
+    rest*cout/full_out + d`` and its params ``p_io*fin*fout + p_i*fin + p_o*fout +
+    p_oo*fout**2 + p_1``, where ``cin`` / ``cout`` (the layer's own channels:
+    output channels, recurrent units or attention heads) are linear in the kept
+    channels of each group. Evaluating a plan
     is a couple of matrix-vector products.
 
     Example:
@@ -166,22 +237,33 @@ class PlanCoster:
         self.sizes = np.array([graph.groups[g].size for g in self.group_ids], dtype=np.float64)
         index = {g: i for i, g in enumerate(self.group_ids)}
         n, m = len(self.names), len(self.group_ids)
-        self.m_in, self.m_out = np.zeros((n, m)), np.zeros((n, m))
-        coef = np.zeros((n, 8))
+        self.m_in, self.m_out, self.m_act = np.zeros((n, m)), np.zeros((n, m)), np.zeros((n, m))
+        coef = np.zeros((n, 11))
         for row, node in enumerate(graph.nodes.values()):
             layout_in = node.in_layouts[0] if node.in_layouts else None
-            for matrix, layout in ((self.m_in, layout_in), (self.m_out, node.out_layout)):
+            for matrix, layout in (
+                (self.m_in, layout_in),
+                (self.m_out, node.channel_layout),
+                (self.m_act, node.out_layout),
+            ):
                 for segment in layout.segments if layout else ():
                     matrix[row, index[segment.group]] += layout.spatial
             full_in, full_out = self.m_in[row] @ self.sizes, self.m_out[row] @ self.sizes
-            a, b, c = core_coefficients(node, batch_size)
-            rest = max(
-                measured.get(node.name, 0) - (a * full_in * full_out + b * full_in + c * full_out),
-                0,
+            a, b, c, e = core_coefficients(node, batch_size)
+            core = a * full_in * full_out + b * full_in + c * full_out + e * full_out**2
+            fixed = _fixed_flops(node, batch_size)
+            # A recurrent layer's steps run in a while loop the profiler sees once, partly:
+            # its count is the analytic core alone.
+            hidden = flops_source(node) == "analytic" and core > 0
+            rest = 0 if hidden else max(measured.get(node.name, 0) - core - fixed, 0)
+            coef[row, :6] = a, b, c, e, rest / max(full_out, 1), fixed
+            coef[row, 6:] = _param_coefficients(node)
+            coef[row, 6:10] /= (
+                max(full_in * full_out, 1),
+                max(full_in, 1),
+                max(full_out, 1),
+                max(full_out**2, 1),
             )
-            coef[row, :4] = a, b, c, rest / max(full_out, 1)
-            coef[row, 4:] = _param_coefficients(node)
-            coef[row, 4:7] /= (max(full_in * full_out, 1), max(full_in, 1), max(full_out, 1))
         self.coef = coef
         elements = [
             batch_size * math.prod(int(d) for d in node.output_shape[1:-1])
@@ -202,10 +284,10 @@ class PlanCoster:
         """``(flops, params, activation elements)`` per layer under ``keep``."""
         k = self.keep_vector(keep)
         cin, cout = self.m_in @ k, self.m_out @ k
-        a, b, c, r, p_io, p_i, p_o, p_1 = self.coef.T
-        flops = a * cin * cout + b * cin + c * cout + r * cout
-        params = p_io * cin * cout + p_i * cin + p_o * cout + p_1
-        return flops, params, self.elements * cout
+        a, b, c, e, r, d, p_io, p_i, p_o, p_oo, p_1 = self.coef.T
+        flops = a * cin * cout + b * cin + (c + r) * cout + e * cout**2 + d
+        params = p_io * cin * cout + p_i * cin + p_o * cout + p_oo * cout**2 + p_1
+        return flops, params, self.elements * (self.m_act @ k)
 
     def report(self, keep: Mapping[int, int] | None = None) -> CostReport:
         """Per-layer :class:`CostReport` under ``keep`` (activation bytes by output dtype)."""
@@ -225,20 +307,22 @@ class PlanCoster:
     def quadratic(self, metric: str, groups: list[int]) -> QuadraticCost:
         """The exact cost as a quadratic in the keep counts of ``groups`` (others whole).
 
-        Every layer costs ``A*cin*cout + B*cin + C*cout + D`` with ``cin``/``cout``
-        linear in the keep vector, so the total is ``k @ Q @ k + q @ k + r``.
+        Every layer costs ``A*cin*cout + B*cin + C*cout + E*cout**2 + D`` with
+        ``cin``/``cout`` linear in the keep vector, so the total is
+        ``k @ Q @ k + q @ k + r``.
 
         Example:
             >>> cost = coster.quadratic("flops", [3, 5])    # doctest: +SKIP
             >>> cost(np.array([16, 8])) == coster.total({3: 16, 5: 8})  # doctest: +SKIP
             True
         """
-        a, b, c, rest, p_io, p_i, p_o, p_1 = self.coef.T
+        a, b, c, e, rest, d, p_io, p_i, p_o, p_oo, p_1 = self.coef.T
         if metric == "flops":
-            pair, lin_in, lin_out, const = a, b, c + rest, 0.0
+            pair, lin_in, lin_out, square, const = a, b, c + rest, e, float(np.sum(d))
         else:
-            pair, lin_in, lin_out, const = p_io, p_i, p_o, float(np.sum(p_1))
+            pair, lin_in, lin_out, square, const = p_io, p_i, p_o, p_oo, float(np.sum(p_1))
         full_q = self.m_in.T @ (pair[:, None] * self.m_out)
+        full_q = full_q + self.m_out.T @ (square[:, None] * self.m_out)
         full_lin = self.m_in.T @ lin_in + self.m_out.T @ lin_out
         index = {g: i for i, g in enumerate(self.group_ids)}
         chosen = np.array([index[g] for g in groups], dtype=int)

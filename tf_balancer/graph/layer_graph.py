@@ -31,7 +31,13 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
-from tf_balancer.graph.layer_specs import LayerSpec, couples_channels, spec_for
+from tf_balancer.graph.layer_specs import (
+    LayerSpec,
+    couples_channels,
+    spec_for,
+    why_opaque,
+    width_of,
+)
 from tf_balancer.graph.walk import Call, Walk, walk_model
 
 __all__ = ["Segment", "Layout", "Member", "ChannelGroup", "LayerNode", "LayerGraph"]
@@ -100,6 +106,8 @@ class ChannelGroup:
     size: int
     members: tuple[Member, ...]
     reasons: tuple[str, ...] = ()
+    unit: int = 1
+    """Channels each element of the group stands for: 1, or an attention head's width."""
 
     @property
     def prunable(self) -> bool:
@@ -122,6 +130,13 @@ class LayerNode:
     output_shape: tuple
     out_layout: Layout | None
     in_layouts: tuple[Layout | None, ...]
+    inner_layout: Layout | None = None
+
+    @property
+    def channel_layout(self) -> Layout | None:
+        """The channels the node's own (``out_axes``) weights index: its attention
+        heads when it has them, else its output channels."""
+        return self.inner_layout or self.out_layout
 
 
 class _UnionFind:
@@ -156,6 +171,8 @@ class _Builder:
         self.layouts: dict[str, Layout | None] = {}
         self.producer_of: dict[str, str] = {}
         self.nodes: list[LayerNode] = []
+        self.inner: dict[str, Layout] = {}
+        self.units: dict[int, int] = {}
 
     def new_group(self, size: int, reason: str | bool | None = None) -> Layout:
         gid = self.uf.new()
@@ -190,7 +207,7 @@ class _Builder:
             self.block(out, f"channel bookkeeping disagrees with {call.name!r}'s shape")
             out = None
         if out is None:
-            why = self.opaque_why(call)
+            why = self.opaque_why(call, rank)
             for layout in in_layouts:
                 self.block(layout, f"consumed by {call.name!r} ({call.class_name}), {why}")
             out = self.new_group(_channels(out_shape), f"produced by {call.name!r}, {why}")
@@ -208,14 +225,15 @@ class _Builder:
                 output_shape=out_shape,
                 out_layout=out,
                 in_layouts=in_layouts,
+                inner_layout=self.inner.get(call.name),
             )
         )
 
     @staticmethod
-    def opaque_why(call: Call) -> str:
+    def opaque_why(call: Call, rank: int | None) -> str:
         if call.shared:
             return "a layer shared by several calls"
-        return "which tf_balancer does not understand"
+        return why_opaque(call.layer, rank)
 
     def propagate(
         self, call: Call, spec: LayerSpec, ins: tuple[Layout | None, ...], out_shape: tuple
@@ -228,10 +246,9 @@ class _Builder:
             if len(ins) != 1:
                 return None
             self.add_members(call.name, "consumer", first)
-            coupled = couples_channels(call.layer)
-            layout = self.new_group(_channels(out_shape), coupled and "softmax output")
-            self.add_members(call.name, "producer", layout)
-            return layout
+            return self.produce(call, out_shape)
+        if spec.role == "attention":
+            return self.attend(call, ins, out_shape)
         if spec.role in ("passthrough", "reduce"):
             if len(ins) != 1 or (first.spatial > 1 and spec.ch_axes):
                 return None
@@ -247,6 +264,31 @@ class _Builder:
         if spec.role == "merge":
             return self.merge(call, ins)
         return None
+
+    def produce(self, call: Call, out_shape: tuple) -> Layout | None:
+        """A producer's new group; a ``Bidirectional`` layer's output holds it once
+        per direction (``merge_mode="concat"``), side by side."""
+        channels = _channels(out_shape)
+        size = width_of(call.layer) or channels
+        if channels % size:
+            return None
+        coupled = couples_channels(call.layer)
+        layout = self.new_group(size, coupled and "softmax output")
+        self.add_members(call.name, "producer", layout)
+        return Layout(layout.segments * (channels // size))
+
+    def attend(self, call: Call, ins: tuple[Layout, ...], out_shape: tuple) -> Layout:
+        """``MultiHeadAttention``: its heads become a group; the widths it reads
+        and writes (the model width of a transformer) stay whole."""
+        why = f"attention {call.name!r} reads and writes the model width, which stays whole"
+        for layout in ins:
+            self.block(layout, why)
+        heads = self.new_group(width_of(call.layer))
+        config = call.layer.get_config()
+        self.units[heads.segments[0].group] = int(config.get("value_dim") or config["key_dim"])
+        self.add_members(call.name, "producer", heads)
+        self.inner[call.name] = heads
+        return self.new_group(_channels(out_shape), why)
 
     def merge(self, call: Call, ins: tuple[Layout, ...]) -> Layout:
         if all(len(x.segments) == 1 and x.spatial == 1 for x in ins):
@@ -272,13 +314,14 @@ class _Builder:
         members: dict[int, list[Member]] = {g: [] for g in roots.values()}
         reasons: dict[int, list[str]] = {g: [] for g in roots.values()}
         sizes = {renumber[g]: size for g, size in self.sizes.items()}
+        units = {renumber[g]: unit for g, unit in self.units.items()}
         for gid, member in self.members:
             members[renumber[gid]].append(member)
         for gid, reason in self.reasons:
             if reason not in reasons[renumber[gid]]:
                 reasons[renumber[gid]].append(reason)
         groups = tuple(
-            ChannelGroup(g, sizes[g], tuple(members[g]), tuple(reasons[g]))
+            ChannelGroup(g, sizes[g], tuple(members[g]), tuple(reasons[g]), units.get(g, 1))
             for g in sorted(roots.values())
         )
         return renumber, groups
@@ -331,6 +374,7 @@ class LayerGraph:
                 node,
                 out_layout=_renumber_layout(node.out_layout, renumber),
                 in_layouts=tuple(_renumber_layout(x, renumber) for x in node.in_layouts),
+                inner_layout=_renumber_layout(node.inner_layout, renumber),
             )
             for node in builder.nodes
         ]
@@ -341,9 +385,10 @@ class LayerGraph:
         return [g for g in self.groups.values() if g.prunable and g.nodes("producer")]
 
     def group_of(self, node: str) -> int | None:
-        """The group of a node's output channels (None for a multi-group output)."""
-        layout = self.nodes[node].out_layout
-        if layout is None or len(layout.segments) != 1:
+        """The group of a node's own channels (its heads for attention; None for an
+        output made of several groups)."""
+        layout = self.nodes[node].channel_layout
+        if layout is None or len({s.group for s in layout.segments}) != 1:
             return None
         return layout.segments[0].group
 

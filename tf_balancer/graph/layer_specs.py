@@ -7,7 +7,13 @@ channels. The layer graph uses it to build channel groups; masking and the
 model to count parameters under a plan. One table, three users.
 
 Roles:
-    ``producer``     creates new output channels (Conv, Dense, SeparableConv).
+    ``producer``     creates new output channels (Conv, Dense, SeparableConv,
+                     Embedding) or units (LSTM, GRU, SimpleRNN - all gates and
+                     the recurrent kernel together; also inside ``Bidirectional``
+                     and ``TimeDistributed``).
+    ``attention``    ``MultiHeadAttention``: its heads are a group of their own
+                     (query/key/value/output kernels sliced per head); the model
+                     width it reads and writes is not pruned.
     ``passthrough``  output channel ``c`` depends only on input channel ``c``
                      (BatchNorm, activations, pooling, DepthwiseConv2D, Dropout,
                      scalar Rescaling, a Reshape that keeps the last axis).
@@ -24,12 +30,51 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
+import numpy as np
+
 from tf_balancer._compat import is_layer, weight_attribute
 
-__all__ = ["LayerSpec", "spec_for", "opaque_reason", "couples_channels", "keeps_channel_axis"]
+__all__ = [
+    "WeightAxis",
+    "LayerSpec",
+    "RECURRENT_GATES",
+    "spec_for",
+    "opaque_reason",
+    "why_opaque",
+    "couples_channels",
+    "keeps_channel_axis",
+    "weight_of",
+    "weights_on",
+    "axis_index",
+    "per_channel",
+    "width_of",
+    "resized_config",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightAxis:
+    """The channels of a group along one axis of one weight.
+
+    Attributes:
+        attr: attribute path from the layer to the weight, dotted for weights of
+            sub-layers (``"cell.kernel"``, ``"_query_dense.bias"``).
+        axis: the axis.
+        blocks: the axis holds ``blocks`` consecutive copies of the channels: an
+            LSTM kernel stacks its 4 gates, so unit ``j`` is at ``j, u+j, 2u+j, 3u+j``.
+    """
+
+    attr: str
+    axis: int
+    blocks: int = 1
+
+
+def _axes(**axes: int) -> tuple[WeightAxis, ...]:
+    return tuple(WeightAxis(attr, axis) for attr, axis in axes.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,40 +83,77 @@ class LayerSpec:
 
     Attributes:
         role: see the module docstring.
-        out_axes: weight attribute -> axis indexing output channels (producers).
-        in_axes: weight attribute -> axis indexing input channels (consumers).
-        ch_axes: weight attribute -> axis indexing pass-through channels.
+        out_axes: where a producer's own channels (output channels, recurrent
+            units, attention heads) sit in its weights.
+        in_axes: where a consumer's input channels sit.
+        ch_axes: where a pass-through layer's channels sit.
+        width_key: the config entry holding a producer's channel count.
     """
 
     role: str
-    out_axes: dict[str, int] = dataclasses.field(default_factory=dict)
-    in_axes: dict[str, int] = dataclasses.field(default_factory=dict)
-    ch_axes: dict[str, int] = dataclasses.field(default_factory=dict)
+    out_axes: tuple[WeightAxis, ...] = ()
+    in_axes: tuple[WeightAxis, ...] = ()
+    ch_axes: tuple[WeightAxis, ...] = ()
+    width_key: str | None = None
 
 
-_CONV = LayerSpec("producer", out_axes={"kernel": -1, "bias": 0}, in_axes={"kernel": -2})
+_CONV = LayerSpec("producer", _axes(kernel=-1, bias=0), _axes(kernel=-2), width_key="filters")
+_DENSE = dataclasses.replace(_CONV, width_key="units")
 _SEPARABLE = LayerSpec(
     "producer",
-    out_axes={"pointwise_kernel": -1, "bias": 0},
-    in_axes={"depthwise_kernel": -2, "pointwise_kernel": -2},
+    _axes(pointwise_kernel=-1, bias=0),
+    _axes(depthwise_kernel=-2, pointwise_kernel=-2),
+    width_key="filters",
 )
-_DEPTHWISE = LayerSpec("passthrough", ch_axes={"depthwise_kernel": -2, "bias": 0})
+_DEPTHWISE = LayerSpec("passthrough", ch_axes=_axes(depthwise_kernel=-2, bias=0))
 _BATCHNORM = LayerSpec(
-    "passthrough",
-    ch_axes={"gamma": 0, "beta": 0, "moving_mean": 0, "moving_variance": 0},
+    "passthrough", ch_axes=_axes(gamma=0, beta=0, moving_mean=0, moving_variance=0)
 )
 _PASS = LayerSpec("passthrough")
+
+
+def _recurrent(gates: int) -> LayerSpec:
+    """A recurrent layer's units: gate-stacked columns of the input and recurrent
+    kernels and the bias, and the recurrent kernel's rows (unit ``j``'s state)."""
+    return LayerSpec(
+        "producer",
+        out_axes=(
+            WeightAxis("cell.kernel", -1, gates),
+            WeightAxis("cell.recurrent_kernel", -1, gates),
+            WeightAxis("cell.recurrent_kernel", 0),
+            WeightAxis("cell.bias", -1, gates),
+        ),
+        in_axes=(WeightAxis("cell.kernel", 0),),
+        width_key="units",
+    )
+
+
+RECURRENT_GATES = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}
+"""Gates (stacked kernel blocks) of each recurrent layer type."""
+
+_ATTENTION = LayerSpec(
+    "attention",
+    out_axes=(
+        *(WeightAxis(f"_{p}_dense.kernel", 1) for p in ("query", "key", "value")),
+        *(WeightAxis(f"_{p}_dense.bias", 0) for p in ("query", "key", "value")),
+        WeightAxis("_output_dense.kernel", 0),
+    ),
+    width_key="num_heads",
+)
 
 _SPECS: dict[str, LayerSpec] = {
     "Conv1D": _CONV,
     "Conv2D": _CONV,
     "Conv3D": _CONV,
-    "Dense": _CONV,
+    "Dense": _DENSE,
     "SeparableConv1D": _SEPARABLE,
     "SeparableConv2D": _SEPARABLE,
     "DepthwiseConv1D": _DEPTHWISE,
     "DepthwiseConv2D": _DEPTHWISE,
     "BatchNormalization": _BATCHNORM,
+    "Embedding": LayerSpec("producer", _axes(embeddings=-1), width_key="output_dim"),
+    "MultiHeadAttention": _ATTENTION,
+    **{name: _recurrent(gates) for name, gates in RECURRENT_GATES.items()},
     "Flatten": LayerSpec("flatten"),
     "Concatenate": LayerSpec("concat"),
     **{
@@ -135,8 +217,11 @@ def opaque_reason(layer: Any, rank: int | None = None) -> str | None:
         return "grouped convolution"
     if config.get("depth_multiplier", 1) != 1:
         return "depth_multiplier != 1"
-    if couples_channels(layer) and _SPECS.get(type(layer).__name__) != _CONV:
+    name = type(layer).__name__
+    if couples_channels(layer) and (_SPECS[name].role != "producer" or name in RECURRENT_GATES):
         return f"activation {config['activation']!r} couples channels"
+    if config.get("stateful"):
+        return "stateful recurrent layer (its state is sized by its units)"
     if type(layer).__name__ == "Reshape" and not keeps_channel_axis(layer):
         return "Reshape that changes the last (channel) axis"
     if type(layer).__name__ == "Rescaling" and not _is_scalar(config):
@@ -147,6 +232,27 @@ def opaque_reason(layer: Any, rank: int | None = None) -> str | None:
     ):
         return f"works along axis {axis} (not the channel axis)"
     return None
+
+
+_CROSS_CHANNEL = {
+    "LayerNormalization": "normalises across channels",
+    "GroupNormalization": "normalises across channels",
+    "UnitNormalization": "normalises across channels",
+    "Softmax": "couples channels",
+}
+
+
+def why_opaque(layer: Any, rank: int | None = None) -> str:
+    """Why the groups a layer touches cannot be pruned, as a phrase for messages."""
+    name = type(layer).__name__
+    if name in _CROSS_CHANNEL:
+        return f"which {_CROSS_CHANNEL[name]}"
+    reason = opaque_reason(layer, rank) if name in _SPECS else None
+    return (
+        f"which tf_balancer cannot prune through: {reason}"
+        if reason
+        else ("which tf_balancer does not understand")
+    )
 
 
 def keeps_channel_axis(layer: Any) -> bool:
@@ -178,27 +284,135 @@ def _is_last_axis(axis: Any, rank: int | None) -> bool:
 
 
 def spec_for(layer: Any, rank: int | None = None) -> LayerSpec:
-    """The :class:`LayerSpec` of a layer (``opaque`` for unknown types)."""
+    """The :class:`LayerSpec` of a layer (``opaque`` for unknown types).
+
+    ``TimeDistributed`` and ``Bidirectional`` take their wrapped layer's spec,
+    with weight paths through the wrapper (both directions of a ``Bidirectional``
+    keep the same units).
+    """
     if is_layer(layer, "InputLayer"):
         return LayerSpec("input")
+    wrapped = _wrapped_layers(layer)
+    if wrapped:
+        return _wrapper_spec(layer, wrapped, rank)
     spec = _SPECS.get(type(layer).__name__)
     if spec is None or opaque_reason(layer, rank) is not None:
         return LayerSpec("opaque")
     return _with_layer_attributes(spec, layer)
 
 
-def _with_layer_attributes(spec: LayerSpec, layer: Any) -> LayerSpec:
-    """``spec`` with weight attributes named as ``layer``'s Keras names them."""
-    rename = {a: weight_attribute(layer, a) for axes in _axes(spec) for a in axes}
-    if all(a == b for a, b in rename.items()):
-        return spec
+_WRAPPERS = {"TimeDistributed": ("layer",), "Bidirectional": ("forward_layer", "backward_layer")}
+
+
+def _wrapped_layers(layer: Any) -> dict[str, Any]:
+    """Attribute -> wrapped layer, for the wrappers tf_balancer understands."""
+    attrs = _WRAPPERS.get(type(layer).__name__, ())
+    return {a: getattr(layer, a) for a in attrs if getattr(layer, a, None) is not None}
+
+
+def _wrapper_spec(layer: Any, wrapped: dict[str, Any], rank: int | None) -> LayerSpec:
+    bidirectional = type(layer).__name__ == "Bidirectional"
+    specs = {
+        attr: spec_for(inner, None if rank is None else rank - (0 if bidirectional else 1))
+        for attr, inner in wrapped.items()
+    }
+    first = next(iter(specs.values()))
+    if first.role != "producer" or any(s != first for s in specs.values()):
+        return LayerSpec("opaque")
+    if bidirectional and type(wrapped["forward_layer"]).__name__ not in RECURRENT_GATES:
+        return LayerSpec("opaque")
+
+    def prefixed(field: str) -> tuple[WeightAxis, ...]:
+        return tuple(
+            dataclasses.replace(a, attr=f"{attr}.{a.attr}")
+            for attr, spec in specs.items()
+            for a in getattr(spec, field)
+        )
+
     return LayerSpec(
-        spec.role,
-        {rename[a]: ax for a, ax in spec.out_axes.items()},
-        {rename[a]: ax for a, ax in spec.in_axes.items()},
-        {rename[a]: ax for a, ax in spec.ch_axes.items()},
+        "producer", prefixed("out_axes"), prefixed("in_axes"), prefixed("ch_axes"), first.width_key
     )
 
 
-def _axes(spec: LayerSpec) -> tuple[dict[str, int], ...]:
-    return (spec.out_axes, spec.in_axes, spec.ch_axes)
+def _with_layer_attributes(spec: LayerSpec, layer: Any) -> LayerSpec:
+    """``spec`` with weight attributes named as ``layer``'s Keras names them."""
+
+    def renamed(axes: tuple[WeightAxis, ...]) -> tuple[WeightAxis, ...]:
+        return tuple(
+            a if "." in a.attr else dataclasses.replace(a, attr=weight_attribute(layer, a.attr))
+            for a in axes
+        )
+
+    return dataclasses.replace(
+        spec,
+        out_axes=renamed(spec.out_axes),
+        in_axes=renamed(spec.in_axes),
+        ch_axes=renamed(spec.ch_axes),
+    )
+
+
+def weight_of(layer: Any, attr: str) -> Any:
+    """The weight at a (dotted) attribute path of ``layer``, or None."""
+    target = layer
+    for part in attr.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            return None
+    return target
+
+
+def weights_on(layer: Any, axes: tuple[WeightAxis, ...]) -> list[tuple[WeightAxis, Any]]:
+    """``(axis with a non-negative axis, weight)`` for each of ``axes`` the layer has."""
+    found = []
+    for spec_axis in axes:
+        weight = weight_of(layer, spec_axis.attr)
+        if weight is not None:
+            axis = spec_axis.axis % len(weight.shape)
+            found.append((dataclasses.replace(spec_axis, axis=axis), weight))
+    return found
+
+
+def axis_index(channels: Any, length: int, blocks: int = 1) -> np.ndarray:
+    """Positions of ``channels`` on an axis of ``length`` holding ``blocks`` copies.
+
+    Example:
+        >>> axis_index([1], 8, blocks=4).tolist()   # unit 1 of an LSTM(2) kernel
+        [1, 3, 5, 7]
+    """
+    channels = np.asarray(channels, dtype=np.int64)
+    step = length // blocks
+    return np.concatenate([b * step + channels for b in range(blocks)])
+
+
+def per_channel(values: Any, blocks: int = 1, reduce: Any = np.sum) -> Any:
+    """Fold one value per axis position into one per channel (``reduce`` over blocks)."""
+    return reduce(np.reshape(values, (blocks, -1)), axis=0)
+
+
+def width_of(layer: Any) -> int | None:
+    """A producer's channel count from its config (the wrapped layer's for wrappers)."""
+    wrapped = _wrapped_layers(layer)
+    if wrapped:
+        return width_of(next(iter(wrapped.values())))
+    key = (_SPECS.get(type(layer).__name__) or LayerSpec("opaque")).width_key
+    return int(layer.get_config()[key]) if key else None
+
+
+def resized_config(layer: Any, width: int) -> dict[str, Any]:
+    """Config overrides that give ``layer`` ``width`` channels (its units, filters,
+    heads, or a channel-keeping ``Reshape``'s last axis); wrappers resize the
+    layers they wrap."""
+    config = layer.get_config()
+    wrapped = _wrapped_layers(layer)
+    if wrapped:
+        overrides = {}
+        for key in ("layer", "backward_layer"):
+            if isinstance(config.get(key), dict):
+                inner = copy.deepcopy(config[key])
+                inner["config"][_SPECS[inner["class_name"]].width_key] = width
+                overrides[key] = inner
+        return overrides
+    if type(layer).__name__ == "Reshape":
+        return {"target_shape": (*tuple(config["target_shape"])[:-1], width)}
+    key = _SPECS[type(layer).__name__].width_key
+    return {key: width} if key else {}

@@ -288,11 +288,12 @@ def _map_arguments(call: Call, walk: Walk, tensors: dict[str, Any]) -> tuple[lis
     return tf.nest.map_structure(swap, args), tf.nest.map_structure(swap, kwargs)
 
 
-def clone_layer(layer: Any, **config_overrides: Any) -> Any:
-    """A fresh, unbuilt copy of ``layer`` from its config, with overrides applied."""
-    config = layer.get_config()
+def clone_layer(source: Any, /, **config_overrides: Any) -> Any:
+    """A fresh, unbuilt copy of layer ``source`` from its config, with overrides applied
+    (a wrapper's ``layer`` entry may be overridden too)."""
+    config = source.get_config()
     config.update(config_overrides)
-    return type(layer).from_config(config)
+    return type(source).from_config(config)
 
 
 def clone_flat(walk: Walk, name: str | None = None) -> tuple[keras.Model, dict[str, Any]]:

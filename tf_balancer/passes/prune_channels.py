@@ -27,13 +27,17 @@ import numpy as np
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import masked_copy
 from tf_balancer.graph.layer_graph import LayerGraph, Layout
-from tf_balancer.graph.layer_specs import spec_for
+from tf_balancer.graph.layer_specs import (
+    axis_index,
+    per_channel,
+    resized_config,
+    spec_for,
+    weights_on,
+)
 from tf_balancer.graph.walk import clone_layer, rebuild
 from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
 
 __all__ = ["PruneChannels", "plan_from_masks"]
-
-_WIDTH_KEYS = ("filters", "units")
 
 
 def _zero_along(weight: Any, axis: int) -> np.ndarray:
@@ -53,13 +57,10 @@ def plan_from_masks(graph: LayerGraph) -> KeepPlan:
             node = graph.nodes[member.node]
             spec = spec_for(node.layer, len(node.input_shapes[0]))
             axes = spec.out_axes if member.role == "producer" else spec.in_axes
-            for attr, axis in axes.items():
-                weight = getattr(node.layer, attr, None)
-                if weight is not None:
-                    zero = _zero_along(weight, axis)
-                    dead &= (
-                        zero[member.indices(np.arange(group.size))].reshape(-1, group.size).all(0)
-                    )
+            for axis, weight in weights_on(node.layer, axes):
+                zero = per_channel(_zero_along(weight, axis.axis), axis.blocks, np.all)
+                at = member.indices(np.arange(group.size))
+                dead &= zero[at].reshape(-1, group.size).all(0)
         keep[group.id], sizes[group.id] = np.flatnonzero(~dead), group.size
     return KeepPlan(keep, sizes)
 
@@ -76,23 +77,22 @@ def _kept_indices(layout: Layout | None, plan: Any, width: int) -> np.ndarray:
     return np.concatenate(blocks)
 
 
-def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, int]]:
+def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, Any]]:
+    """The node's weights with the plan's channels removed, and its config overrides."""
     layer = node.layer
     spec = spec_for(layer, len(node.input_shapes[0]))
-    in_width = int(node.input_shapes[0][-1])
-    out_width = int(node.output_shape[-1])
-    keep_in = _kept_indices(node.in_layouts[0], plan, in_width)
-    keep_out = _kept_indices(node.out_layout, plan, out_width)
-    by_var = {}
+    keep_own = _own_kept(node, plan)
+    keep_in = _kept_indices(node.in_layouts[0], plan, int(node.input_shapes[0][-1]))
+    keep_out = _kept_indices(node.out_layout, plan, int(node.output_shape[-1]))
+    by_var: dict[int, list[tuple[int, np.ndarray]]] = {}
     for axes, index in (
-        (spec.out_axes, keep_out),
+        (spec.out_axes, keep_own),
         (spec.in_axes, keep_in),
         (spec.ch_axes, keep_out),
     ):
-        for attr, axis in axes.items():
-            weight = getattr(layer, attr, None)
-            if weight is not None:
-                by_var.setdefault(id(weight), []).append((axis, index))
+        for axis, weight in weights_on(layer, axes):
+            at = axis_index(index, weight.shape[axis.axis], axis.blocks)
+            by_var.setdefault(id(weight), []).append((axis.axis, at))
     arrays = []
     for weight in layer.weights:
         array = weight.numpy()
@@ -100,13 +100,19 @@ def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, in
             array = np.take(array, index, axis=axis)
         arrays.append(array)
     overrides = {}
-    if spec.role == "producer":
-        key = next(k for k in _WIDTH_KEYS if k in layer.get_config())
-        overrides[key] = len(keep_out)
+    if spec.role in ("producer", "attention"):
+        overrides = resized_config(layer, len(keep_own))
     elif type(layer).__name__ == "Reshape":  # keeps the channel axis (layer_specs)
-        target = tuple(layer.get_config()["target_shape"])
-        overrides["target_shape"] = (*target[:-1], len(keep_out))
+        overrides = resized_config(layer, len(keep_out))
     return arrays, overrides
+
+
+def _own_kept(node: Any, plan: Any) -> np.ndarray:
+    """Kept channels of the node's own group (output channels, units or heads)."""
+    if node.channel_layout is None:
+        return np.arange(int(node.output_shape[-1]))
+    own = node.channel_layout.segments[0]
+    return np.asarray(plan.keep.get(own.group, np.arange(own.size)), dtype=np.int64)
 
 
 @register_pass("prune_channels")

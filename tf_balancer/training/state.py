@@ -24,6 +24,7 @@ import tensorflow as tf
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import channel_masks
 from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.graph.layer_specs import weight_of
 
 __all__ = ["BalanceState", "MaskApplier"]
 
@@ -98,7 +99,7 @@ class MaskApplier:
             {g.id: g.size for g in graph.prunable_groups},
         )
         keys = sorted(channel_masks(graph, everything))  # every weight any plan may mask
-        self.weights = [getattr(graph.nodes[node].layer, attr) for node, attr in keys]
+        self.weights = [weight_of(graph.nodes[node].layer, attr) for node, attr in keys]
         self.keys = keys
         self.masks = [
             tf.Variable(tf.ones(w.shape, w.dtype), trainable=False, name="mask")
