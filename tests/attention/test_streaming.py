@@ -10,13 +10,29 @@ from tf_balancer.analysis import analyze
 from tf_balancer.attention.importance import ProbeData, get_importance, group_scores
 from tf_balancer.attention.streaming import GradientStream, producer_weights
 from tf_balancer.demo import build_digits_cnn, compile_classifier
+from tf_balancer.demo_sequences import (
+    build_digits_bigru,
+    build_digits_lstm,
+    build_digits_transformer,
+    load_digit_sequences,
+)
+
+_MODELS = {
+    "cnn": lambda: build_digits_cnn(width=8, seed=0),
+    "lstm": lambda: build_digits_lstm(units=8),
+    "bigru": lambda: build_digits_bigru(units=6),
+    "transformer": lambda: build_digits_transformer(width=16, ffn=16),
+}
 
 
-@pytest.fixture(scope="module")
-def setup(digits):
-    model = compile_classifier(build_digits_cnn(width=8, seed=0))
-    model.fit(digits.x_train[:256], digits.y_train[:256], epochs=1, verbose=0)
-    return model, analyze(model)
+@pytest.fixture(scope="module", params=list(_MODELS))
+def setup(request, digits):
+    """A trained model (CNN on images; recurrent and attention models on the
+    digits read as sequences), its analysis, and its data."""
+    data = digits if request.param == "cnn" else load_digit_sequences(0)
+    model = compile_classifier(_MODELS[request.param]())
+    model.fit(data.x_train[:256], data.y_train[:256], epochs=1, verbose=0)
+    return model, analyze(model), data
 
 
 def _grads(model, x, y):
@@ -25,8 +41,8 @@ def _grads(model, x, y):
     return tape.gradient(loss, model.trainable_variables)
 
 
-def test_stream_equals_probe_taylor_on_the_same_batches(setup, digits):
-    model, analysis = setup
+def test_stream_equals_probe_taylor_on_the_same_batches(setup):
+    model, analysis, digits = setup
     stream = GradientStream(analysis.graph)
     batches = [(digits.x_train[i : i + 64], digits.y_train[i : i + 64]) for i in (0, 64, 128)]
     for x, y in batches:
@@ -40,8 +56,8 @@ def test_stream_equals_probe_taylor_on_the_same_batches(setup, digits):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-9)
 
 
-def test_stream_update_is_abs_of_the_per_channel_sum_of_w_times_g(setup, digits):
-    model, analysis = setup
+def test_stream_update_is_abs_of_the_per_channel_sum_of_w_times_g(setup):
+    model, analysis, digits = setup
     stream = GradientStream(analysis.graph)
     grads = _grads(model, digits.x_train[:32], digits.y_train[:32])
     by_id = {id(v): g for v, g in zip(model.trainable_variables, grads, strict=True)}
@@ -56,8 +72,8 @@ def test_stream_update_is_abs_of_the_per_channel_sum_of_w_times_g(setup, digits)
         np.testing.assert_allclose(scores[name], np.abs(value), rtol=1e-5, atol=1e-9)
 
 
-def test_reset_starts_a_new_window_and_ignores_foreign_variables(setup, digits):
-    model, analysis = setup
+def test_reset_starts_a_new_window_and_ignores_foreign_variables(setup):
+    model, analysis, digits = setup
     stream = GradientStream(analysis.graph)
     stream.update(
         zip(
@@ -74,8 +90,8 @@ def test_reset_starts_a_new_window_and_ignores_foreign_variables(setup, digits):
     assert all(s.sum() == 0 for s in stream.scores().values())
 
 
-def test_group_scores_accepts_a_stream(setup, digits):
-    model, analysis = setup
+def test_group_scores_accepts_a_stream(setup):
+    model, analysis, digits = setup
     stream = GradientStream(analysis.graph)
     stream.update(
         zip(
@@ -89,10 +105,10 @@ def test_group_scores_accepts_a_stream(setup, digits):
     assert all(np.all(s >= 0) and np.any(s > 0) for s in scores.values())
 
 
-def test_loss_scaled_gradients_are_unscaled_and_overflowed_batches_skipped(setup, digits):
+def test_loss_scaled_gradients_are_unscaled_and_overflowed_batches_skipped(setup):
     # Mixed precision: Keras 3 hands the optimizer gradients times the loss scale, and a
     # batch whose gradients overflowed (the loss-scale optimizer skips it) must add nothing.
-    model, analysis = setup
+    model, analysis, digits = setup
     grads = _grads(model, digits.x_train[:32], digits.y_train[:32])
     variables = model.trainable_variables
     plain = GradientStream(analysis.graph)

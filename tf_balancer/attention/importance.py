@@ -48,6 +48,7 @@ __all__ = [
     "get_importance",
     "group_scores",
     "attention_weights",
+    "head_attention",
     "balance_score",
 ]
 
@@ -428,6 +429,22 @@ def attention_weights(scores: Mapping[int, np.ndarray]) -> dict[int, float]:
     if total <= 0:
         return {gid: 1.0 / len(totals) for gid in totals}
     return {gid: t / total for gid, t in totals.items()}
+
+
+def head_attention(graph: LayerGraph, scores: Mapping[int, np.ndarray]) -> dict[int, list[float]]:
+    """Each attention head's share of the total importance, per group of heads (a
+    layer's heads add up to its :func:`attention_weights` entry).
+
+    Example:
+        >>> head_attention(graph, scores)[3]   # doctest: +SKIP
+        [0.06, 0.02, 0.07, 0.04]
+    """
+    total = float(sum(np.sum(s) for s in scores.values())) or 1.0
+    return {
+        gid: (np.asarray(s, dtype=np.float64) / total).tolist()
+        for gid, s in scores.items()
+        if any(graph.nodes[n].role == "attention" for n in graph.groups[gid].nodes("producer"))
+    }
 
 
 def balance_score(weights: Mapping[int, float]) -> float:

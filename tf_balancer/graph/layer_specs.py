@@ -410,6 +410,7 @@ def resized_config(layer: Any, width: int) -> dict[str, Any]:
             if isinstance(config.get(key), dict):
                 inner = copy.deepcopy(config[key])
                 inner["config"][_SPECS[inner["class_name"]].width_key] = width
+                inner.pop("build_config", None)  # built for the old input width
                 overrides[key] = inner
         return overrides
     if type(layer).__name__ == "Reshape":

@@ -26,6 +26,7 @@ from tf_balancer.attention.importance import (
     attention_weights,
     balance_score,
     group_scores,
+    head_attention,
 )
 from tf_balancer.attention.streaming import GradientStream
 from tf_balancer.errors import BalanceError, ConfigError
@@ -245,6 +246,7 @@ class BalanceCallback(keras.callbacks.Callback):
         self._synced = -1
         self._diverged = False
         self._attention: dict[int, float] = {}
+        self._head_attention: dict[int, list[float]] = {}
         self._writer = None
         self._step_callback = None  # tfmot's UpdatePruningStep duties in sparse mode
         self._finished = False
@@ -380,6 +382,7 @@ class BalanceCallback(keras.callbacks.Callback):
         target = self.target_at(epoch)
         scores = group_scores(self.analysis.graph, *self._signals())
         self._attention = attention_weights(scores)
+        self._head_attention = head_attention(self.analysis.graph, scores)
         if self.mode == "structured":
             plan = allocate(
                 self.analysis, scores, target, self.target_metric, self.strategy, self.bounds
@@ -493,6 +496,11 @@ class BalanceCallback(keras.callbacks.Callback):
         values = {
             "balancer_attention": {names[g]: a for g, a in self._attention.items()},
             "balancer_keep_ratio": {names[g]: len(keep[g]) / graph.groups[g].size for g in keep},
+            "balancer_head_attention": {
+                f"{names[g]}/head{i}": a
+                for g, heads in self._head_attention.items()
+                for i, a in enumerate(heads)
+            },
         }
         log_layer_summaries(self._writer, epoch, values)
 
@@ -540,6 +548,7 @@ class BalanceCallback(keras.callbacks.Callback):
             dense_model=dense,
             dense_epoch=dense_epoch,
             attention=self._attention,
+            head_attention=self._head_attention,
             attention_history=self.state.attention_history().tolist() if self.state else [],
             settings={
                 "target": self.target,

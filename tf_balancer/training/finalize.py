@@ -63,6 +63,7 @@ class FinalizeInputs:
         dense_epoch: epochs ``dense_model`` had trained, or None.
         attention: group id -> attention weight of the last rebalance.
         attention_history: per rebalance, the groups' attention weights.
+        head_attention: group id -> each attention head's attention weight.
         settings: target, target_metric, strategy, importance (for the report).
     """
 
@@ -78,6 +79,7 @@ class FinalizeInputs:
     dense_epoch: int | None = None
     attention: dict[int, float] = dataclasses.field(default_factory=dict)
     attention_history: list = dataclasses.field(default_factory=list)
+    head_attention: dict[int, list[float]] = dataclasses.field(default_factory=dict)
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -224,6 +226,8 @@ class Finalizer:
                         "flops_after": after[name].flops,
                     }
                 )
+                if group.id in self.inputs.head_attention:
+                    rows[-1]["head_attention"] = self.inputs.head_attention[group.id]
         return rows
 
     def dense_summary(self) -> dict[str, Any]:
