@@ -58,6 +58,7 @@ def test_notebooks_exist() -> None:
         "quickstart.ipynb",
         "savedmodel_postprocessing.ipynb",
         "custom_pass.ipynb",
+        "pruning_a_transformer.ipynb",
     }
 
 

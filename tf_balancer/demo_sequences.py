@@ -48,17 +48,18 @@ def load_digit_sequences(seed: int = 0, val_fraction: float = 0.25) -> DigitsDat
     return DigitsData(sequences[train], labels[train], sequences[val], labels[val])
 
 
-_POSITION_LAYERS: dict[str, Any] = {}
+_POSITION_LAYERS: dict[Any, Any] = {}
 
 
 def position_embedding(keras_module: Any = None) -> type:
-    """A learned position embedding layer class for ``keras_module``: adds a
-    ``(steps, width)`` table to every sample (registered for saving as
-    ``tf_balancer>PositionEmbedding``)."""
+    """A learned position embedding layer class for ``keras_module`` (``tf_keras``,
+    ``keras`` or ``tf.keras``): adds a ``(steps, width)`` table to every sample
+    (registered for saving as ``tf_balancer>PositionEmbedding``)."""
     module = keras_module or _tf_keras
-    if module.__name__ not in _POSITION_LAYERS:
+    base = module.layers.Layer  # tf.keras and keras share Keras 3's
+    if base not in _POSITION_LAYERS:
 
-        class PositionEmbedding(module.layers.Layer):
+        class PositionEmbedding(base):
             def build(self, input_shape: Any) -> None:
                 self.table = self.add_weight(
                     name="table", shape=tuple(input_shape[1:]), initializer="random_normal"
@@ -67,9 +68,9 @@ def position_embedding(keras_module: Any = None) -> type:
             def call(self, inputs: Any) -> Any:
                 return inputs + self.table
 
-        register = module.saving.register_keras_serializable(package="tf_balancer")
-        _POSITION_LAYERS[module.__name__] = register(PositionEmbedding)
-    return _POSITION_LAYERS[module.__name__]
+        register = module.utils.register_keras_serializable(package="tf_balancer")
+        _POSITION_LAYERS[base] = register(PositionEmbedding)
+    return _POSITION_LAYERS[base]
 
 
 def build_digits_transformer(
