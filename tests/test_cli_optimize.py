@@ -7,6 +7,7 @@ check one invocation each.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -32,6 +33,8 @@ _BAD_INPUT = (
     "config_not_utf8",
     "pruning_without_calibration",
     "no_output_flag",
+    "quantize_without_tflite",
+    "int8_without_calibration",
 )
 
 
@@ -49,6 +52,10 @@ def _workspace(root: str) -> dict[str, str]:
     rng = np.random.default_rng(0)
     paths["calib"] = os.path.join(root, "calib.npz")
     np.savez(paths["calib"], x=rng.random((32, 12, 12, 3)), y=rng.integers(0, 4, 32))
+    paths["tflite"] = os.path.join(root, "tflite")  # outputs of the --tflite runs
+    os.makedirs(paths["tflite"])
+    paths["inputs"] = os.path.join(root, "inputs.npz")  # no labels: int8 checked by difference
+    np.savez(paths["inputs"], x=rng.random((64, 12, 12, 3)).astype("float32"))
     paths["bad_yaml"] = os.path.join(root, "bad.yaml")
     with open(paths["bad_yaml"], "w") as handle:
         handle.write("passes: [fold_batchnorm, no_such_pass]\n")
@@ -90,6 +97,17 @@ def _commands(p: dict[str, str], root: str) -> dict[str, tuple[str, ...]]:
             *("optimize", p["cnn"], f"--output={out}_4", f"--config={structured}"),
         ),
         "no_output_flag": ("optimize", p["cnn"]),
+        "tflite_int8": (
+            *("optimize", p["cnn"], f"--output={p['tflite']}/int8", "--tflite", "--quantize=int8"),
+            f"--calibration={p['inputs']}",
+        ),
+        "tflite_plain": ("optimize", p["plain"], f"--output={p['tflite']}/plain", "--tflite"),
+        "quantize_without_tflite": (
+            *("optimize", p["cnn"], f"--output={out}_6", "--quantize=dynamic"),
+        ),
+        "int8_without_calibration": (
+            *("optimize", p["cnn"], f"--output={out}_7", "--tflite", "--quantize=int8"),
+        ),
     }
 
 
@@ -161,6 +179,25 @@ def test_failed_verification_exits_1_and_writes_nothing(runs):
     assert not os.path.exists(os.path.join(runs["root"], "out_strict"))
 
 
+@pytest.mark.parametrize("case", ["tflite_int8", "tflite_plain"])
+def test_tflite_lands_next_to_the_savedmodel_verified(runs, case):
+    proc = runs["procs"][case]
+    assert proc.returncode == 0, proc.stderr
+    out = os.path.join(runs["paths"]["tflite"], "int8" if case == "tflite_int8" else "plain")
+    lite = os.path.join(out, "model.tflite")
+    with open(os.path.join(out, "tf_balancer_report.json"), encoding="utf-8") as handle:
+        report = json.load(handle)["tflite"]
+    assert report["bytes"] == os.path.getsize(lite)
+    assert report["quantize"] == ("int8" if case == "tflite_int8" else None)
+    assert report["samples"] == (64 if case == "tflite_int8" else 8)
+    if case == "tflite_plain":
+        assert report["max_abs_diff"] <= 1e-4
+    assert f"tflite model.tflite ({report['quantize'] or 'float32'})" in proc.stdout
+    interpreter = tf.lite.Interpreter(model_path=lite)
+    interpreter.allocate_tensors()
+    assert interpreter.get_input_details()[0]["dtype"] == np.float32
+
+
 @pytest.mark.parametrize("case", _BAD_INPUT)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(runs, case):
     proc = runs["procs"][case]
@@ -168,8 +205,10 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(runs, case):
     assert "Traceback" not in proc.stderr
     lines = _messages(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith("tf-balancer: error: "), lines
-    if case == "pruning_without_calibration":
+    if case in ("pruning_without_calibration", "int8_without_calibration"):
         assert "--calibration" in lines[0]
+    if case == "quantize_without_tflite":
+        assert "--tflite" in lines[0]
     if case == "config_not_utf8":
         assert runs["paths"]["latin1_yaml"] in lines[0] and "save the file as UTF-8" in lines[0]
     assert set(os.listdir(runs["root"])) == runs["listing"]  # no output, no temporary directory

@@ -52,6 +52,7 @@ _EXPORTS = {
     "ModelAnalysis": "tf_balancer.analysis",
     "OptimizationReport": "tf_balancer.optimizer",
     "optimize_saved_model": "tf_balancer.export.savedmodel",
+    "export_tflite": "tf_balancer.export.tflite",
     "OptimizeConfig": "tf_balancer.config",
     "prune": "tf_balancer.training.oneshot",
     "PassContext": "tf_balancer.passes.base",

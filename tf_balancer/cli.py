@@ -4,6 +4,7 @@ Usage::
 
     tf-balancer inspect PATH [--json] [--batch_size N]
     tf-balancer optimize SAVEDMODEL --output DIR [--config FILE.yaml] [--calibration DATA.npz]
+                         [--tflite [--quantize dynamic|int8]]
                          [--overwrite]
     tf-balancer demo [--output DIR]
 
@@ -39,6 +40,17 @@ _CALIBRATION = flags.DEFINE_string(
     "optimize: .npz file with inputs `x` and optional labels `y` (np.savez(path, x=..., y=...)); "
     "pruning recipes need it; it also feeds the output check.",
 )
+_TFLITE = flags.DEFINE_boolean(
+    "tflite",
+    False,
+    "optimize: also write OUTPUT/model.tflite, verified against the optimized SavedModel.",
+)
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize",
+    None,
+    ["dynamic", "int8"],
+    "optimize --tflite: quantize the TFLite model (int8 needs --calibration).",
+)
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "demo: training epochs.", lower_bound=3)
 
 USAGE_ERROR = 2
@@ -54,7 +66,7 @@ _COMMANDS = {
         "SAVEDMODEL --output DIR",
         "Optimize a SavedModel with a recipe's passes and write a SavedModel with the same "
         "signatures, verified against the source, plus tf_balancer_report.json.",
-        ["output", "config", "calibration", "overwrite"],
+        ["output", "config", "calibration", "overwrite", "tflite", "quantize"],
     ),
     "demo": (
         "",
@@ -128,6 +140,10 @@ def _cmd_optimize(args: list[str]) -> int:
         raise UsageError(f"optimize takes exactly one SAVEDMODEL directory, got {len(args)}")
     if not _OUTPUT.value:
         raise UsageError("optimize needs --output DIR (where the optimized SavedModel goes)")
+    if _QUANTIZE.value and not _TFLITE.value:
+        raise UsageError("--quantize applies to the TFLite model: add --tflite")
+    if _QUANTIZE.value == "int8" and not _CALIBRATION.value:
+        raise UsageError("--quantize int8 needs --calibration data.npz (inputs x to calibrate on)")
     _start_tensorflow()
     from tf_balancer.export.savedmodel import format_summary, optimize_saved_model
 
@@ -137,6 +153,8 @@ def _cmd_optimize(args: list[str]) -> int:
         config=_CONFIG.value,
         calibration_data=_CALIBRATION.value,
         overwrite=_OVERWRITE.value,
+        tflite=_TFLITE.value,
+        quantize=_QUANTIZE.value,
     )
     print(format_summary(report))
     return 0

@@ -141,6 +141,42 @@ def _require_calibration(config: OptimizeConfig, calibration: Any) -> None:
         )
 
 
+def _check_tflite(tflite: bool, quantize: str | None, calibration: Any) -> None:
+    from tf_balancer.export.tflite import QUANTIZE_MODES
+
+    if quantize is not None and not tflite:
+        raise ConfigError("quantize applies to the TFLite model: pass tflite=True (CLI: --tflite)")
+    if quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    if quantize == "int8" and calibration is None:
+        raise ConfigError(f"quantize='int8' needs calibration inputs; {_CALIBRATION_HINT}")
+
+
+def _export_tflite(
+    source: Any, saved_model: str, quantize: str | None, calibration: Any
+) -> dict[str, Any]:
+    """``model.tflite`` next to the optimized SavedModel, verified against it.
+
+    Converted from ``source``: the optimized Keras model, or for a plain SavedModel
+    its source (its passes only fold BatchNorm and run Grappler, which TFLite's
+    converter does its own way; Grappler's fused ops have no TFLite kernel).
+    """
+    from tf_balancer.export.tflite import export_tflite
+
+    x, y = calibration if calibration is not None else (None, None)
+    if isinstance(x, Mapping):
+        x = next(iter(x.values())) if len(x) == 1 else None
+    result = export_tflite(
+        source,
+        os.path.join(saved_model, "model.tflite"),
+        reference=saved_model,
+        quantize=quantize,
+        calibration=x,
+        validation_data=None if x is None else (x, y),
+    )
+    return {**result.to_dict(), "path": "model.tflite"}
+
+
 # --------------------------------------------------------------------------- plain
 
 
@@ -164,6 +200,8 @@ def optimize_saved_model(
     config: OptimizeConfig | str | os.PathLike | None = None,
     calibration_data: Any = None,
     overwrite: bool = False,
+    tflite: bool = False,
+    quantize: str | None = None,
 ) -> dict[str, Any]:
     """Optimize the SavedModel ``src`` into ``dst`` (same signatures) and report.
 
@@ -178,6 +216,11 @@ def optimize_saved_model(
             verification uses its first ``verify.probe_batch_size`` samples
             (seeded random inputs of each signature's shape without it).
         overwrite: replace ``dst`` if it exists (only once the result is verified).
+        tflite: also write ``dst/model.tflite``, converted from the optimized
+            SavedModel and verified against it (on the calibration data, else on
+            seeded random inputs); its result is the report's ``tflite`` entry.
+        quantize: with ``tflite``: None (float32), ``"dynamic"`` or ``"int8"``
+            (``"int8"`` calibrates on ``calibration_data``, which it then needs).
 
     Returns:
         The report, also written to ``dst/tf_balancer_report.json``: ``kind``
@@ -190,8 +233,10 @@ def optimize_saved_model(
     Raises:
         ModelLoadError: ``src`` is missing, not a SavedModel or unreadable.
         ExportError: ``dst`` is ``src``, nested with it, or exists without ``overwrite``.
-        ConfigError: a bad config, or a pruning pass without calibration data.
-        VerificationError: the result differs from the reference beyond tolerance.
+        ConfigError: a bad config, a pruning pass or int8 quantization without
+            calibration data, or ``quantize`` without ``tflite``.
+        VerificationError: the result (or its TFLite model) differs from the
+            reference beyond tolerance.
 
     Example:
         >>> report = optimize_saved_model("cnn", "cnn_50", "configs/structured_50_flops.yaml",
@@ -204,6 +249,7 @@ def optimize_saved_model(
     config = _resolve_config(config)
     calibration = _calibration(calibration_data)
     _require_calibration(config, calibration)
+    _check_tflite(tflite, quantize, calibration)
     loaded = load_saved_model(src)  # keep alive: its signatures read its variables
     signatures = dict(loaded.signatures)
     if not signatures:
@@ -236,6 +282,9 @@ def optimize_saved_model(
             "verification": {"reference": run.reference_name, "signatures": verification},
             "seconds": time.perf_counter() - start,
         }
+        if tflite:
+            source = src if model is None else load_model(tmp)
+            report["tflite"] = _export_tflite(source, tmp, quantize, calibration)
         write_json(os.path.join(tmp, REPORT_NAME), report)
         with open(os.path.join(tmp, REPORT_NAME), encoding="utf-8") as handle:
             report = json.load(handle)  # the returned report is exactly the file's
@@ -262,5 +311,17 @@ def format_summary(report: Mapping[str, Any]) -> str:
         lines.append(
             f"  verified {name} against the {verification['reference']} on {v['batch']} "
             f"{v['inputs']} samples: max abs diff {v['max_abs_diff']:.3g}"
+        )
+    lite = report.get("tflite")
+    if lite:
+        accuracy = (
+            f", accuracy {lite['accuracy']:.2f}% (SavedModel {lite['reference_accuracy']:.2f}%)"
+            if lite.get("accuracy") is not None
+            else ""
+        )
+        lines.append(
+            f"  tflite {lite['path']} ({lite['quantize'] or 'float32'}): {lite['bytes']:,} bytes, "
+            f"max abs diff {lite['max_abs_diff']:.3g} on {lite['samples']} samples{accuracy}, "
+            f"{lite['latency_ms']:.3f} ms at batch 1"
         )
     return "\n".join(lines)

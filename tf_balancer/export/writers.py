@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 from tf_balancer._compat import adapter_for, is_keras_model
@@ -91,11 +92,26 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
 
 
 @quietly
-def export_result(path: str, model: Any, report: dict[str, Any], overwrite: bool = False) -> str:
-    """Atomically write ``saved_model/``, ``report.json``, ``report.png``, ``report.md``."""
+def export_result(
+    path: str,
+    model: Any,
+    report: dict[str, Any],
+    overwrite: bool = False,
+    tflite: Mapping[str, Any] | None = None,
+) -> str:
+    """Atomically write ``saved_model/``, ``report.json``, ``report.png``, ``report.md``,
+    and with ``tflite`` (keyword arguments of :func:`~tf_balancer.export.tflite.export_tflite`)
+    ``model.tflite``, verified against the SavedModel (its result in ``report["tflite"]``)."""
     with atomic_directory(path, overwrite) as tmp:
         if is_keras_model(model):
             adapter_for(model).save_saved_model(model, os.path.join(tmp, "saved_model"))
+        if tflite is not None:
+            from tf_balancer.export.tflite import export_tflite
+
+            result = export_tflite(
+                os.path.join(tmp, "saved_model"), os.path.join(tmp, "model.tflite"), **tflite
+            )
+            report = {**report, "tflite": {**result.to_dict(), "path": "model.tflite"}}
         write_json(os.path.join(tmp, "report.json"), report)
         write_report_png(os.path.join(tmp, "report.png"), report.get("layers", []), "tf_balancer")
         layers = markdown_table(

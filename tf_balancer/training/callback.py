@@ -558,17 +558,54 @@ class BalanceCallback(keras.callbacks.Callback):
             },
         )
 
-    def export(self, path: str, overwrite: bool = False) -> str:
+    def export(
+        self,
+        path: str,
+        overwrite: bool = False,
+        tflite: bool = False,
+        quantize: str | None = None,
+    ) -> str:
         """Write the optimized SavedModel, report.json, report.png and report.md atomically.
 
+        Args:
+            path: the directory to write.
+            overwrite: replace ``path`` if it exists.
+            tflite: also write ``model.tflite``, verified against the SavedModel on
+                the validation data (its size, accuracy and interpreter latency go
+                to ``report["tflite"]``).
+            quantize: with ``tflite``: None (float32), ``"dynamic"`` or ``"int8"``
+                (calibrated on the fine-tuning, probe or validation inputs).
+
         Raises:
-            ExportError: ``path`` exists and ``overwrite`` is False.
-            ConfigError: called before training finished.
+            ExportError: ``path`` exists and ``overwrite`` is False, or TFLite cannot
+                convert the model.
+            ConfigError: called before training finished; ``quantize`` without
+                ``tflite``, or ``"int8"`` with no data to calibrate on.
+            VerificationError: the TFLite model is outside tolerance (nothing written).
         """
         if self.optimized_model is None or self.report is None:
             raise ConfigError(
                 "nothing to export yet: call model.fit(..., callbacks=[callback]) first"
             )
+        if quantize is not None and not tflite:
+            raise ConfigError("quantize applies to the TFLite model: pass tflite=True as well")
         from tf_balancer.export.writers import export_result
 
-        return export_result(path, self.optimized_model, self.report, overwrite)
+        options = None
+        if tflite:
+            options = {
+                "quantize": quantize,
+                "calibration": self._calibration_inputs(),
+                "validation_data": self.validation_data,
+            }
+        return export_result(path, self.optimized_model, self.report, overwrite, options)
+
+    def _calibration_inputs(self) -> Any:
+        """Inputs to calibrate int8 activations on: fine-tuning, probe or validation data."""
+        for data in (self.finetune_data, self.probe, self.validation_data):
+            x = getattr(data, "x", None) if isinstance(data, ProbeData) else data
+            if isinstance(x, (tuple, list)) and len(x) == 2:
+                x = x[0]
+            if x is not None:
+                return x
+        return None

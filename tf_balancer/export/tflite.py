@@ -1,0 +1,287 @@
+"""TFLite (LiteRT) export: float32, dynamic-range and full-integer models, each verified.
+
+:func:`export_tflite` converts a Keras model (tf_keras or Keras 3) or a
+SavedModel directory with TensorFlow's ``TFLiteConverter``, runs the converted
+model in the TFLite interpreter on real inputs and compares it with the source
+before anything is written:
+
+* ``quantize=None`` (float32): outputs within ``FLOAT_ATOL`` (1e-4) of the source's;
+* ``"dynamic"`` (int8 weights, float activations) and ``"int8"`` (full integer:
+  int8 weights and activations, calibrated on ``calibration`` inputs; the
+  model's inputs and outputs stay float32): with labels, accuracy within
+  ``ACCURACY_POINTS`` (1 point) of the source's on the same samples; without
+  labels, the largest difference is reported.
+
+The file is written to a temporary name next to ``path`` and renamed into place.
+The result records the interpreter's median latency at batch 1.
+
+Example:
+    >>> result = export_tflite(model, "digits.tflite", quantize="int8",
+    ...                        calibration=x_train[:256], validation_data=(x_val, y_val))  # doctest: +SKIP
+    >>> result.accuracy, result.reference_accuracy, result.latency_ms  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tf_balancer._compat import adapter_for, is_keras3_object, is_keras_model
+from tf_balancer.errors import ConfigError, ExportError, VerificationError
+
+__all__ = ["TFLiteResult", "export_tflite", "QUANTIZE_MODES", "FLOAT_ATOL", "ACCURACY_POINTS"]
+
+QUANTIZE_MODES = (None, "dynamic", "int8")
+FLOAT_ATOL = 1e-4
+ACCURACY_POINTS = 1.0
+CALIBRATION_SAMPLES = 200
+VERIFY_SAMPLES = 512
+
+
+@dataclasses.dataclass(frozen=True)
+class TFLiteResult:
+    """What :func:`export_tflite` wrote and measured.
+
+    Attributes:
+        path: the ``.tflite`` file.
+        quantize: ``None``, ``"dynamic"`` or ``"int8"``.
+        bytes: its size.
+        samples: inputs the check ran on.
+        max_abs_diff: largest output difference from the source.
+        accuracy: TFLite accuracy on the labelled samples (%), or None.
+        reference_accuracy: the source's accuracy on the same samples (%), or None.
+        latency_ms: interpreter median latency at batch 1.
+    """
+
+    path: str
+    quantize: str | None
+    bytes: int
+    samples: int
+    max_abs_diff: float
+    accuracy: float | None
+    reference_accuracy: float | None
+    latency_ms: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def export_tflite(
+    model: Any,
+    path: str | os.PathLike,
+    *,
+    quantize: str | None = None,
+    calibration: Any = None,
+    validation_data: Any = None,
+    overwrite: bool = False,
+    reference: Any = None,
+) -> TFLiteResult:
+    """Convert ``model`` to TFLite, verify it against ``model``, write it to ``path``.
+
+    Args:
+        model: a Keras model (tf_keras or Keras 3) or a SavedModel directory
+            (its ``serving_default`` signature); never modified. One input tensor.
+        path: the ``.tflite`` file to write.
+        quantize: None (float32), ``"dynamic"`` or ``"int8"``.
+        calibration: input samples (an array, or ``(x, y)``) for ``"int8"``
+            calibration; also the check's inputs when there is no validation data.
+        validation_data: ``(x, y)`` or ``x``: the samples the result is checked on
+            (with labels, quantized models are checked by accuracy). Without
+            any data, 8 seeded uniform random inputs.
+        overwrite: replace ``path`` if it exists.
+        reference: what the result is checked against, a Keras model or a
+            SavedModel directory; defaults to ``model``. (``optimize`` converts
+            the model before Grappler, whose fused ops TFLite cannot run, and
+            checks against the SavedModel it wrote.)
+
+    Returns:
+        A :class:`TFLiteResult`.
+
+    Raises:
+        ConfigError: an unknown ``quantize``, or ``"int8"`` without calibration data.
+        ExportError: ``path`` exists (without ``overwrite``), or TFLite cannot
+            convert the model (the converter's first line says which op).
+        VerificationError: the converted model is outside tolerance (nothing written).
+    """
+    path = os.path.abspath(os.fspath(path))
+    if quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    calib_x, calib_y = _split(calibration)
+    if quantize == "int8" and calib_x is None:
+        raise ConfigError(
+            "quantize='int8' needs calibration inputs to set the activation ranges; pass "
+            "calibration=x_train[:200] (CLI: --calibration data.npz), or use quantize='dynamic'"
+        )
+    check_x, check_y = _split(validation_data)
+    if check_x is None:
+        check_x, check_y = calib_x, calib_y
+    if os.path.lexists(path) and not overwrite:
+        raise ExportError(f"{path} already exists; pass overwrite=True or choose another path")
+    reference, input_shape = _reference_fn(model if reference is None else reference)
+    if check_x is None:  # no data: seeded random inputs still check the arithmetic
+        rng = np.random.default_rng(0)
+        check_x = rng.uniform(size=(8, *input_shape[1:])).astype(np.float32)
+    flatbuffer = _convert(model, quantize, calib_x)
+    check_x, check_y = (
+        check_x[:VERIFY_SAMPLES],
+        None if check_y is None else check_y[:VERIFY_SAMPLES],
+    )
+    expected = reference(check_x)
+    actual = _interpret(flatbuffer, check_x)
+    result = _verify(quantize, expected, actual, check_y)
+    _write_atomically(path, flatbuffer)
+    return TFLiteResult(
+        path=path,
+        quantize=quantize,
+        bytes=len(flatbuffer),
+        samples=len(check_x),
+        latency_ms=_latency_ms(flatbuffer, check_x[:1]),
+        **result,
+    )
+
+
+def _split(data: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if data is None:
+        return None, None
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return np.asarray(data[0]), None if data[1] is None else np.asarray(data[1])
+    return np.asarray(data), None
+
+
+def _reference_fn(model: Any) -> tuple[Callable[[np.ndarray], np.ndarray], tuple]:
+    """The source as ``x -> outputs``, and its input shape."""
+    if is_keras_model(model) or is_keras3_object(model):
+        run = lambda x: np.asarray(model.predict(x, verbose=0, batch_size=256), np.float32)  # noqa: E731
+        return run, tuple(model.inputs[0].shape)
+    signature = _serving_signature(os.fspath(model))
+    ((key, spec),) = signature.structured_input_signature[1].items()
+
+    def run(x: np.ndarray) -> np.ndarray:
+        outputs = signature(**{key: tf.constant(x, spec.dtype)})
+        return np.asarray(next(iter(outputs.values())), np.float32)
+
+    return run, tuple(spec.shape)
+
+
+def _serving_signature(path: str) -> Any:
+    if not tf.saved_model.contains_saved_model(path):
+        raise ConfigError(f"{path}: not a SavedModel directory; give a Keras model or a SavedModel")
+    loaded = tf.saved_model.load(path)
+    signature = loaded.signatures.get("serving_default")
+    if signature is None or len(signature.structured_input_signature[1]) != 1:
+        raise ConfigError(f"{path}: TFLite export needs a serving_default signature with one input")
+    signature._tfb_loaded = loaded  # keep the variables alive with the function
+    return signature
+
+
+def _convert(model: Any, quantize: str | None, calib_x: np.ndarray | None) -> bytes:
+    with tempfile.TemporaryDirectory() as tmp:
+        if is_keras_model(model) or is_keras3_object(model):
+            if len(model.inputs) != 1:
+                raise ConfigError("TFLite export supports models with one input tensor")
+            source = os.path.join(tmp, "saved_model")
+            adapter_for(model).save_saved_model(model, source)
+        else:
+            source = os.fspath(model)
+        converter = tf.lite.TFLiteConverter.from_saved_model(source)
+        if quantize is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "int8":
+            samples = np.asarray(calib_x[:CALIBRATION_SAMPLES], np.float32)
+            converter.representative_dataset = lambda: ([s[None]] for s in samples)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        try:
+            return converter.convert()
+        except Exception as err:  # the converter raises several types; one line for the user
+            raise ExportError(
+                f"TFLite cannot convert this model ({_conversion_problem(err)}); export "
+                "without TFLite, or try quantize=None if a quantized kernel is missing"
+            ) from err
+
+
+def _conversion_problem(err: Exception) -> str:
+    """The ops the converter refused, or the first line of its message (MLIR dumps are long)."""
+    text = str(err)
+    ops = sorted(set(re.findall(r"'(tf\.\w+)' op", text)))
+    if ops:
+        return f"no TFLite kernel for {', '.join(ops)}"
+    first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+    return first[:200]
+
+
+def _interpreter(flatbuffer: bytes, batch: int) -> Any:
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _interpret(flatbuffer: bytes, x: np.ndarray, chunk: int = 64) -> np.ndarray:
+    outputs = []
+    for start in range(0, len(x), chunk):
+        batch = np.asarray(x[start : start + chunk], np.float32)
+        interpreter = _interpreter(flatbuffer, len(batch))
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch)
+        interpreter.invoke()
+        outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+    return np.concatenate(outputs).astype(np.float32)
+
+
+def _verify(
+    quantize: str | None, expected: np.ndarray, actual: np.ndarray, labels: np.ndarray | None
+) -> dict[str, Any]:
+    diff = float(np.max(np.abs(expected.reshape(actual.shape) - actual)))
+    accuracy = reference = None
+    if labels is not None and expected.ndim == 2 and expected.shape[1] > 1:
+        truth = labels.reshape(len(labels), -1).argmax(-1) if labels.ndim > 1 else labels
+        accuracy = float(np.mean(actual.argmax(-1) == truth) * 100)
+        reference = float(np.mean(expected.argmax(-1) == truth) * 100)
+    if quantize is None and diff > FLOAT_ATOL:
+        raise VerificationError(
+            f"the float32 TFLite model differs from the source by {diff:.3g} "
+            f"(tolerance {FLOAT_ATOL:g}); nothing written"
+        )
+    if quantize is not None and accuracy is not None and accuracy < reference - ACCURACY_POINTS:
+        raise VerificationError(
+            f"the {quantize} TFLite model's accuracy is {accuracy:.2f}% vs {reference:.2f}% for "
+            f"the source (more than {ACCURACY_POINTS:g} point lower); nothing written. Calibrate "
+            "on more representative inputs, or use quantize='dynamic' or None"
+        )
+    return {"max_abs_diff": diff, "accuracy": accuracy, "reference_accuracy": reference}
+
+
+def _latency_ms(flatbuffer: bytes, x: np.ndarray, repeats: int = 50) -> float:
+    interpreter = _interpreter(flatbuffer, 1)
+    index = interpreter.get_input_details()[0]["index"]
+    interpreter.set_tensor(index, np.asarray(x, np.float32))
+    interpreter.invoke()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        interpreter.invoke()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _write_atomically(path: str, content: bytes) -> None:
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
