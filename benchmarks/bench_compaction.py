@@ -1,9 +1,9 @@
 """Benchmark: does channel compaction (and BN folding) make inference faster?
 
-Three variants of the reference CNN (:mod:`benchmarks.reference_cnn`) are timed
-side by side in one process: the dense model, its ``prune_channels`` copy at
-``--target`` of the FLOPs, and its ``fold_batchnorm`` + ``fuse_activation``
-copy. Each is called through a ``tf.function`` (``training=False``), warmed up,
+Four variants of the reference CNN (:mod:`benchmarks.reference_cnn`) are timed
+side by side in one process: the dense model, its ``prune_channels`` copies at
+``--target`` of the FLOPs (ragged counts, and rounded with ``round_to="auto"``),
+and its ``fold_batchnorm`` + ``fuse_activation`` copy. Each is called through a ``tf.function`` (``training=False``), warmed up,
 then timed with the repetitions *interleaved* (one call of each variant per
 round, in a shuffled order), so that load from other processes hits all of them
 alike. Latencies are medians over rounds; a speedup is the median over rounds of
@@ -13,6 +13,8 @@ from round to round); the ratio of the medians is kept in the JSON too.
 Verdicts:
 
 * compaction: at the largest batch size, ``speedup >= 0.8 x dense_flops / compact_flops``;
+* rounded (``round_to="auto"``: kept counts multiples of the CPU's float32 vector
+  width): ``speedup >= 0.9 x`` the FLOPs reduction at the largest batch, ``0.8 x`` at the others;
 * folding: ``speedup >= 0.97`` (folded not slower than dense, allowing 3% noise)
   at every batch size.
 
@@ -42,6 +44,9 @@ import numpy as np  # noqa: E402
 OUT = Path(__file__).parent / "out" / "compaction.json"
 COMPACT_MARGIN = 0.8  # speedup must reach 80% of the FLOPs reduction
 FOLD_FLOOR = 0.97  # folded may be at most 3% slower (timing noise)
+# round_to="auto" (kept counts multiples of the CPU's vector width): the speed-up must
+# reach 90% of the FLOPs reduction at the large batch, 80% at the others.
+ROUNDED_MARGIN_LARGE, ROUNDED_MARGIN_ONE = 0.9, 0.8
 WARMUP = 3
 
 
@@ -99,8 +104,9 @@ def run(
     from tf_balancer.analysis import analyze
 
     dense, compact = dense_and_compact(target, width)
+    _, rounded = dense_and_compact(target, width, round_to="auto")
     _, folded = dense_and_folded(width)
-    models = {"dense": dense, "compact": compact, "folded": folded}
+    models = {"dense": dense, "compact": compact, "rounded": rounded, "folded": folded}
     flops = {name: analyze(model).cost.flops for name, model in models.items()}
     results: dict[str, Any] = {
         "target": target,
@@ -130,6 +136,15 @@ def verdicts(results: dict[str, Any], large_batch: int) -> dict[str, dict[str, A
             "pass": rows["compact"]["speedup"] >= needed,
         }
     }
+    for batch, batch_rows in results["batches"].items():
+        row = next(r for r in batch_rows if r["model"] == "rounded")
+        margin = ROUNDED_MARGIN_LARGE if int(batch) == large_batch else ROUNDED_MARGIN_ONE
+        out[f"rounded@{batch}"] = {
+            "batch": int(batch),
+            "speedup": row["speedup"],
+            "required": margin / row["flops_ratio"],
+            "pass": row["speedup"] >= margin / row["flops_ratio"],
+        }
     for batch, batch_rows in results["batches"].items():
         speedup = next(r["speedup"] for r in batch_rows if r["model"] == "folded")
         out[f"folding@{batch}"] = {

@@ -75,22 +75,24 @@ def build_reference_cnn(width: int = 64, seed: int = 0) -> keras.Model:
 
 
 def dense_and_compact(
-    target: float = 0.5, width: int = 64, seed: int = 0
+    target: float = 0.5, width: int = 64, seed: int = 0, round_to: int | str = 1
 ) -> tuple[keras.Model, keras.Model]:
-    """The reference CNN and its channel-pruned copy at ``target`` of its FLOPs.
+    """The reference CNN and its channel-pruned copy at ``target`` of its FLOPs
+    (kept counts rounded to ``round_to``; ``"auto"``: the CPU's vector width).
 
     Raises:
         tf_balancer.errors.PassError / VerificationError: the compaction failed.
     """
     from tf_balancer.analysis import analyze
-    from tf_balancer.attention.balance import allocate
+    from tf_balancer.attention.balance import Bounds, allocate
     from tf_balancer.attention.importance import group_scores
     from tf_balancer.optimizer import MetaOptimizer
     from tf_balancer.passes.base import PassContext
 
     dense = build_reference_cnn(width, seed)
     analysis = analyze(dense)
-    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), target)
+    scores = group_scores(analysis.graph, None, "magnitude")
+    plan = allocate(analysis, scores, target, bounds=Bounds(round_to=round_to))
     optimizer = MetaOptimizer(["prune_channels"], fail_on_error=True)
     compact, _ = optimizer.run(dense, PassContext(plan=plan))
     return dense, compact

@@ -415,3 +415,22 @@ def test_allocation_to_dict_round_trips_the_plan(analyses):
     d = plan.to_dict()
     assert {int(g): len(v) for g, v in d["keep"].items()} == plan.keep_counts
     assert d["strategy"] == "uniform" and d["target"] == 0.5
+
+
+def test_round_to_auto_keeps_counts_the_cpu_vector_width_divides(analyses):
+    """``round_to="auto"``: every kept count is a multiple of the CPU's float32 lanes
+    (or the whole group), and the plan still meets its target."""
+    from tf_balancer.hardware import _cpu_flags, simd_lanes
+
+    lanes = simd_lanes()
+    flags = _cpu_flags() or set()
+    assert lanes == (16 if "avx512f" in flags else 8 if {"avx", "avx2"} & flags else lanes)
+    assert Bounds(round_to="auto").round_to == lanes
+    with pytest.raises(ConfigError, match="or 'auto'"):
+        Bounds(round_to="fast")
+    analysis = analyses["digits"]
+    scores = {g.id: np.linspace(1, 2, g.size) for g in analysis.graph.prunable_groups}
+    plan = allocate(analysis, scores, 0.5, bounds=Bounds(round_to="auto"))
+    assert plan.achieved <= 0.5
+    for gid, kept in plan.keep_counts.items():
+        assert kept % lanes == 0 or kept == plan.sizes[gid], (gid, kept)

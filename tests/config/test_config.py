@@ -105,6 +105,7 @@ BAD_SECTION_VALUES = [
     ("balance", "max_prune_fraction", 1.0),
     ("balance", "round_to", 0),
     ("balance", "round_to", 8.0),
+    ("balance", "round_to", "fast"),
     ("sparsity", "target_sparsity", 1.0),
     ("sparsity", "target_sparsity", -0.1),
     ("sparsity", "target_sparsity", "0.8"),
@@ -145,7 +146,7 @@ NUMERIC_FIELDS = [
     (section, field.name)
     for section, cls in SECTIONS.items()
     for field in dataclasses.fields(cls)
-    if field.type in ("float", "int")
+    if field.type in ("float", "int", "int | str")
 ]
 
 
@@ -306,6 +307,7 @@ def test_with_overrides_validates_and_merges_sections(builtin_passes):
     assert changed.fail_on_error is False and config.fail_on_error is True
     with pytest.raises(ConfigError, match=r"balance\.round_to: got 0"):
         config.with_overrides(balance={"round_to": 0})
+    assert config.with_overrides(balance={"round_to": "auto"}).balance.round_to == "auto"
     with pytest.raises(ConfigError, match=r"unknown key 'balanse'"):
         config.with_overrides(balanse={"target": 0.25})
     lossless = OptimizeConfig().with_overrides(

@@ -74,6 +74,7 @@ import numpy as np
 
 from tf_balancer.attention import coupled
 from tf_balancer.errors import BalanceError, ConfigError
+from tf_balancer.hardware import simd_lanes
 
 __all__ = ["Bounds", "KeepPlan", "Allocation", "allocate", "STRATEGIES"]
 
@@ -85,11 +86,13 @@ METRICS = ("flops", "params")
 class Bounds:
     """Per-group limits: keep at least ``min_keep`` channels and at least
     ``1 - max_prune_fraction`` of them; keep counts are multiples of ``round_to``
-    (or the whole group)."""
+    (or the whole group). ``round_to="auto"`` is the CPU's float32 vector width
+    (:func:`tf_balancer.hardware.simd_lanes`: 16 with AVX-512, 8 with AVX2), the
+    counts its conv kernels run fastest at."""
 
     min_keep: int = 4
     max_prune_fraction: float = 0.9
-    round_to: int = 1
+    round_to: int | str = 1
 
     def __post_init__(self) -> None:
         if not (isinstance(self.min_keep, int) and self.min_keep >= 1):
@@ -98,8 +101,10 @@ class Bounds:
             raise ConfigError(
                 f"max_prune_fraction must be in (0, 1), got {self.max_prune_fraction!r}"
             )
+        if self.round_to == "auto":
+            object.__setattr__(self, "round_to", simd_lanes())
         if not (isinstance(self.round_to, int) and self.round_to >= 1):
-            raise ConfigError(f"round_to must be an int >= 1, got {self.round_to!r}")
+            raise ConfigError(f"round_to must be an int >= 1 or 'auto', got {self.round_to!r}")
 
     def lower(self, size: int) -> int:
         floor = max(self.min_keep, math.ceil(size * (1.0 - self.max_prune_fraction) - 1e-9))

@@ -96,6 +96,21 @@ def integer(minimum: int) -> Check:
     return check
 
 
+def integer_or(minimum: int, word: str) -> Check:
+    """A check for an integer >= ``minimum`` or the string ``word``."""
+    number = integer(minimum)
+
+    def check(key: str, value: Any) -> int | str:
+        if value == word:
+            return word
+        try:
+            return number(key, value)
+        except ConfigError:
+            raise reject(key, value, f"an integer >= {minimum} or {word!r}") from None
+
+    return check
+
+
 def one_of(*choices: str) -> Check:
     """A check for one of the strings ``choices``."""
 

@@ -119,7 +119,8 @@ class BalanceConfig(_Section):
         min_keep: fewest channels left in any layer, >= 1. Defaults to 4.
         max_prune_fraction: largest fraction of a layer's channels removed, in
             (0, 1). Defaults to 0.9.
-        round_to: kept channel counts are multiples of this, >= 1. Defaults to 1.
+        round_to: kept channel counts are multiples of this, >= 1, or ``"auto"``
+            (the CPU's float32 vector width, see ``Bounds``). Defaults to 1.
 
     Example:
         >>> BalanceConfig(target=0.3, round_to=8).to_dict()["round_to"]
@@ -134,7 +135,7 @@ class BalanceConfig(_Section):
         "importance": lambda key, value: names.importance(key, value),
         "min_keep": checks.integer(1),
         "max_prune_fraction": checks.real(lambda v: 0 < v < 1, "a number in (0, 1)"),
-        "round_to": checks.integer(1),
+        "round_to": checks.integer_or(1, "auto"),
     }
 
     target: float = 0.5
@@ -143,7 +144,7 @@ class BalanceConfig(_Section):
     importance: str | Mapping[str, float] = "taylor"
     min_keep: int = 4
     max_prune_fraction: float = 0.9
-    round_to: int = 1
+    round_to: int | str = 1
 
 
 @dataclasses.dataclass(frozen=True)
