@@ -80,6 +80,22 @@ def time_interleaved(
     return times
 
 
+def paired_speedup(
+    dense: list[float], variant: list[float], flops_ratio: float, margin: float
+) -> dict[str, Any]:
+    """Median latencies, the median per-round speed-up of ``variant`` over ``dense``,
+    and whether it reaches ``margin`` x the FLOPs speed-up ``1 / flops_ratio``."""
+    speedup = statistics.median(d / v for d, v in zip(dense, variant, strict=True))
+    required = margin / flops_ratio
+    return {
+        "dense_ms": 1e3 * statistics.median(dense),
+        "compact_ms": 1e3 * statistics.median(variant),
+        "speedup": speedup,
+        "required": required,
+        "pass": speedup >= required,
+    }
+
+
 def _row(name: str, flops: int, dense_flops: int, seconds: list[float], dense: list[float]) -> dict:
     """One table row; ``speedup`` is the median of the per-round ratios dense / this model."""
     median = statistics.median(seconds)

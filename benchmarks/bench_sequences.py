@@ -29,7 +29,7 @@ import keras  # noqa: E402  (Keras 3: what tf.keras is on TF >= 2.16)
 import numpy as np  # noqa: E402
 
 import tf_balancer as tfb  # noqa: E402
-from benchmarks.bench_compaction import time_interleaved  # noqa: E402
+from benchmarks.bench_compaction import paired_speedup, time_interleaved  # noqa: E402
 from tf_balancer.demo_sequences import (  # noqa: E402
     build_digits_bigru,
     build_digits_lstm,
@@ -115,17 +115,9 @@ def latency(repeats: int) -> dict:
         small, report = tfb.prune(dense, 0.5, importance="magnitude", finetune_epochs=0)
         flops_ratio = analyze(small).cost.flops / analysis.cost.flops
         times = time_interleaved({"dense": dense, "compact": small}, 64, repeats)
-        speedup = statistics.median(
-            d / c for d, c in zip(times["dense"], times["compact"], strict=True)
-        )
-        required = LATENCY_MARGIN / flops_ratio
         results[name] = {
             "flops_ratio": flops_ratio,
-            "dense_ms": 1e3 * statistics.median(times["dense"]),
-            "compact_ms": 1e3 * statistics.median(times["compact"]),
-            "speedup": speedup,
-            "required": required,
-            "pass": speedup >= required,
+            **paired_speedup(times["dense"], times["compact"], flops_ratio, LATENCY_MARGIN),
         }
     return results
 

@@ -49,6 +49,7 @@ def _interpreters(paths: dict[str, str], batch: int) -> dict:
 
 
 def latency(repeats: int, batches: tuple[int, ...]) -> dict:
+    from benchmarks.bench_compaction import paired_speedup
     from benchmarks.reference_cnn import dense_and_compact
     from tf_balancer.analysis import analyze
     from tf_balancer.export.tflite import export_tflite
@@ -70,17 +71,9 @@ def latency(repeats: int, batches: tuple[int, ...]) -> dict:
                 start = time.perf_counter()
                 interpreters[name].invoke()
                 times[name].append(time.perf_counter() - start)
-        speedup = statistics.median(
-            d / c for d, c in zip(times["dense"], times["compact"], strict=True)
+        results["batches"][str(batch)] = paired_speedup(
+            times["dense"], times["compact"], flops_ratio, LATENCY_MARGIN
         )
-        required = LATENCY_MARGIN / flops_ratio
-        results["batches"][str(batch)] = {
-            "dense_ms": 1e3 * statistics.median(times["dense"]),
-            "compact_ms": 1e3 * statistics.median(times["compact"]),
-            "speedup": speedup,
-            "required": required,
-            "pass": speedup >= required,
-        }
     return results
 
 

@@ -73,6 +73,13 @@ def position_embedding(keras_module: Any = None) -> type:
     return _POSITION_LAYERS[base]
 
 
+def _start(keras_module: Any, seed: int) -> tuple[Any, Any, Any]:
+    """The Keras to build with (seeded), its layers, and the ``(8, 8)`` sequence input."""
+    k = keras_module or _tf_keras
+    k.utils.set_random_seed(seed)
+    return k, k.layers, k.Input((STEPS, FEATURES), name="sequence")
+
+
 def build_digits_transformer(
     keras_module: Any = None,
     width: int = 32,
@@ -84,10 +91,7 @@ def build_digits_transformer(
     """A Transformer encoder classifier: Dense projection + position embedding,
     ``blocks`` x (MultiHeadAttention + residual + LayerNormalization, FFN +
     residual + LayerNormalization), average pooling, Dense logits."""
-    k = keras_module or _tf_keras
-    k.utils.set_random_seed(seed)
-    layers = k.layers
-    inp = k.Input((STEPS, FEATURES), name="sequence")
+    k, layers, inp = _start(keras_module, seed)
     x = layers.Dense(width, name="proj")(inp)
     x = position_embedding(k)(name="position")(x)
     for b in range(blocks):
@@ -102,10 +106,7 @@ def build_digits_transformer(
 
 def build_digits_lstm(keras_module: Any = None, units: int = 32, seed: int = 0) -> Any:
     """Two stacked LSTMs (the first returns sequences), a Dense layer, Dense logits."""
-    k = keras_module or _tf_keras
-    k.utils.set_random_seed(seed)
-    layers = k.layers
-    inp = k.Input((STEPS, FEATURES), name="sequence")
+    k, layers, inp = _start(keras_module, seed)
     x = layers.LSTM(units, return_sequences=True, name="lstm1")(inp)
     x = layers.LSTM(units, name="lstm2")(x)
     x = layers.Dense(32, activation="relu", name="fc")(x)
@@ -114,10 +115,7 @@ def build_digits_lstm(keras_module: Any = None, units: int = 32, seed: int = 0) 
 
 def build_digits_bigru(keras_module: Any = None, units: int = 24, seed: int = 0) -> Any:
     """A Bidirectional GRU over the sequence, average pooling, a Dense layer, Dense logits."""
-    k = keras_module or _tf_keras
-    k.utils.set_random_seed(seed)
-    layers = k.layers
-    inp = k.Input((STEPS, FEATURES), name="sequence")
+    k, layers, inp = _start(keras_module, seed)
     gru = layers.GRU(units, return_sequences=True)
     x = layers.Bidirectional(gru, name="bigru")(inp)
     x = layers.GlobalAveragePooling1D(name="pool")(x)
