@@ -15,6 +15,8 @@ Verdicts:
 * compaction: at the largest batch size, ``speedup >= 0.8 x dense_flops / compact_flops``;
 * rounded (``round_to="auto"``: kept counts multiples of the CPU's float32 vector
   width): ``speedup >= 0.9 x`` the FLOPs reduction at the largest batch, ``0.8 x`` at the others;
+* latency target: the plan made with ``target_metric="latency"`` (a latency table
+  measured at batch 32) runs at ``--target`` of the dense time within 10%;
 * folding: ``speedup >= 0.97`` (folded not slower than dense, allowing 3% noise)
   at every batch size.
 
@@ -136,7 +138,14 @@ def run(
         results["batches"][str(batch)] = [
             _row(name, flops[name], flops["dense"], times[name], times["dense"]) for name in models
         ]
+    results["latency_target"] = latency_target(repeats, target, width)
     results["verdicts"] = verdicts(results, max(batch_sizes))
+    results["verdicts"]["latency_target"] = {
+        "batch": results["latency_target"]["batch"],
+        "speedup": 1 / results["latency_target"]["measured"]["latency"],
+        "required": 1 / (target * 1.1),
+        "pass": results["latency_target"]["pass"],
+    }
     return results
 
 
@@ -172,6 +181,46 @@ def verdicts(results: dict[str, Any], large_batch: int) -> dict[str, dict[str, A
     return out
 
 
+def latency_target(repeats: int, target: float, width: int) -> dict[str, Any]:
+    """The reference CNN pruned with ``target_metric="latency"`` (table at batch 32,
+    ``round_to="auto"``), and with ``"flops"`` for comparison: measured latency
+    ratios at the table's batch size; the latency plan must land within 10%."""
+    from benchmarks.reference_cnn import build_reference_cnn
+    from tf_balancer.analysis import analyze
+    from tf_balancer.attention.balance import Bounds, allocate
+    from tf_balancer.attention.importance import group_scores
+    from tf_balancer.graph.latency import BATCH_SIZE, measure_latency
+    from tf_balancer.optimizer import MetaOptimizer
+    from tf_balancer.passes.base import PassContext
+
+    dense = build_reference_cnn(width)
+    analysis = analyze(dense)
+    start = time.perf_counter()
+    measure_latency(analysis, BATCH_SIZE)
+    seconds = time.perf_counter() - start
+    scores = group_scores(analysis.graph, None, "magnitude")
+    models, predicted = {"dense": dense}, {}
+    for metric in ("latency", "flops"):
+        plan = allocate(analysis, scores, target, metric, bounds=Bounds(round_to="auto"))
+        predicted[metric] = analysis.coster.total(plan.keep_counts, "latency") / (
+            analysis.coster.total(None, "latency")
+        )
+        models[metric], _ = MetaOptimizer(["prune_channels"], fail_on_error=True).run(
+            dense, PassContext(plan=plan)
+        )
+    times = time_interleaved(models, BATCH_SIZE, repeats)
+    measured = {
+        m: statistics.median(t) / statistics.median(times["dense"]) for m, t in times.items()
+    }
+    return {
+        "batch": BATCH_SIZE,
+        "table_seconds": seconds,
+        "predicted": predicted,
+        "measured": measured,
+        "pass": abs(measured["latency"] / target - 1) <= 0.10,
+    }
+
+
 def report(results: dict[str, Any]) -> str:
     """The printed table and one verdict line per check."""
     lines = [
@@ -188,6 +237,14 @@ def report(results: dict[str, Any]) -> str:
                 f"{r['flops'] / 1e6:>9.1f}{r['flops_ratio']:>7.2f}{r['median_ms']:>11.2f}"
                 f"{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}{r['speedup']:>9.2f}"
             )
+    lat = results.get("latency_target")
+    if lat:
+        lines.append(
+            f"target_metric='latency' at {results['target']:g}: measured latency ratio "
+            f"{lat['measured']['latency']:.3f} at batch {lat['batch']} (table predicted "
+            f"{lat['predicted']['latency']:.3f}, built in {lat['table_seconds']:.1f} s); the "
+            f"FLOPs-targeted plan measures {lat['measured']['flops']:.3f}"
+        )
     for name, v in results["verdicts"].items():
         verdict = "PASS" if v["pass"] else "FAIL"
         lines.append(

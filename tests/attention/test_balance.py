@@ -311,7 +311,7 @@ def test_negative_or_non_finite_scores_raise_balance_error(analyses, bad):
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"strategy": "greedy"}, "strategy"), ({"target_metric": "latency"}, "target_metric")],
+    [({"strategy": "greedy"}, "strategy"), ({"target_metric": "macs"}, "target_metric")],
 )
 def test_unknown_strategy_or_metric_raises_config_error(analyses, kwargs, match):
     with pytest.raises(ConfigError, match=match):

@@ -91,7 +91,7 @@ BAD_SECTION_VALUES = [
     ("balance", "target", "0.5"),
     ("balance", "target", math.nan),
     ("balance", "target", None),
-    ("balance", "target_metric", "latency"),
+    ("balance", "target_metric", "macs"),
     ("balance", "target_metric", 1),
     ("balance", "strategy", "random"),
     ("balance", "importance", "l2"),

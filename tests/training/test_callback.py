@@ -60,7 +60,7 @@ def _weights(model) -> list[np.ndarray]:
         {"target": float("nan")},
         {"target": -0.5},
         {"target": "0.5"},
-        {"target_metric": "latency"},
+        {"target_metric": "macs"},
         {"mode": "dense"},
         {"strategy": "random"},
         {"begin_epoch": 3, "end_epoch": 2},

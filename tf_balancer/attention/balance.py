@@ -74,12 +74,13 @@ import numpy as np
 
 from tf_balancer.attention import coupled
 from tf_balancer.errors import BalanceError, ConfigError
+from tf_balancer.graph.latency import measure_latency
 from tf_balancer.hardware import simd_lanes
 
 __all__ = ["Bounds", "KeepPlan", "Allocation", "allocate", "STRATEGIES"]
 
 STRATEGIES = ("balanced", "uniform", "global")
-METRICS = ("flops", "params")
+METRICS = ("flops", "params", "latency")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +228,9 @@ def allocate(
             gives the exact cost of any plan).
         scores: group id -> per-channel importance (non-negative).
         target: fraction of the metric to keep, in (0, 1].
-        target_metric: ``"flops"`` or ``"params"``.
+        target_metric: ``"flops"``, ``"params"`` or ``"latency"`` (measured on this
+            machine, layer by layer: :func:`~tf_balancer.graph.latency.measure_latency`,
+            run here at its default batch size unless the analysis has a table).
         strategy: ``"balanced"``, ``"uniform"`` or ``"global"``.
         bounds: per-group limits (defaults: ``Bounds()``).
         objective: what ``balanced`` maximises: ``"retained"`` (default), a
@@ -248,6 +251,8 @@ def allocate(
     if objective not in coupled.OBJECTIVES:
         raise ConfigError(f"objective must be one of {coupled.OBJECTIVES}, got {objective!r}")
     coster = analysis.coster
+    if target_metric == "latency" and coster.latency is None:
+        measure_latency(analysis)
     scores = {g: np.asarray(s, dtype=np.float64) for g, s in sorted(scores.items())}
     sizes = {g: len(s) for g, s in scores.items()}
     full = coster.total(None, target_metric)

@@ -49,7 +49,7 @@ DEFAULT_PASSES: tuple[str, ...] = (
     "fuse_activation",
     "grappler",
 )
-_TARGET_METRICS = ("flops", "params")
+_TARGET_METRICS = ("flops", "params", "latency")
 _BALANCE_STRATEGIES = ("balanced", "uniform", "global")
 _SPARSITY_STRATEGIES = ("balanced", "uniform")
 
@@ -110,7 +110,7 @@ class BalanceConfig(_Section):
 
     Attributes:
         target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
-        target_metric: ``"flops"`` or ``"params"``. Defaults to ``"flops"``.
+        target_metric: ``"flops"``, ``"params"`` or ``"latency"``. Defaults to ``"flops"``.
         strategy: ``"balanced"`` (cost-aware), ``"uniform"`` or ``"global"``.
             Defaults to ``"balanced"``.
         importance: a registered criterion name (``magnitude``, ``taylor``,

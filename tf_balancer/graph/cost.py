@@ -44,6 +44,7 @@ __all__ = [
     "CostReport",
     "PlanCoster",
     "QuadraticCost",
+    "COST_METRICS",
     "model_cost",
     "core_flops",
     "flops_source",
@@ -265,6 +266,7 @@ class PlanCoster:
                 max(full_out**2, 1),
             )
         self.coef = coef
+        self.latency: tuple[np.ndarray, np.ndarray] | None = None  # (t0, slope) per layer
         elements = [
             batch_size * math.prod(int(d) for d in node.output_shape[1:-1])
             for node in graph.nodes.values()
@@ -278,15 +280,27 @@ class PlanCoster:
                 vector[i] = keep[gid]
         return vector
 
+    def rows(self, metric: str) -> tuple[np.ndarray, ...]:
+        """``(pair, in, out, square, const)`` per layer: the layer's ``metric`` is
+        ``pair*cin*cout + in*cin + out*cout + square*cout**2 + const``."""
+        if metric not in COST_METRICS:
+            raise ValueError(f"unknown cost metric {metric!r}; one of {sorted(COST_METRICS)}")
+        return COST_METRICS[metric](self)
+
+    def metric_per_layer(self, keep: Mapping[int, int] | None, metric: str) -> np.ndarray:
+        """``metric`` of every layer under ``keep``."""
+        k = self.keep_vector(keep)
+        cin, cout = self.m_in @ k, self.m_out @ k
+        pair, lin_in, lin_out, square, const = self.rows(metric)
+        return pair * cin * cout + lin_in * cin + lin_out * cout + square * cout**2 + const
+
     def per_layer(
         self, keep: Mapping[int, int] | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(flops, params, activation elements)`` per layer under ``keep``."""
         k = self.keep_vector(keep)
-        cin, cout = self.m_in @ k, self.m_out @ k
-        a, b, c, e, r, d, p_io, p_i, p_o, p_oo, p_1 = self.coef.T
-        flops = a * cin * cout + b * cin + (c + r) * cout + e * cout**2 + d
-        params = p_io * cin * cout + p_i * cin + p_o * cout + p_oo * cout**2 + p_1
+        flops = self.metric_per_layer(keep, "flops")
+        params = self.metric_per_layer(keep, "params")
         return flops, params, self.elements * (self.m_act @ k)
 
     def report(self, keep: Mapping[int, int] | None = None) -> CostReport:
@@ -301,8 +315,7 @@ class PlanCoster:
         return CostReport(layers, self.batch_size)
 
     def total(self, keep: Mapping[int, int] | None, metric: str = "flops") -> float:
-        flops, params, _ = self.per_layer(keep)
-        return float(np.sum(flops if metric == "flops" else params))
+        return float(np.sum(self.metric_per_layer(keep, metric)))
 
     def quadratic(self, metric: str, groups: list[int]) -> QuadraticCost:
         """The exact cost as a quadratic in the keep counts of ``groups`` (others whole).
@@ -316,11 +329,8 @@ class PlanCoster:
             >>> cost(np.array([16, 8])) == coster.total({3: 16, 5: 8})  # doctest: +SKIP
             True
         """
-        a, b, c, e, rest, d, p_io, p_i, p_o, p_oo, p_1 = self.coef.T
-        if metric == "flops":
-            pair, lin_in, lin_out, square, const = a, b, c + rest, e, float(np.sum(d))
-        else:
-            pair, lin_in, lin_out, square, const = p_io, p_i, p_o, p_oo, float(np.sum(p_1))
+        pair, lin_in, lin_out, square, const_rows = self.rows(metric)
+        const = float(np.sum(const_rows))
         full_q = self.m_in.T @ (pair[:, None] * self.m_out)
         full_q = full_q + self.m_out.T @ (square[:, None] * self.m_out)
         full_lin = self.m_in.T @ lin_in + self.m_out.T @ lin_out
@@ -336,6 +346,44 @@ class PlanCoster:
         )
         const += float(f @ full_q[np.ix_(fixed, fixed)] @ f + full_lin[fixed] @ f)
         return QuadraticCost((q_cc + q_cc.T) / 2.0, lin, const)
+
+    def work_rows(self) -> tuple[np.ndarray, ...]:
+        """What a layer's run time grows with, as :meth:`rows`: its FLOPs, or for a
+        layer without FLOPs (ReLU, pooling by the profiler's count, reshapes) the
+        elements it writes."""
+        flops = self.rows("flops")
+        has_flops = np.any(np.stack(flops) != 0, axis=0)
+        elements = self.elements * (self.m_act.sum(1) > 0)
+        zero = np.zeros_like(elements)
+        out = np.where(has_flops, flops[2], elements)
+        return tuple(np.where(has_flops, r, zero) for r in flops[:2]) + (
+            out,
+            np.where(has_flops, flops[3], zero),
+            np.where(has_flops, flops[4], zero),
+        )
+
+
+def _flops_rows(coster: PlanCoster) -> tuple[np.ndarray, ...]:
+    a, b, c, e, rest, d = coster.coef[:, :6].T
+    return a, b, c + rest, e, d
+
+
+def _params_rows(coster: PlanCoster) -> tuple[np.ndarray, ...]:
+    p_io, p_i, p_o, p_oo, p_1 = coster.coef[:, 6:].T
+    return p_io, p_i, p_o, p_oo, p_1
+
+
+def _latency_rows(coster: PlanCoster) -> tuple[np.ndarray, ...]:
+    """Measured seconds: each layer's ``t0 + slope * work`` (:mod:`tf_balancer.graph.latency`)."""
+    if coster.latency is None:
+        raise ValueError("no latency table: build one with tf_balancer.graph.latency first")
+    t0, slope = coster.latency
+    pair, lin_in, lin_out, square, const = coster.work_rows()
+    return slope * pair, slope * lin_in, slope * lin_out, slope * square, t0 + slope * const
+
+
+COST_METRICS = {"flops": _flops_rows, "params": _params_rows, "latency": _latency_rows}
+"""Cost metric name -> ``PlanCoster -> (pair, in, out, square, const)`` per layer."""
 
 
 def measured_layer_flops(traced: TracedGraph) -> dict[str, int]:

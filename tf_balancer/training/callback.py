@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from tf_balancer._compat import ensure_keras2_model, ensure_keras_model, keras
 from tf_balancer.analysis import ModelAnalysis, analyze
-from tf_balancer.attention.balance import STRATEGIES, Bounds, KeepPlan, allocate
+from tf_balancer.attention.balance import METRICS, STRATEGIES, Bounds, KeepPlan, allocate
 from tf_balancer.attention.importance import (
     ProbeData,
     attention_weights,
@@ -105,7 +105,12 @@ class BalanceCallback(keras.callbacks.Callback):
 
     Args:
         target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
-        target_metric: ``"flops"`` or ``"params"``. Defaults to ``"flops"``.
+        target_metric: ``"flops"``, ``"params"`` or ``"latency"``: run time measured
+            layer by layer on this machine at batch 32 when training starts
+            (:mod:`tf_balancer.graph.latency`, cached on disk); with it, kept
+            counts default to multiples of the CPU's vector width
+            (``round_to="auto"``), the widths the table's timings hold for.
+            Defaults to ``"flops"``.
         mode: ``"structured"`` (channel masks, then compaction: real speed-ups) or
             ``"sparse"`` (tfmot weight pruning; smaller compressed files only; the
             model must be wrapped with ``tf_balancer.sparse.wrapping.wrap_for_pruning(...,
@@ -147,7 +152,7 @@ class BalanceCallback(keras.callbacks.Callback):
         max_prune_fraction: most of a group that may be pruned. Defaults to 0.9.
         round_to: keep counts are multiples of this; ``"auto"``: the CPU's float32
             vector width (16 with AVX-512, 8 with AVX2), which the compacted model's
-            convs run fastest at. Defaults to 1.
+            convs run fastest at. Defaults to 1 (``"auto"`` for ``target_metric="latency"``).
         power: exponent of the target ramp. Defaults to 3.
         verbose: 0 silent, 1 one line per rebalance. Defaults to 1.
 
@@ -179,7 +184,7 @@ class BalanceCallback(keras.callbacks.Callback):
         log_dir: str | None = None,
         min_keep: int = 4,
         max_prune_fraction: float = 0.9,
-        round_to: int | str = 1,
+        round_to: int | str | None = None,
         power: int = 3,
         verbose: int = 1,
     ):
@@ -187,8 +192,10 @@ class BalanceCallback(keras.callbacks.Callback):
         self._prepared_for = None
         if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0 or math.isnan(target):
             raise ConfigError(f"target must be in (0, 1], got {target!r}")
-        if target_metric not in ("flops", "params"):
-            raise ConfigError(f"target_metric must be 'flops' or 'params', got {target_metric!r}")
+        if target_metric not in METRICS:
+            raise ConfigError(f"target_metric must be one of {METRICS}, got {target_metric!r}")
+        if target_metric == "latency" and mode != "structured":
+            raise ConfigError("target_metric='latency' needs mode='structured' (removed channels)")
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
         if strategy not in STRATEGIES:
@@ -225,6 +232,8 @@ class BalanceCallback(keras.callbacks.Callback):
         self.finetune_epochs, self.finetune_data = finetune_epochs, finetune_data
         self.finetune_lr_scale = finetune_lr_scale
         self.log_dir = log_dir
+        if round_to is None:
+            round_to = "auto" if target_metric == "latency" else 1
         self.bounds = Bounds(min_keep, max_prune_fraction, round_to)
         self.power, self.verbose = power, verbose
         if verbose:

@@ -58,7 +58,8 @@ def prune(
         data: ``(x, y)`` training samples: importance is computed on all of them
             and fine-tuning trains on them. Defaults to None (only for
             ``importance="magnitude"``/``"bn_scale"`` and no fine-tuning).
-        target_metric: ``"flops"`` or ``"params"``. Defaults to ``"flops"``.
+        target_metric: ``"flops"``, ``"params"`` or ``"latency"`` (measured on this
+            machine, see :mod:`tf_balancer.graph.latency`). Defaults to ``"flops"``.
         importance: criterion name or ``{name: weight}``. Defaults to ``"taylor"``.
         strategy: ``"balanced"``, ``"uniform"`` or ``"global"``. Defaults to ``"balanced"``.
         bounds: per-group limits. Defaults to ``Bounds()``.
