@@ -15,6 +15,8 @@ Verdicts:
 * compaction: at the largest batch size, ``speedup >= 0.8 x dense_flops / compact_flops``;
 * rounded (``round_to="auto"``: kept counts multiples of the CPU's float32 vector
   width): ``speedup >= 0.9 x`` the FLOPs reduction at the largest batch, ``0.8 x`` at the others;
+* two more networks (MobileNetV2-0.35 at 96x96, ResNet50 at 64x64): the rounded
+  verdicts above, per network;
 * latency target: the plan made with ``target_metric="latency"`` (a latency table
   measured at batch 32) runs at ``--target`` of the dense time within 10%;
 * folding: ``speedup >= 0.97`` (folded not slower than dense, allowing 3% noise)
@@ -139,6 +141,7 @@ def run(
             _row(name, flops[name], flops["dense"], times[name], times["dense"]) for name in models
         ]
     results["latency_target"] = latency_target(repeats, target, width)
+    results["architectures"] = architectures(repeats, batch_sizes, target)
     results["verdicts"] = verdicts(results, max(batch_sizes))
     results["verdicts"]["latency_target"] = {
         "batch": results["latency_target"]["batch"],
@@ -162,14 +165,9 @@ def verdicts(results: dict[str, Any], large_batch: int) -> dict[str, dict[str, A
         }
     }
     for batch, batch_rows in results["batches"].items():
-        row = next(r for r in batch_rows if r["model"] == "rounded")
-        margin = ROUNDED_MARGIN_LARGE if int(batch) == large_batch else ROUNDED_MARGIN_ONE
-        out[f"rounded@{batch}"] = {
-            "batch": int(batch),
-            "speedup": row["speedup"],
-            "required": margin / row["flops_ratio"],
-            "pass": row["speedup"] >= margin / row["flops_ratio"],
-        }
+        out[f"rounded@{batch}"] = _rounded_verdict(
+            batch_rows, int(batch) == large_batch, int(batch)
+        )
     for batch, batch_rows in results["batches"].items():
         speedup = next(r["speedup"] for r in batch_rows if r["model"] == "folded")
         out[f"folding@{batch}"] = {
@@ -179,6 +177,58 @@ def verdicts(results: dict[str, Any], large_batch: int) -> dict[str, dict[str, A
             "pass": speedup >= FOLD_FLOOR,
         }
     return out
+
+
+ARCHITECTURES = {
+    "MobileNetV2-0.35 96x96": lambda k: k.applications.MobileNetV2(
+        alpha=0.35, input_shape=(96, 96, 3), weights=None, classifier_activation=None
+    ),
+    "ResNet50 64x64": lambda k: k.applications.ResNet50(
+        input_shape=(64, 64, 3), weights=None, classifier_activation=None
+    ),
+}
+
+
+def architectures(repeats: int, batch_sizes: Sequence[int], target: float) -> dict[str, Any]:
+    """Dense vs compact (ragged) vs rounded (``round_to="auto"``) on two more networks."""
+    from benchmarks.reference_cnn import compact_copy
+    from tf_balancer._compat import keras
+    from tf_balancer.analysis import analyze
+
+    out: dict[str, Any] = {}
+    for name, build in ARCHITECTURES.items():
+        keras.utils.set_random_seed(0)
+        dense = build(keras)
+        models = {
+            "dense": dense,
+            "compact": compact_copy(dense, target),
+            "rounded": compact_copy(dense, target, "auto"),
+        }
+        flops = {n: analyze(m).cost.flops for n, m in models.items()}
+        rows: dict[str, Any] = {}
+        for batch in batch_sizes:
+            times = time_interleaved(models, batch, repeats, seed=batch)
+            rows[str(batch)] = [
+                _row(n, flops[n], flops["dense"], times[n], times["dense"]) for n in models
+            ]
+        out[name] = {"batches": rows}
+        large = max(batch_sizes)
+        out[name]["verdicts"] = {
+            f"rounded@{batch}": _rounded_verdict(batch_rows, int(batch) == large, int(batch))
+            for batch, batch_rows in rows.items()
+        }
+    return out
+
+
+def _rounded_verdict(batch_rows: list[dict], large: bool, batch: int) -> dict[str, Any]:
+    row = next(r for r in batch_rows if r["model"] == "rounded")
+    margin = ROUNDED_MARGIN_LARGE if large else ROUNDED_MARGIN_ONE
+    return {
+        "batch": batch,
+        "speedup": row["speedup"],
+        "required": margin / row["flops_ratio"],
+        "pass": row["speedup"] >= margin / row["flops_ratio"],
+    }
 
 
 def latency_target(repeats: int, target: float, width: int) -> dict[str, Any]:
@@ -245,6 +295,19 @@ def report(results: dict[str, Any]) -> str:
             f"{lat['predicted']['latency']:.3f}, built in {lat['table_seconds']:.1f} s); the "
             f"FLOPs-targeted plan measures {lat['measured']['flops']:.3f}"
         )
+    for arch, res in results.get("architectures", {}).items():
+        for batch, rows in res["batches"].items():
+            for r in rows[1:]:
+                lines.append(
+                    f"{arch} batch {batch}: {r['model']} {r['flops_ratio']:.3f} FLOPs, "
+                    f"{r['median_ms']:.2f} ms, speedup {r['speedup']:.2f}"
+                )
+        for name, v in res["verdicts"].items():
+            verdict = "PASS" if v["pass"] else "FAIL"
+            lines.append(
+                f"verdict {arch} {name}: {verdict}: speedup {v['speedup']:.2f} at batch "
+                f"{v['batch']} {'>=' if v['pass'] else '<'} {v['required']:.2f} required"
+            )
     for name, v in results["verdicts"].items():
         verdict = "PASS" if v["pass"] else "FAIL"
         lines.append(

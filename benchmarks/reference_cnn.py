@@ -27,7 +27,7 @@ import numpy as np
 
 from tf_balancer._compat import keras
 
-__all__ = ["build_reference_cnn", "dense_and_compact", "dense_and_folded"]
+__all__ = ["build_reference_cnn", "dense_and_compact", "compact_copy", "dense_and_folded"]
 
 INPUT_SHAPE = (32, 32, 3)
 BLOCKS = 5
@@ -83,19 +83,25 @@ def dense_and_compact(
     Raises:
         tf_balancer.errors.PassError / VerificationError: the compaction failed.
     """
+    dense = build_reference_cnn(width, seed)
+    return dense, compact_copy(dense, target, round_to)
+
+
+def compact_copy(dense: keras.Model, target: float, round_to: int | str = 1) -> keras.Model:
+    """``dense`` with channels removed to ``target`` of its FLOPs: magnitude scores,
+    the balanced allocation, ``prune_channels`` verified against the masked model."""
     from tf_balancer.analysis import analyze
     from tf_balancer.attention.balance import Bounds, allocate
     from tf_balancer.attention.importance import group_scores
     from tf_balancer.optimizer import MetaOptimizer
     from tf_balancer.passes.base import PassContext
 
-    dense = build_reference_cnn(width, seed)
     analysis = analyze(dense)
     scores = group_scores(analysis.graph, None, "magnitude")
     plan = allocate(analysis, scores, target, bounds=Bounds(round_to=round_to))
     optimizer = MetaOptimizer(["prune_channels"], fail_on_error=True)
     compact, _ = optimizer.run(dense, PassContext(plan=plan))
-    return dense, compact
+    return compact
 
 
 def dense_and_folded(

@@ -6,6 +6,10 @@ carries them (BatchNorm, activations, depthwise convs, pooling) up to the input
 side of the consumers. Residual ``Add``-like merges join the groups of their
 inputs; ``Concatenate`` lays groups side by side (each at an offset); ``Flatten``
 repeats a group's channels once per spatial position for the following Dense.
+A recurrent layer's units are one group across its gates (a ``Bidirectional``
+output holds them once per direction); a ``MultiHeadAttention`` layer's heads
+are a group of their own (``LayerNode.inner_layout``), while the widths it reads
+and writes are not pruned.
 
 A group is **prunable** only if every layer touching it is understood, it does
 not reach a model output or come from a model input. Otherwise it carries the
