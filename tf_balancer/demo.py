@@ -82,9 +82,11 @@ def compile_classifier(model: keras.Model, learning_rate: float = 3e-3) -> keras
 def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     """Train the digits CNN with ``BalanceCallback`` to 50% FLOPs and export the result.
 
-    The callback runs on its defaults: Taylor importance streamed from the
+    The callback runs on its defaults - Taylor importance streamed from the
     training batches, the default schedule (the dense model trains one epoch,
-    pruning ramps to the target, the last quarter of the epochs recovers). The
+    pruning ramps to the target, the last quarter of the epochs recovers) -
+    except ``round_to="auto"``: kept channel counts are multiples of the CPU's
+    vector width, so the compacted model runs as fast as its FLOPs promise. The
     compacted model is fine-tuned for 2 epochs (best epoch kept), and ``output``
     receives the optimized SavedModel, report.json, report.png, report.md and the
     TensorBoard logs.
@@ -104,6 +106,7 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     schedule = default_schedule(epochs)
     callback = BalanceCallback(
         target=0.5,
+        round_to="auto",
         validation_data=(data.x_val, data.y_val),
         finetune_epochs=2,
         finetune_data=(data.x_train, data.y_train),
@@ -113,8 +116,9 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     print(f"[1/3] Training a small CNN on scikit-learn digits for {epochs} epochs;")
     print(
         f"      pruning ramps to 50% FLOPs over epochs {schedule[0] + 1}-{schedule[-1] + 1} "
-        "(balanced budgets, Taylor importance from the training gradients)."
+        "(balanced budgets, Taylor importance from the training gradients,"
     )
+    print("      channel counts rounded to the CPU's vector width so the result runs faster).")
     model.fit(
         data.x_train,
         data.y_train,
