@@ -289,9 +289,13 @@ class PlanCoster:
 
     def metric_per_layer(self, keep: Mapping[int, int] | None, metric: str) -> np.ndarray:
         """``metric`` of every layer under ``keep``."""
+        return self.evaluate(self.rows(metric), keep)
+
+    def evaluate(self, rows: tuple[np.ndarray, ...], keep: Mapping[int, int] | None) -> np.ndarray:
+        """Per layer, the quantity whose :meth:`rows` are ``rows``, under ``keep``."""
         k = self.keep_vector(keep)
         cin, cout = self.m_in @ k, self.m_out @ k
-        pair, lin_in, lin_out, square, const = self.rows(metric)
+        pair, lin_in, lin_out, square, const = rows
         return pair * cin * cout + lin_in * cin + lin_out * cout + square * cout**2 + const
 
     def per_layer(
@@ -351,16 +355,9 @@ class PlanCoster:
         """What a layer's run time grows with, as :meth:`rows`: its FLOPs, or for a
         layer without FLOPs (ReLU, pooling by the profiler's count, reshapes) the
         elements it writes."""
-        flops = self.rows("flops")
-        has_flops = np.any(np.stack(flops) != 0, axis=0)
-        elements = self.elements * (self.m_act.sum(1) > 0)
-        zero = np.zeros_like(elements)
-        out = np.where(has_flops, flops[2], elements)
-        return tuple(np.where(has_flops, r, zero) for r in flops[:2]) + (
-            out,
-            np.where(has_flops, flops[3], zero),
-            np.where(has_flops, flops[4], zero),
-        )
+        pair, lin_in, lin_out, square, const = self.rows("flops")
+        has_flops = np.any(np.stack([pair, lin_in, lin_out, square, const]) != 0, axis=0)
+        return pair, lin_in, np.where(has_flops, lin_out, self.elements), square, const
 
 
 def _flops_rows(coster: PlanCoster) -> tuple[np.ndarray, ...]:

@@ -63,7 +63,8 @@ def measure_latency(analysis: Any, batch_size: int = BATCH_SIZE) -> tuple[np.nda
     coster = analysis.coster
     graph = analysis.graph
     half = {g.id: max(1, g.size // 2) for g in graph.prunable_groups}
-    work = _work(coster, None), _work(coster, half)
+    rows = coster.work_rows()
+    work = coster.evaluate(rows, None), coster.evaluate(rows, half)
     cache = _load_cache()
     t0, slope = np.zeros(len(coster.names)), np.zeros(len(coster.names))
     for row, name in enumerate(coster.names):
@@ -74,13 +75,6 @@ def measure_latency(analysis: Any, batch_size: int = BATCH_SIZE) -> tuple[np.nda
     _save_cache(cache)
     coster.latency = (t0, slope)
     return t0, slope
-
-
-def _work(coster: Any, keep: dict[int, int] | None) -> np.ndarray:
-    k = coster.keep_vector(keep)
-    cin, cout = coster.m_in @ k, coster.m_out @ k
-    pair, lin_in, lin_out, square, const = coster.work_rows()
-    return pair * cin * cout + lin_in * cin + lin_out * cout + square * cout**2 + const
 
 
 def _fit(full: float, small: float | None, w_full: float, w_small: float) -> tuple[float, float]:
