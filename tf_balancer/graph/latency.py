@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import adapter_for
-from tf_balancer.graph.layer_specs import resized_config, spec_for
+from tf_balancer.graph.layer_specs import plan_overrides
 from tf_balancer.graph.walk import clone_layer
 
 __all__ = ["measure_latency", "cache_path"]
@@ -123,13 +123,8 @@ def _overrides(node: Any, keep: dict[int, int] | None) -> dict[str, Any]:
     if keep is None or node.channel_layout is None:
         return {}
     own = node.channel_layout.segments[0]
-    if node.role in ("producer", "attention"):
-        return resized_config(node.layer, keep.get(own.group, own.size))
-    if node.class_name == "Reshape" and spec_for(node.layer).role == "passthrough":
-        return resized_config(
-            node.layer, _channels_under(node.output_shape, node.out_layout, keep)[-1]
-        )
-    return {}
+    out = _channels_under(node.output_shape, node.out_layout, keep)[-1]
+    return plan_overrides(node.layer, node.role, keep.get(own.group, own.size), out)
 
 
 def _key(node: Any, shapes: list[tuple], overrides: dict, batch: int) -> str:

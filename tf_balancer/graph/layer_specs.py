@@ -53,6 +53,7 @@ __all__ = [
     "per_channel",
     "width_of",
     "resized_config",
+    "plan_overrides",
 ]
 
 
@@ -248,11 +249,9 @@ def why_opaque(layer: Any, rank: int | None = None) -> str:
     if name in _CROSS_CHANNEL:
         return f"which {_CROSS_CHANNEL[name]}"
     reason = opaque_reason(layer, rank) if name in _SPECS else None
-    return (
-        f"which tf_balancer cannot prune through: {reason}"
-        if reason
-        else ("which tf_balancer does not understand")
-    )
+    if reason:
+        return f"which tf_balancer cannot prune through: {reason}"
+    return "which tf_balancer does not understand"
 
 
 def keeps_channel_axis(layer: Any) -> bool:
@@ -396,6 +395,18 @@ def width_of(layer: Any) -> int | None:
         return width_of(next(iter(wrapped.values())))
     key = (_SPECS.get(type(layer).__name__) or LayerSpec("opaque")).width_key
     return int(layer.get_config()[key]) if key else None
+
+
+def plan_overrides(layer: Any, role: str, own: int, out: int) -> dict[str, Any]:
+    """Config overrides of a layer call of ``role`` left with ``own`` channels of its
+    own (output channels, units, heads) and ``out`` output channels: producers and
+    attention are resized, a channel-keeping ``Reshape`` gets the new last axis,
+    everything else keeps its config."""
+    if role in ("producer", "attention"):
+        return resized_config(layer, own)
+    if role == "passthrough" and type(layer).__name__ == "Reshape":
+        return resized_config(layer, out)
+    return {}
 
 
 def resized_config(layer: Any, width: int) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from tf_balancer.graph.layer_graph import LayerGraph, Layout
 from tf_balancer.graph.layer_specs import (
     axis_index,
     per_channel,
-    resized_config,
+    plan_overrides,
     spec_for,
     weights_on,
 )
@@ -99,12 +99,7 @@ def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, An
         for axis, index in by_var.get(id(weight), ()):
             array = np.take(array, index, axis=axis)
         arrays.append(array)
-    overrides = {}
-    if spec.role in ("producer", "attention"):
-        overrides = resized_config(layer, len(keep_own))
-    elif type(layer).__name__ == "Reshape":  # keeps the channel axis (layer_specs)
-        overrides = resized_config(layer, len(keep_out))
-    return arrays, overrides
+    return arrays, plan_overrides(layer, spec.role, len(keep_own), len(keep_out))
 
 
 def _own_kept(node: Any, plan: Any) -> np.ndarray:
