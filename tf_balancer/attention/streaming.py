@@ -104,11 +104,13 @@ class GradientStream:
         for grad, var in pairs:
             if isinstance(grad, tf.IndexedSlices):
                 continue
-            for index in self._by_variable.get(_key(var), ()):
-                name, weight, axis = self.owners[index]
-                product = tf.cast(tf.convert_to_tensor(weight), tf.float32) * tf.cast(
-                    grad, tf.float32
-                )
+            owners = self._by_variable.get(_key(var), ())
+            if not owners:
+                continue
+            weight = self.owners[owners[0]][1]  # one product per variable, however many axes
+            product = tf.cast(tf.convert_to_tensor(weight), tf.float32) * tf.cast(grad, tf.float32)
+            for index in owners:
+                name, _, axis = self.owners[index]
                 contribution = _sum_except(product, axis.axis) * inverse
                 if axis.blocks > 1:
                     contribution = tf.reduce_sum(tf.reshape(contribution, (axis.blocks, -1)), 0)
