@@ -54,6 +54,7 @@ from tf_balancer.export.signatures import (
     source_endpoints,
     verify_signatures,
 )
+from tf_balancer.export.tflite import check_options as check_tflite_options
 from tf_balancer.export.writers import atomic_directory
 from tf_balancer.graph.trace import load_saved_model
 from tf_balancer.report import directory_size, write_json
@@ -141,17 +142,6 @@ def _require_calibration(config: OptimizeConfig, calibration: Any) -> None:
         )
 
 
-def _check_tflite(tflite: bool, quantize: str | None, calibration: Any) -> None:
-    from tf_balancer.export.tflite import QUANTIZE_MODES
-
-    if quantize is not None and not tflite:
-        raise ConfigError("quantize applies to the TFLite model: pass tflite=True (CLI: --tflite)")
-    if quantize not in QUANTIZE_MODES:
-        raise ConfigError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
-    if quantize == "int8" and calibration is None:
-        raise ConfigError(f"quantize='int8' needs calibration inputs; {_CALIBRATION_HINT}")
-
-
 def _export_tflite(
     source: Any, saved_model: str, quantize: str | None, calibration: Any
 ) -> dict[str, Any]:
@@ -174,7 +164,7 @@ def _export_tflite(
         calibration=x,
         validation_data=None if x is None else (x, y),
     )
-    return {**result.to_dict(), "path": "model.tflite"}
+    return result.report_entry()
 
 
 # --------------------------------------------------------------------------- plain
@@ -249,7 +239,7 @@ def optimize_saved_model(
     config = _resolve_config(config)
     calibration = _calibration(calibration_data)
     _require_calibration(config, calibration)
-    _check_tflite(tflite, quantize, calibration)
+    check_tflite_options(tflite, quantize, calibration is not None)
     loaded = load_saved_model(src)  # keep alive: its signatures read its variables
     signatures = dict(loaded.signatures)
     if not signatures:

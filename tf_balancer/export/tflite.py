@@ -38,7 +38,14 @@ import tensorflow as tf
 from tf_balancer._compat import adapter_for, is_keras3_object, is_keras_model
 from tf_balancer.errors import ConfigError, ExportError, VerificationError
 
-__all__ = ["TFLiteResult", "export_tflite", "QUANTIZE_MODES", "FLOAT_ATOL", "ACCURACY_POINTS"]
+__all__ = [
+    "TFLiteResult",
+    "export_tflite",
+    "check_options",
+    "QUANTIZE_MODES",
+    "FLOAT_ATOL",
+    "ACCURACY_POINTS",
+]
 
 QUANTIZE_MODES = (None, "dynamic", "int8")
 FLOAT_ATOL = 1e-4
@@ -73,6 +80,28 @@ class TFLiteResult:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def report_entry(self) -> dict[str, Any]:
+        """:meth:`to_dict` with the file named relative to the export directory."""
+        return {**self.to_dict(), "path": os.path.basename(self.path)}
+
+
+def check_options(tflite: bool, quantize: str | None, has_calibration: bool) -> None:
+    """Refuse TFLite options that cannot work, before any work is done.
+
+    Raises:
+        ConfigError: ``quantize`` without ``tflite``, an unknown ``quantize``, or
+            ``"int8"`` without calibration inputs.
+    """
+    if quantize is not None and not tflite:
+        raise ConfigError("quantize applies to the TFLite model: pass tflite=True (CLI: --tflite)")
+    if quantize not in QUANTIZE_MODES:
+        raise ConfigError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
+    if quantize == "int8" and not has_calibration:
+        raise ConfigError(
+            "quantize='int8' needs calibration inputs to set the activation ranges; pass "
+            "calibration=x_train[:200] (CLI: --calibration data.npz), or use quantize='dynamic'"
+        )
 
 
 def export_tflite(
@@ -113,14 +142,8 @@ def export_tflite(
         VerificationError: the converted model is outside tolerance (nothing written).
     """
     path = os.path.abspath(os.fspath(path))
-    if quantize not in QUANTIZE_MODES:
-        raise ConfigError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}")
     calib_x, calib_y = _split(calibration)
-    if quantize == "int8" and calib_x is None:
-        raise ConfigError(
-            "quantize='int8' needs calibration inputs to set the activation ranges; pass "
-            "calibration=x_train[:200] (CLI: --calibration data.npz), or use quantize='dynamic'"
-        )
+    check_options(True, quantize, calib_x is not None)
     check_x, check_y = _split(validation_data)
     if check_x is None:
         check_x, check_y = calib_x, calib_y

@@ -111,7 +111,7 @@ def export_result(
             result = export_tflite(
                 os.path.join(tmp, "saved_model"), os.path.join(tmp, "model.tflite"), **tflite
             )
-            report = {**report, "tflite": {**result.to_dict(), "path": "model.tflite"}}
+            report = {**report, "tflite": result.report_entry()}
         write_json(os.path.join(tmp, "report.json"), report)
         write_report_png(os.path.join(tmp, "report.png"), report.get("layers", []), "tf_balancer")
         layers = markdown_table(

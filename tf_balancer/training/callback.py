@@ -598,15 +598,16 @@ class BalanceCallback(keras.callbacks.Callback):
             raise ConfigError(
                 "nothing to export yet: call model.fit(..., callbacks=[callback]) first"
             )
-        if quantize is not None and not tflite:
-            raise ConfigError("quantize applies to the TFLite model: pass tflite=True as well")
+        from tf_balancer.export.tflite import check_options
         from tf_balancer.export.writers import export_result
 
+        calibration = self._calibration_inputs() if tflite else None
+        check_options(tflite, quantize, calibration is not None)
         options = None
         if tflite:
             options = {
                 "quantize": quantize,
-                "calibration": self._calibration_inputs(),
+                "calibration": calibration,
                 "validation_data": self.validation_data,
             }
         return export_result(path, self.optimized_model, self.report, overwrite, options)
