@@ -24,6 +24,7 @@ from tf_balancer.metrics import macro_scores, task_metrics
 
 __all__ = [
     "measure_latency",
+    "inference_fn",
     "saved_model_size",
     "classification_scores",
     "regression_scores",
@@ -40,7 +41,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _inference_fn(model: Any) -> Callable[[Any], Any]:
+def inference_fn(model: Any) -> Callable[[Any], Any]:
+    """A Keras model as a ``tf.function`` in inference mode; anything else as it is."""
     if hasattr(model, "inputs") and hasattr(model, "layers"):
         return tf.function(lambda x: model(x, training=False))
     return model
@@ -49,8 +51,9 @@ def _inference_fn(model: Any) -> Callable[[Any], Any]:
 def measure_latency(
     model: Any, input_shape: Sequence[int], batch_size: int, repeats: int = 20
 ) -> float:
-    """Median wall time (ms) of one inference call at ``batch_size``."""
-    fn = _inference_fn(model)
+    """Median wall time (ms) of one inference call at ``batch_size`` (``model``: a Keras
+    model, or a callable such as :func:`inference_fn`'s, reused without retracing)."""
+    fn = inference_fn(model)
     x = tf.random.stateless_uniform([batch_size, *input_shape[1:]], seed=(0, 0))
     for _ in range(3):
         fn(x)  # trace and warm up

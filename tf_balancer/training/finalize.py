@@ -271,14 +271,15 @@ class Finalizer:
         """Optimized / dense latency at the latency table's batch size, the two models
         timed alternately (None without a dense model)."""
         from tf_balancer.graph.latency import BATCH_SIZE
-        from tf_balancer.report import measure_latency
+        from tf_balancer.report import inference_fn, measure_latency
 
-        dense = self.inputs.dense_model
-        if dense is None:
+        if self.inputs.dense_model is None:
             return None
         shape = model.input_shape
+        optimized, dense = inference_fn(model), inference_fn(self.inputs.dense_model)  # traced once
         ratios = [
-            measure_latency(model, shape, BATCH_SIZE) / measure_latency(dense, shape, BATCH_SIZE)
+            measure_latency(optimized, shape, BATCH_SIZE)
+            / measure_latency(dense, shape, BATCH_SIZE)
             for _ in range(3)
         ]
         return float(np.median(ratios))
