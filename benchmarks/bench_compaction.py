@@ -54,22 +54,18 @@ ROUNDED_MARGIN_LARGE, ROUNDED_MARGIN_ONE = 0.9, 0.8
 WARMUP = 3
 
 
-def _inference_fn(model: Any) -> Any:
-    import tensorflow as tf
-
-    return tf.function(lambda x: model(x, training=False))
-
-
 def time_interleaved(
     models: dict[str, Any], batch_size: int, repeats: int, seed: int = 0
 ) -> dict[str, list[float]]:
     """Seconds per call of each model, rounds interleaved in shuffled order."""
     import tensorflow as tf
 
+    from tf_balancer.report import inference_fn
+
     rng = np.random.default_rng(seed)
     shape = (batch_size, *models[next(iter(models))].inputs[0].shape[1:])
     x = tf.constant(rng.random(shape, dtype=np.float32))
-    fns = {name: _inference_fn(model) for name, model in models.items()}
+    fns = {name: inference_fn(model) for name, model in models.items()}
     for fn in fns.values():
         for _ in range(WARMUP):
             fn(x).numpy()
