@@ -136,10 +136,12 @@ def _sum_except(array: np.ndarray, axis: int) -> np.ndarray:
 @register_importance("magnitude")
 def magnitude(graph: LayerGraph, probe: ProbeData | None, p: int = 1) -> dict[str, np.ndarray]:
     """L1 (``p=1``) or L2 norm of each output channel's weights."""
-    return {
-        name: _out_axis_reduce(node, lambda w, ax: _sum_except(np.abs(w) ** p, ax)) ** (1 / p)
-        for name, node in _producers(graph)
-    }
+    return {name: _norm(node, p) for name, node in _producers(graph)}
+
+
+def _norm(node, p: int = 1) -> np.ndarray:
+    """Lp norm of each of the node's own channels' weights."""
+    return _out_axis_reduce(node, lambda w, ax: _sum_except(np.abs(w) ** p, ax)) ** (1 / p)
 
 
 @register_importance("bn_scale")
@@ -363,7 +365,7 @@ def _with_heads(graph: LayerGraph, scores: dict[str, np.ndarray]) -> dict[str, n
         return scores
     mean = float(np.mean(np.concatenate(list(scores.values())))) if scores else 1.0
     for name, node in heads.items():
-        size = _out_axis_reduce(node, lambda w, ax: _sum_except(np.abs(w), ax))
+        size = _norm(node)
         scores[name] = size / (float(np.mean(size)) or 1.0) * mean
     return scores
 
