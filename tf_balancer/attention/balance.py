@@ -387,9 +387,10 @@ def _unreachable_message(analysis, lows, cost, full, target, metric, bounds) -> 
         f"group {g} ({'/'.join(analysis.graph.groups[g].nodes('producer'))}, {lows[g]} channels)"
         for g in worst
     )
+    rounding = f", lower round_to (now {bounds.round_to})" if bounds.round_to > 1 else ""
     return (
         f"target {target:g} of {metric} is unreachable: with every prunable group at its lower "
         f"bound the model keeps {reached:.3f}. Held back most by: {names}. Relax min_keep "
-        f"(now {bounds.min_keep}) or raise max_prune_fraction (now {bounds.max_prune_fraction}), "
-        f"or ask for a target >= {reached:.3f}."
+        f"(now {bounds.min_keep}){rounding} or raise max_prune_fraction (now "
+        f"{bounds.max_prune_fraction}), or ask for a target >= {reached:.3f}."
     )
