@@ -351,6 +351,26 @@ def test_restored_state_reapplies_masks_at_next_epoch(tmp_path):
     assert logs["balancer/flops_ratio"] <= 0.5 + 0.02
 
 
+def test_streamed_taylor_sums_are_saved_and_restored_with_the_model(tmp_path):
+    """A restart mid-window (BackupAndRestore) rebalances on the same gradient sums."""
+    trained = _start(BalanceCallback(verbose=0), _model(), epochs=4)
+    sums = {
+        name: np.arange(len(v), dtype=np.float32) + 1 for name, v in trained.stream.scores().items()
+    }
+    trained.stream.load(sums)
+    trained.stream.steps.assign(7)
+    path = tf.train.Checkpoint(model=trained.model).save(str(tmp_path / "ckpt"))
+
+    resumed = _start(BalanceCallback(verbose=0), _model(), epochs=4)
+    assert resumed.stream.batches == 0
+    tf.train.Checkpoint(model=resumed.model).restore(path).expect_partial()
+    assert resumed.stream.batches == 7
+    restored = resumed.stream.scores()
+    assert restored.keys() == sums.keys()
+    for name, value in sums.items():
+        np.testing.assert_array_equal(restored[name], value)
+
+
 def test_export_before_training_raises_config_error(tmp_path):
     callback = BalanceCallback()
     with pytest.raises(ConfigError, match="fit"):

@@ -80,6 +80,7 @@ class GradientStream:
             for name in sizes
         }
         self.steps = tf.Variable(0, dtype=tf.int64, name="taylor_steps", **accumulate)
+        self.checkpoint = tf.train.Checkpoint(scores=dict(self.scores_var), steps=self.steps)
 
     def update(self, grads_and_vars: Iterable[tuple[Any, Any]], scale: Any = 1.0) -> None:
         """Add one batch: ``|sum over a channel's weights of w * g|`` per channel.

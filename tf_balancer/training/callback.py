@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from tf_balancer.attention.streaming import GradientStream
 from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.metrics import output_task_metrics
 from tf_balancer.report import log_layer_summaries, task_scores
+from tf_balancer.training.cluster import Cluster
+from tf_balancer.training.cluster import supports as cluster_supports
 from tf_balancer.training.data_checks import check_callback_data
 from tf_balancer.training.finalize import FinalizeInputs, Finalizer
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
@@ -259,6 +262,8 @@ class BalanceCallback(keras.callbacks.Callback):
         self._attention: dict[int, float] = {}
         self._head_attention: dict[int, list[float]] = {}
         self._writer = None
+        self._log_dir_written: str | None = None
+        self.cluster: Cluster | None = None
         self._step_callback = None  # tfmot's UpdatePruningStep duties in sparse mode
         self._finished = False
 
@@ -299,6 +304,9 @@ class BalanceCallback(keras.callbacks.Callback):
             raise BalanceError("the model has no prunable channel group; see `tf-balancer inspect`")
         sizes = {g.id: g.size for g in groups}
         self.state = BalanceState(sizes, max_rebalances=1024)
+        if self._streams():
+            self.stream = GradientStream(self.analysis.graph)
+            self.state.track("stream", self.stream.checkpoint)  # resumed with the masks
         self.state.attach(model)
         if self.mode == "structured":
             self.applier = MaskApplier(self.analysis.graph)
@@ -325,6 +333,10 @@ class BalanceCallback(keras.callbacks.Callback):
             )
         check_callback_data(self.model, self.probe, self.validation_data, self.finetune_data)
 
+    def _streams(self) -> bool:
+        """Taylor importance from the training batches (no probe data given)."""
+        return "taylor" in self._criteria() and self.probe is None
+
     def _criteria(self) -> list[str]:
         return [self.importance] if isinstance(self.importance, str) else list(self.importance)
 
@@ -332,17 +344,17 @@ class BalanceCallback(keras.callbacks.Callback):
         if self._finished:  # the instance is reused for another fit
             self._start_over(self.model)
         self._check_ready()
+        self.cluster = Cluster.current()
         epochs = int(self.params.get("epochs", 1)) if self.params else 1
         self.schedule = default_schedule(
             epochs, self.begin_epoch, self.end_epoch, self.every_n_epochs
         )
-        streams = "taylor" in self._criteria() and self.probe is None
-        self.stream = GradientStream(self.analysis.graph) if streams else None
         in_step = self.applier.apply_in_step if self._masks_in_step() else None
         self.hooks = FitHooks(self.model, self.stream, output_task_metrics(self.model), in_step)
         self.hooks.install()
-        if self.log_dir:
-            self._writer = tf.summary.create_file_writer(self.log_dir)
+        if self.log_dir:  # other workers than the chief write a temporary copy
+            self._log_dir_written = self.cluster.write_dir(self.log_dir)
+            self._writer = tf.summary.create_file_writer(self._log_dir_written)
         if self._step_callback is not None:
             self._step_callback.set_params(self.params)
             self._step_callback.on_train_begin(logs)
@@ -391,13 +403,15 @@ class BalanceCallback(keras.callbacks.Callback):
             self.dense_snapshot = clone_flat(self.analysis.graph.walk)[0]
             self.dense_epoch = epoch
         target = self.target_at(epoch)
-        scores = group_scores(self.analysis.graph, *self._signals())
+        scores = self.cluster.mean_scores(group_scores(self.analysis.graph, *self._signals()))
         self._attention = attention_weights(scores)
         self._head_attention = head_attention(self.analysis.graph, scores)
         if self.mode == "structured":
             plan = allocate(
                 self.analysis, scores, target, self.target_metric, self.strategy, self.bounds
             )
+            if self.cluster.multi_worker:  # the chief's plan, bit for bit, on every worker
+                plan = KeepPlan(self.cluster.chief_keep(plan.keep, self._sizes()), self._sizes())
             self.applier.set_plan(plan)
             self.applier.apply()
             keep = plan.keep
@@ -433,18 +447,17 @@ class BalanceCallback(keras.callbacks.Callback):
         return None, weights
 
     def _masks_in_step(self) -> bool:
-        """Masks are applied inside the train step (structured mode, no distribution
-        strategy); under a strategy, after each batch."""
-        return (
-            self.mode == "structured"
-            and self.applier is not None
-            and not tf.distribute.has_strategy()
-        )
+        """Masks are applied inside the train step (structured mode)."""
+        return self.mode == "structured" and self.applier is not None
 
     def _implements_train_batch_hooks(self) -> bool:
         # Keras syncs the logs to Python after every batch for callbacks with batch
-        # hooks; with in-step masks and no tfmot step counter there is nothing to do.
-        return self.mode == "sparse" or tf.distribute.has_strategy()
+        # hooks; with in-step masks only tfmot's step counter (sparse mode) needs them.
+        # Keras refuses batch hooks under parameter servers with a generic message:
+        # on_train_begin refuses them saying what is supported.
+        if tf.distribute.has_strategy() and not cluster_supports(tf.distribute.get_strategy()):
+            return False
+        return self.mode == "sparse"
 
     def _check_loss(self, logs: Any) -> bool:
         """False (and stop rebalancing, once) when the loss is NaN/inf."""
@@ -522,6 +535,7 @@ class BalanceCallback(keras.callbacks.Callback):
             self.hooks.remove()
         if self._writer is not None:
             self._writer.close()
+            self.cluster.remove_temp(self._log_dir_written, self.log_dir)
         if self._diverged:
             logger.warning("training diverged; skipping compaction and the report")
             return
@@ -610,7 +624,15 @@ class BalanceCallback(keras.callbacks.Callback):
                 "calibration": calibration,
                 "validation_data": self.validation_data,
             }
-        return export_result(path, self.optimized_model, self.report, overwrite, options)
+        # Every worker exports (any collective op inside stays matched); only the
+        # chief's copy is kept.
+        written = self.cluster.write_path(path) if self.cluster is not None else path
+        try:
+            export_result(written, self.optimized_model, self.report, overwrite, options)
+        finally:
+            if self.cluster is not None:
+                self.cluster.remove_temp(written, path)
+        return os.path.abspath(path)
 
     def _calibration_inputs(self) -> Any:
         """Inputs to calibrate int8 activations on: fine-tuning, probe or validation data."""

@@ -11,7 +11,10 @@ wraps both *on the instances*, for the duration of one ``fit``, so that
 * task metrics (macro recall and F1 for classifiers) are updated on the batches
   ``fit`` already runs; Keras then logs them as ``macro_recall`` and, on
   ``validation_data``/``validation_split``, ``val_macro_recall`` — in History,
-  CSVLogger and TensorBoard like any compiled metric.
+  CSVLogger and TensorBoard like any compiled metric. ``Model.get_metrics_result``
+  is wrapped too: Keras takes an epoch's logs from it (the metrics' own, correctly
+  aggregated values; under a multi-worker strategy the step's values are summed
+  over the workers) only when its keys are the step's keys.
 
 No extra forward or backward pass runs, and nothing is recompiled: the train and
 test functions are re-traced (``make_train_function(force=True)``) so the wrappers
@@ -90,6 +93,16 @@ class FitHooks:
             return self._update(results, y, y_pred, sample_weight)
 
         self.model.compute_metrics = compute_metrics
+        original_results = self.model.get_metrics_result
+
+        def get_metrics_result():
+            # Keras reads the epoch's logs from here when its keys match the step's
+            # (under multi-worker strategies the step's values are summed over workers).
+            results = dict(original_results())
+            results.update({metric.name: metric.result() for metric in self.metrics})
+            return results
+
+        self.model.get_metrics_result = get_metrics_result
         self.installed = True
         _retrace(self.model)
 
@@ -116,6 +129,7 @@ class FitHooks:
         if self._optimizer is not None:
             self._optimizer.__dict__.pop("apply_gradients", None)
         self.model.__dict__.pop("compute_metrics", None)
+        self.model.__dict__.pop("get_metrics_result", None)
         self.installed = False
         _retrace(self.model)
 

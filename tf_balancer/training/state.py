@@ -53,6 +53,10 @@ class BalanceState:
             attention=self.attention,
         )
 
+    def track(self, name: str, trackable: Any) -> None:
+        """Save and restore ``trackable`` (e.g. the streamed Taylor sums) with the state."""
+        setattr(self.checkpoint, name, trackable)
+
     def attach(self, model: Any) -> None:
         setattr(model, STATE_ATTRIBUTE, self.checkpoint)
 
@@ -88,8 +92,8 @@ class MaskApplier:
     """Multiplies masked weights by their masks after each update (one traced function).
 
     During ``fit`` the multiply runs inside the train step itself (see
-    :class:`~tf_balancer.training.hooks.FitHooks`); under a ``tf.distribute``
-    strategy it runs after each batch instead.
+    :class:`~tf_balancer.training.hooks.FitHooks`), under a ``tf.distribute``
+    strategy too.
     """
 
     def __init__(self, graph: LayerGraph):
@@ -129,6 +133,24 @@ class MaskApplier:
         """Mask the weights inside the traced train step, right after the update.
 
         Unconditional (the masks are all ones before the first rebalance), since a
-        Python flag would be frozen into the trace.
+        Python flag would be frozen into the trace. Under a ``tf.distribute``
+        strategy the step runs per replica, and mirrored weights are updated the
+        way the optimizer updates them: once, from cross-replica context
+        (``merge_call``), on every device.
         """
-        self._apply_masks()
+        if not tf.distribute.has_strategy():
+            self._apply_masks()
+            return
+        tf.distribute.get_replica_context().merge_call(self._apply_mirrored)
+
+    def _apply_mirrored(self, strategy: Any) -> None:
+        for weight, mask in zip(self.weights, self.masks, strict=True):
+            strategy.extended.update(
+                _distributed(weight), lambda w, m: w.assign(w * m), args=(mask,), group=False
+            )
+
+
+def _distributed(weight: Any) -> Any:
+    """The ``tf.Variable`` behind a weight (a Keras 3 variable wraps one)."""
+    value = getattr(weight, "value", None)
+    return value if isinstance(value, tf.Variable) else weight
