@@ -106,6 +106,12 @@ class BalanceCallback(keras.callbacks.Callback):
     ``validation_split`` puts ``val_macro_recall`` and ``val_macro_f1`` in
     History every epoch.
 
+    Under ``MirroredStrategy`` or ``MultiWorkerMirroredStrategy`` every worker
+    rebalances on the scores averaged over all replicas and applies the chief's
+    plan; only the chief keeps exports and TensorBoard files
+    (:mod:`tf_balancer.training.cluster`). With ``BackupAndRestore`` a restarted
+    job resumes with the same masks, schedule and gradient sums.
+
     Args:
         target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
         target_metric: ``"flops"``, ``"params"`` or ``"latency"``: run time measured
@@ -163,7 +169,8 @@ class BalanceCallback(keras.callbacks.Callback):
         ConfigError: invalid arguments (at construction), missing probe or
             validation data, or probe, validation or fine-tuning data that does
             not fit the model's inputs and outputs (at ``on_train_begin``; see
-            :mod:`tf_balancer.training.data_checks`).
+            :mod:`tf_balancer.training.data_checks`); a parameter-server strategy
+            (at ``on_train_begin``).
         UnsupportedModelError: subclassed models, or Keras 3 models in sparse mode
             (at ``on_train_begin``).
     """
