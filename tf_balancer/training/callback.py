@@ -538,6 +538,8 @@ class BalanceCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------ train end
     def on_train_end(self, logs=None) -> None:
         self._finished = True
+        if self.state is not None:  # the sums served resuming; a saved model needs none
+            self.state.untrack("stream")
         if self.hooks is not None:
             self.hooks.remove()
         if self._writer is not None:

@@ -57,6 +57,11 @@ class BalanceState:
         """Save and restore ``trackable`` (e.g. the streamed Taylor sums) with the state."""
         setattr(self.checkpoint, name, trackable)
 
+    def untrack(self, name: str) -> None:
+        """Stop saving ``name`` with the state (e.g. once training is over)."""
+        if hasattr(self.checkpoint, name):
+            delattr(self.checkpoint, name)
+
     def attach(self, model: Any) -> None:
         setattr(model, STATE_ATTRIBUTE, self.checkpoint)
 
