@@ -190,7 +190,7 @@ def _reference_fn(model: Any) -> tuple[Callable[[np.ndarray], np.ndarray], tuple
 
     def run(x: np.ndarray) -> np.ndarray:
         outputs = signature(**{key: tf.constant(x, spec.dtype)})
-        return np.asarray(next(iter(outputs.values())), np.float32)
+        return np.asarray(outputs[min(outputs)], np.float32)  # the interpreter's pick too
 
     return run, tuple(spec.shape)
 
@@ -256,8 +256,19 @@ def _interpret(flatbuffer: bytes, x: np.ndarray, chunk: int = 64) -> np.ndarray:
         interpreter = _interpreter(flatbuffer, len(batch))
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch)
         interpreter.invoke()
-        outputs.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"]))
+        outputs.append(interpreter.get_tensor(_first_output(interpreter)))
     return np.concatenate(outputs).astype(np.float32)
+
+
+def _first_output(interpreter: Any) -> int:
+    """The tensor index of the signature output with the first name (the name the
+    reference reads): the flatbuffer's output order need not follow the signature's."""
+    signatures = interpreter.get_signature_list()
+    if not signatures:
+        return interpreter.get_output_details()[0]["index"]
+    key = "serving_default" if "serving_default" in signatures else min(signatures)
+    details = interpreter.get_signature_runner(key).get_output_details()
+    return details[min(details)]["index"]
 
 
 def _verify(
