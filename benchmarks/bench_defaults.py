@@ -90,7 +90,8 @@ def overhead(repeats: int) -> list[str]:
         f"{'PASS' if ratio <= 1.15 else 'FAIL'}: fit loop (6 epochs, median of {repeats}) with "
         f"BalanceCallback() {np.median(loops['callback']):.2f}s / without "
         f"{np.median(loops['none']):.2f}s = {ratio:.3f} (target <= 1.15); end-of-training "
-        f"compaction + report {np.median(end_work):.2f}s, once per fit"
+        f"compaction + report {np.median(end_work):.2f}s, once per fit; runs (s): "
+        + "; ".join(f"{k} {np.round(v, 2).tolist()}" for k, v in loops.items())
     ]
 
 

@@ -180,6 +180,15 @@ class KerasAdapter:
             return 1.0
         return optimizer.scale_loss(1.0)
 
+    @property
+    def epoch_logs_method(self) -> str:
+        """The ``Model`` method ``fit`` and ``evaluate`` turn the last step's logs into
+        an epoch's (or an evaluation's) logs with: the metrics' own results when their
+        names are the step's keys, else the step's logs. Private in both Kerases."""
+        if self.version == 2:
+            return "_validate_and_get_metrics_result"
+        return "_get_metrics_result_or_logs"
+
     # --------------------------------------------------------------- building
     def input(self, shape: Sequence[Any], dtype: Any, name: str) -> Any:
         return self.keras.Input(batch_shape=tuple(shape), dtype=dtype, name=name)

@@ -138,13 +138,14 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
             if weights.shape.rank is not None and weights.shape.rank == rank + 1:
                 weights = tf.squeeze(weights, axis=-1)
             weights = tf.reshape(tf.broadcast_to(weights, tf.shape(predicted)), [-1])
-        batch = tf.math.confusion_matrix(
-            labels,
-            tf.reshape(predicted, [-1]),
-            num_classes=self.num_classes,
-            weights=weights,
-            dtype=tf.float64,
-        )
+        # One segment sum over the flat (true, predicted) cell index: what
+        # tf.math.confusion_matrix computes, without its asserts (cheap to trace in
+        # every train step; Keras' losses already reject out-of-range labels).
+        cells = labels * self.num_classes + tf.reshape(predicted, [-1])
+        if weights is None:
+            weights = tf.ones_like(cells, dtype=tf.float64)
+        batch = tf.math.unsorted_segment_sum(weights, cells, self.num_classes**2)
+        batch = tf.reshape(batch, (self.num_classes, self.num_classes))
         return tf.group(self.confusion_matrix.assign_add(batch))
 
     def _update_multi_label(self, y_true, y_pred, sample_weight):

@@ -297,7 +297,7 @@ def test_callback_instance_can_be_reused_for_a_second_fit():
     assert int(callback.state.rebalances.numpy()) == 0
     assert int(callback.state.epoch.numpy()) == -1
     assert callback.optimized_model is None and callback.report is None
-    assert callback.dense_snapshot is None
+    assert callback.dense_weights is None
     before = _weights(second)
     logs = _epoch(callback, 0)  # rebalances again: not stuck in "diverged" nor at epoch 2
     assert int(callback.state.rebalances.numpy()) == 1

@@ -197,8 +197,11 @@ def solve(problem: Problem, starts: Sequence[Sequence[int]]) -> tuple[np.ndarray
     values = [problem.value(x) for x, _ in candidates]
     order = np.argsort(-np.array(values), kind="stable")[: LOCAL_STARTS if small else 1]
     best, lam, best_value = None, math.nan, -math.inf
+    seen: set[bytes] = set()  # a search joining an earlier one's path ends where it did
     for i in order:  # the first of equals wins: starts before multipliers
-        x = improve(problem, candidates[i][0].copy(), GROW_DEPTH if small else 0)
+        x = improve(problem, candidates[i][0].copy(), GROW_DEPTH if small else 0, seen)
+        if x is None:
+            continue
         value = problem.value(x)
         if value > best_value + _REL * max(abs(best_value), 1.0) or best is None:
             best, lam, best_value = x, candidates[i][1], value

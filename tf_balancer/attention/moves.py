@@ -37,11 +37,22 @@ _REL = 1e-12
 Problem = Any  # a tf_balancer.attention.coupled.Problem (not imported: coupled imports this)
 
 
-def improve(problem: Problem, x: np.ndarray, grow_depth: int = 0) -> np.ndarray:
+def improve(
+    problem: Problem, x: np.ndarray, grow_depth: int = 0, seen: set[bytes] | None = None
+) -> np.ndarray | None:
     """Apply moves until none raises the value: fill and exchange first (cheap), a
     pair re-assignment when they are stuck, then - with ``grow_depth`` (small
-    problems) - triple and grow-and-repair moves (growing by up to ``grow_depth``)."""
+    problems) - triple and grow-and-repair moves (growing by up to ``grow_depth``).
+
+    The moves are deterministic, so a search that reaches a plan an earlier search
+    (sharing ``seen``) passed through ends where that one ended: it stops and
+    returns ``None``."""
     for _ in range(_MAX_MOVES):
+        if seen is not None:
+            key = x.tobytes()
+            if key in seen:
+                return None
+            seen.add(key)
         x = _fill(problem, x)
         move = _best_exchange(problem, x)
         if move is not None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import tensorflow as tf
@@ -26,7 +26,16 @@ import tensorflow as tf
 from tf_balancer._compat import KerasAdapter, adapter_for, ensure_keras_model, keras
 from tf_balancer.errors import UnsupportedModelError
 
-__all__ = ["Call", "Walk", "walk_model", "rebuild", "clone_flat", "clone_layer", "IDENTITY"]
+__all__ = [
+    "Call",
+    "Walk",
+    "walk_model",
+    "rebuild",
+    "clone_flat",
+    "clone_layer",
+    "weights_of",
+    "IDENTITY",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,8 +305,25 @@ def clone_layer(source: Any, /, **config_overrides: Any) -> Any:
     return type(source).from_config(config)
 
 
-def clone_flat(walk: Walk, name: str | None = None) -> tuple[keras.Model, dict[str, Any]]:
+def weights_of(walk: Walk) -> dict[str, list[Any]]:
+    """Every call's current weights (numpy copies), for :func:`clone_flat` later.
+
+    Much cheaper than a clone: take it where the model must be remembered, clone
+    only where the copy is used.
+    """
+    return {call.name: call.layer.get_weights() for call in walk.calls}
+
+
+def clone_flat(
+    walk: Walk, name: str | None = None, weights: Mapping[str, list[Any]] | None = None
+) -> tuple[keras.Model, dict[str, Any]]:
     """An independent copy of the walked model (nested models flattened).
+
+    Args:
+        walk: the model's walk.
+        name: the copy's name (default: the model's).
+        weights: call name -> weights (from :func:`weights_of`) to give the copy
+            instead of the model's current ones.
 
     Returns:
         ``(model, layers)`` where ``layers`` maps each call name to its new layer.
@@ -314,5 +340,6 @@ def clone_flat(walk: Walk, name: str | None = None) -> tuple[keras.Model, dict[s
 
     model = rebuild(walk, make, name=name or walk.model_name)
     for call in walk.calls:
-        layers[call.name].set_weights(call.layer.get_weights())
+        values = weights[call.name] if weights is not None else call.layer.get_weights()
+        layers[call.name].set_weights(values)
     return model, layers

@@ -31,6 +31,7 @@ from tf_balancer.attention.importance import (
 )
 from tf_balancer.attention.streaming import GradientStream
 from tf_balancer.errors import BalanceError, ConfigError
+from tf_balancer.graph.walk import clone_flat, weights_of
 from tf_balancer.metrics import output_task_metrics
 from tf_balancer.report import log_layer_summaries, task_scores
 from tf_balancer.training.cluster import Cluster
@@ -257,7 +258,7 @@ class BalanceCallback(keras.callbacks.Callback):
         self.applier: MaskApplier | None = None
         self.optimized_model = None
         self.report: dict[str, Any] | None = None
-        self.dense_snapshot = None
+        self.dense_weights: dict[str, list[Any]] | None = None  # cloned at train end
         self.dense_epoch: int | None = None
         self.stream: GradientStream | None = None
         self.hooks: FitHooks | None = None
@@ -404,10 +405,8 @@ class BalanceCallback(keras.callbacks.Callback):
             self._rebalance(epoch)
 
     def _rebalance(self, epoch: int) -> None:
-        if self.dense_snapshot is None and int(self.state.rebalances.numpy()) == 0:
-            from tf_balancer.graph.walk import clone_flat
-
-            self.dense_snapshot = clone_flat(self.analysis.graph.walk)[0]
+        if self.dense_weights is None and int(self.state.rebalances.numpy()) == 0:
+            self.dense_weights = weights_of(self.analysis.graph.walk)
             self.dense_epoch = epoch
         target = self.target_at(epoch)
         scores = self.cluster.mean_scores(group_scores(self.analysis.graph, *self._signals()))
@@ -560,8 +559,9 @@ class BalanceCallback(keras.callbacks.Callback):
     def finalize_inputs(self) -> FinalizeInputs:
         """What the end of training works on: model, plan, data, settings."""
         rebalanced = self.state is not None and int(self.state.rebalances.numpy()) > 0
-        if self.dense_snapshot is not None:
-            dense, dense_epoch = self.dense_snapshot, self.dense_epoch
+        if self.dense_weights is not None:
+            walk = self.analysis.graph.walk
+            dense, dense_epoch = clone_flat(walk, weights=self.dense_weights)[0], self.dense_epoch
         else:  # never rebalanced: the model is dense; resumed: dense weights are gone
             dense, dense_epoch = (None, None) if rebalanced else (self.model, None)
         batch = int(self.hooks.batch_size.numpy()) if self.hooks is not None else 0

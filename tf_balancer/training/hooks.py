@@ -8,13 +8,15 @@ wraps both *on the instances*, for the duration of one ``fit``, so that
 
 * the :class:`~tf_balancer.attention.streaming.GradientStream` receives every
   training batch's gradients (streamed Taylor importance), and
-* task metrics (macro recall and F1 for classifiers) are updated on the batches
-  ``fit`` already runs; Keras then logs them as ``macro_recall`` and, on
-  ``validation_data``/``validation_split``, ``val_macro_recall`` — in History,
-  CSVLogger and TensorBoard like any compiled metric. ``Model.get_metrics_result``
-  is wrapped too: Keras takes an epoch's logs from it (the metrics' own, correctly
-  aggregated values; under a multi-worker strategy the step's values are summed
-  over the workers) only when its keys are the step's keys.
+* task metrics (macro recall and F1 for classifiers) accumulate on the batches
+  ``fit`` already runs, and are read once per epoch and once per evaluation where
+  Keras builds those logs from its own metrics' results (the adapter's
+  ``epoch_logs_method``). History, CSVLogger, TensorBoard and the progress bar's
+  epoch line get ``macro_recall``/``macro_f1`` and, on
+  ``validation_data``/``validation_split``, ``val_macro_recall``/``val_macro_f1``.
+  The step's own outputs are unchanged, so no per-step read (and, under a
+  multi-worker strategy, no per-step all-reduce) is added, and Keras keeps
+  taking the epoch's logs from its correctly aggregated metrics.
 
 No extra forward or backward pass runs, and nothing is recompiled: the train and
 test functions are re-traced (``make_train_function(force=True)``) so the wrappers
@@ -40,7 +42,8 @@ __all__ = ["FitHooks"]
 
 
 class FitHooks:
-    """Instance-level wrappers around ``apply_gradients`` and ``compute_metrics``.
+    """Instance-level wrappers around ``apply_gradients``, ``compute_metrics`` and the
+    method that builds epoch logs.
 
     Args:
         model: the compiled model being trained.
@@ -64,6 +67,7 @@ class FitHooks:
         self.after_update = after_update
         self.batch_size = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_size")
         self._optimizer = None
+        self._epoch_logs = ""
         self.installed = False
 
     def install(self) -> None:
@@ -90,32 +94,28 @@ class FitHooks:
 
         def compute_metrics(x, y, y_pred, sample_weight=None):
             results = original_metrics(x, y, y_pred, sample_weight)
-            return self._update(results, y, y_pred, sample_weight)
-
-        self.model.compute_metrics = compute_metrics
-        original_results = self.model.get_metrics_result
-
-        def get_metrics_result():
-            # Keras reads the epoch's logs from here when its keys match the step's
-            # (under multi-worker strategies the step's values are summed over workers).
-            results = dict(original_results())
-            results.update({metric.name: metric.result() for metric in self.metrics})
+            self._update(y, y_pred, sample_weight)
             return results
 
-        self.model.get_metrics_result = get_metrics_result
+        self.model.compute_metrics = compute_metrics
+        self._epoch_logs = adapter_for(self.model).epoch_logs_method
+        original_logs = getattr(self.model, self._epoch_logs)
+
+        def epoch_logs(logs):
+            logs = original_logs(logs)
+            if not self.metrics or not isinstance(logs, dict):
+                return logs
+            return {**logs, **{m.name: float(m.result()) for m in self.metrics}}
+
+        setattr(self.model, self._epoch_logs, epoch_logs)
         self.installed = True
         _retrace(self.model)
 
-    def _update(self, results: Any, y: Any, y_pred: Any, sample_weight: Any) -> Any:
+    def _update(self, y: Any, y_pred: Any, sample_weight: Any) -> None:
         rows = tf.shape(tf.nest.flatten(y_pred)[0], out_type=tf.int64)[0]
         self.batch_size.assign(tf.maximum(self.batch_size, rows))
-        if not self.metrics or not isinstance(results, dict):
-            return results
-        results = dict(results)
         for metric in self.metrics:
             metric.update_state(y, y_pred, sample_weight)
-            results[metric.name] = metric.result()
-        return results
 
     def reset_metrics(self) -> None:
         """Zero the task metrics (at each epoch's and each evaluation's start)."""
@@ -129,7 +129,7 @@ class FitHooks:
         if self._optimizer is not None:
             self._optimizer.__dict__.pop("apply_gradients", None)
         self.model.__dict__.pop("compute_metrics", None)
-        self.model.__dict__.pop("get_metrics_result", None)
+        self.model.__dict__.pop(self._epoch_logs, None)
         self.installed = False
         _retrace(self.model)
 

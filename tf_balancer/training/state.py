@@ -94,7 +94,7 @@ class BalanceState:
 
 
 class MaskApplier:
-    """Multiplies masked weights by their masks after each update (one traced function).
+    """Multiplies masked weights by their masks after each update.
 
     During ``fit`` the multiply runs inside the train step itself (see
     :class:`~tf_balancer.training.hooks.FitHooks`), under a ``tf.distribute``
@@ -115,7 +115,6 @@ class MaskApplier:
             for w in self.weights
         ]
         self.active = False
-        self._apply = tf.function(self._apply_masks)
 
     def _apply_masks(self) -> None:
         for weight, mask in zip(self.weights, self.masks, strict=True):
@@ -130,12 +129,19 @@ class MaskApplier:
         self.active = bool(masks)
 
     def apply(self) -> None:
-        """Mask the weights now (eagerly, between batches)."""
+        """Mask the weights now (eagerly, between batches: one multiply per weight,
+        cheaper than tracing a function for it)."""
         if self.active:
-            self._apply()
+            self._apply_masks()
 
     def apply_in_step(self) -> None:
-        """Mask the weights inside the traced train step, right after the update.
+        """Mask the trainable weights inside the traced train step, after the update.
+
+        Only what the optimizer changes is masked here; non-trainable weights (a
+        BatchNorm's moving statistics) are masked by :meth:`apply` at each
+        rebalance and stay at zero, since a pruned channel's input is zero. (Where
+        it is not - a sigmoid between conv and BatchNorm - the masked scale and
+        offset still zero the channel's output.)
 
         Unconditional (the masks are all ones before the first rebalance), since a
         Python flag would be frozen into the trace. Under a ``tf.distribute``
@@ -144,12 +150,17 @@ class MaskApplier:
         (``merge_call``), on every device.
         """
         if not tf.distribute.has_strategy():
-            self._apply_masks()
+            for weight, mask in self._trainable():
+                weight.assign(weight * mask)
             return
         tf.distribute.get_replica_context().merge_call(self._apply_mirrored)
 
+    def _trainable(self) -> list[tuple[Any, tf.Variable]]:
+        pairs = zip(self.weights, self.masks, strict=True)
+        return [(weight, mask) for weight, mask in pairs if weight.trainable]
+
     def _apply_mirrored(self, strategy: Any) -> None:
-        for weight, mask in zip(self.weights, self.masks, strict=True):
+        for weight, mask in self._trainable():
             strategy.extended.update(
                 _distributed(weight), lambda w, m: w.assign(w * m), args=(mask,), group=False
             )
