@@ -283,6 +283,31 @@ def ensure_keras2_model(model: Any) -> keras.Model:
     )
 
 
+def unwrap_variable(variable: Any) -> Any:
+    """The ``tf.Variable`` behind a weight (a Keras 3 variable wraps one; a
+    ``tf.Variable`` or a distributed variable is returned as is)."""
+    import tensorflow as tf
+
+    value = getattr(variable, "value", None)
+    return value if isinstance(value, tf.Variable) else variable
+
+
+def local_copies(variable: Any) -> list[Any]:
+    """This process's ``tf.Variable`` copies of a weight: one per local device for a
+    mirrored or sync-on-read variable under a ``tf.distribute`` strategy, else itself.
+
+    Assigning each copy eagerly is what a cross-replica update of a mirrored
+    variable does on this worker, without its per-call dispatch cost; callers do it
+    at the same point with the same values on every worker.
+    """
+    import tensorflow as tf
+
+    unwrapped = unwrap_variable(variable)
+    if isinstance(unwrapped, tf.distribute.DistributedValues):
+        return list(unwrapped.values)
+    return [unwrapped]
+
+
 def is_layer(layer: Any, *class_names: str) -> bool:
     """True when ``layer``'s class, or one of its bases, has one of ``class_names``.
 

@@ -357,8 +357,7 @@ def test_streamed_taylor_sums_are_saved_and_restored_with_the_model(tmp_path):
     sums = {
         name: np.arange(len(v), dtype=np.float32) + 1 for name, v in trained.stream.scores().items()
     }
-    trained.stream.load(sums)
-    trained.stream.steps.assign(7)
+    trained.stream.load(sums, batches=7)
     path = tf.train.Checkpoint(model=trained.model).save(str(tmp_path / "ckpt"))
 
     resumed = _start(BalanceCallback(verbose=0), _model(), epochs=4)

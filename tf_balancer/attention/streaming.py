@@ -9,8 +9,10 @@ pass, no probe data, and the model keeps its compiled loss, optimizer and metric
 Whatever the compiled loss is (weighted multi-output losses included), these are
 its gradients.
 
-The accumulators are ``ON_READ``/``SUM`` variables: under a ``tf.distribute``
-strategy every replica adds its own batch, and reading sums the replicas.
+All the sums and the batch count live in one ``ON_READ``/``SUM`` variable: under a
+``tf.distribute`` strategy every replica adds its own batch, and one read sums the
+replicas (a single all-reduce per rebalance on several workers). A step adds one
+vector to it.
 
 A stream is passed to :func:`~tf_balancer.attention.importance.group_scores` in
 place of :class:`~tf_balancer.attention.importance.ProbeData`; the ``taylor``
@@ -30,6 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tf_balancer._compat import local_copies, unwrap_variable
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.layer_specs import WeightAxis, spec_for, weights_on
 
@@ -67,20 +70,20 @@ class GradientStream:
         self._by_variable: dict[Any, list[int]] = {}
         for i, (_, weight, _) in enumerate(self.owners):
             self._by_variable.setdefault(_key(weight), []).append(i)
-        sizes = {
-            name: int(weight.shape[axis.axis]) // axis.blocks for name, weight, axis in self.owners
-        }
-        accumulate = {
-            "synchronization": tf.VariableSynchronization.ON_READ,
-            "aggregation": tf.VariableAggregation.SUM,
-            "trainable": False,
-        }
-        self.scores_var = {
-            name: tf.Variable(tf.zeros(sizes[name], tf.float32), name="taylor", **accumulate)
-            for name in sizes
-        }
-        self.steps = tf.Variable(0, dtype=tf.int64, name="taylor_steps", **accumulate)
-        self.checkpoint = tf.train.Checkpoint(scores=dict(self.scores_var), steps=self.steps)
+        sizes: dict[str, int] = {}
+        for name, weight, axis in self.owners:
+            sizes.setdefault(name, int(weight.shape[axis.axis]) // axis.blocks)
+        self.names = list(sizes)
+        self._bounds = np.cumsum([0, *sizes.values()])  # name i: [bounds[i], bounds[i + 1])
+        # The sums of every producer, then the number of batches, in one accumulator.
+        self.sums = tf.Variable(
+            tf.zeros(int(self._bounds[-1]) + 1, tf.float32),
+            name="taylor",
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.SUM,
+            trainable=False,
+        )
+        self.checkpoint = tf.train.Checkpoint(sums=self.sums)
 
     def update(self, grads_and_vars: Iterable[tuple[Any, Any]], scale: Any = 1.0) -> None:
         """Add one batch: ``|sum over a channel's weights of w * g|`` per channel.
@@ -100,7 +103,6 @@ class GradientStream:
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]
         dense = [g for g, _ in pairs if not isinstance(g, tf.IndexedSlices)]
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in dense] or [True])
-        inverse = 1.0 / tf.cast(scale, tf.float32)
         per_channel: dict[str, tf.Tensor] = {}
         for grad, var in pairs:
             if isinstance(grad, tf.IndexedSlices):
@@ -112,41 +114,51 @@ class GradientStream:
             product = tf.cast(tf.convert_to_tensor(weight), tf.float32) * tf.cast(grad, tf.float32)
             for index in owners:
                 name, _, axis = self.owners[index]
-                contribution = _sum_except(product, axis.axis) * inverse
+                contribution = _sum_except(product, axis.axis)
                 if axis.blocks > 1:
                     contribution = tf.reduce_sum(tf.reshape(contribution, (axis.blocks, -1)), 0)
                 per_channel[name] = (
                     per_channel[name] + contribution if name in per_channel else contribution
                 )
-        for name, value in per_channel.items():
-            value = tf.where(finite, tf.abs(value), tf.zeros_like(value))
-            self.scores_var[name].assign_add(value)
-        self.steps.assign_add(tf.cast(finite, tf.int64))
+        parts = [
+            per_channel[name] if name in per_channel else tf.zeros(self._size(i), tf.float32)
+            for i, name in enumerate(self.names)
+        ]
+        batch = tf.abs(tf.concat(parts, 0)) / tf.cast(scale, tf.float32)
+        batch = tf.concat([batch, tf.ones(1, tf.float32)], 0)  # the batch count
+        self.sums.assign_add(tf.where(finite, batch, tf.zeros_like(batch)))
+
+    def _size(self, index: int) -> int:
+        return int(self._bounds[index + 1] - self._bounds[index])
 
     @property
     def batches(self) -> int:
         """Training batches accumulated since the last :meth:`reset`."""
-        return int(self.steps.numpy())
+        return int(round(float(self.sums.numpy()[-1])))
 
     def scores(self) -> dict[str, np.ndarray]:
         """Producer name -> float64 per-channel scores accumulated so far."""
-        return {name: var.numpy().astype(np.float64) for name, var in self.scores_var.items()}
+        flat = self.sums.numpy().astype(np.float64)
+        bounds = self._bounds
+        return {name: flat[bounds[i] : bounds[i + 1]] for i, name in enumerate(self.names)}
 
     def reset(self) -> None:
         """Start a new accumulation window (e.g. after a rebalance)."""
-        for var in self.scores_var.values():
-            var.assign(tf.zeros_like(var))
-        self.steps.assign(0)
+        for copy in local_copies(self.sums):  # every replica's partial sums
+            copy.assign(tf.zeros_like(copy))
 
-    def load(self, scores: Mapping[str, np.ndarray]) -> None:
+    def load(self, scores: Mapping[str, np.ndarray], batches: int = 0) -> None:
         """Set the accumulators (tests and checkpoint restore)."""
-        for name, value in scores.items():
-            self.scores_var[name].assign(np.asarray(value, np.float32))
+        flat = np.array(self.sums.numpy(), np.float32)
+        for i, name in enumerate(self.names):
+            if name in scores:
+                flat[self._bounds[i] : self._bounds[i + 1]] = np.asarray(scores[name], np.float32)
+        flat[-1] = batches
+        self.sums.assign(flat)
 
 
 def _key(variable: Any) -> Any:
     """A hashable identity for a variable, the same for a Keras 3 variable and its value."""
-    value = getattr(variable, "value", None)
-    target = value if isinstance(value, tf.Variable) else variable
+    target = unwrap_variable(variable)
     handle = getattr(target, "_unique_id", None)
     return handle if handle is not None else id(target)

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from tf_balancer._compat import local_copies, unwrap_variable
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import channel_masks
 from tf_balancer.graph.layer_graph import LayerGraph
@@ -116,10 +117,6 @@ class MaskApplier:
         ]
         self.active = False
 
-    def _apply_masks(self) -> None:
-        for weight, mask in zip(self.weights, self.masks, strict=True):
-            weight.assign(weight * mask)
-
     def set_plan(self, plan: Any) -> None:
         """Load the masks of ``plan`` (new values only; no retracing)."""
         masks = channel_masks(self.graph, plan)
@@ -129,10 +126,19 @@ class MaskApplier:
         self.active = bool(masks)
 
     def apply(self) -> None:
-        """Mask the weights now (eagerly, between batches: one multiply per weight,
-        cheaper than tracing a function for it)."""
-        if self.active:
-            self._apply_masks()
+        """Mask every weight now, eagerly (between batches).
+
+        Under a ``tf.distribute`` strategy each device's copy of a mirrored weight
+        is masked directly: every worker runs this at the same point with the same
+        masks, as a mirrored update from cross-replica context would, without its
+        per-weight dispatch cost.
+        """
+        if not self.active:
+            return
+        for weight, mask in zip(self.weights, self.masks, strict=True):
+            value = tf.convert_to_tensor(mask)
+            for copy in local_copies(weight):
+                copy.assign(copy * value)
 
     def apply_in_step(self) -> None:
         """Mask the trainable weights inside the traced train step, after the update.
@@ -162,11 +168,5 @@ class MaskApplier:
     def _apply_mirrored(self, strategy: Any) -> None:
         for weight, mask in self._trainable():
             strategy.extended.update(
-                _distributed(weight), lambda w, m: w.assign(w * m), args=(mask,), group=False
+                unwrap_variable(weight), lambda w, m: w.assign(w * m), args=(mask,), group=False
             )
-
-
-def _distributed(weight: Any) -> Any:
-    """The ``tf.Variable`` behind a weight (a Keras 3 variable wraps one)."""
-    value = getattr(weight, "value", None)
-    return value if isinstance(value, tf.Variable) else weight
