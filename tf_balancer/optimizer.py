@@ -31,7 +31,13 @@ from tf_balancer.errors import ConfigError, PassError, VerificationError
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.walk import functional_twin
 from tf_balancer.passes.base import GraphPass, PassContext, get_pass
-from tf_balancer.verify import Outcome, compare_outputs, compare_signature, random_inputs
+from tf_balancer.verify import (
+    Outcome,
+    compare_outputs,
+    compare_signature,
+    random_inputs,
+    run_model,
+)
 
 __all__ = ["PassRecord", "OptimizationReport", "MetaOptimizer", "model_stats"]
 
@@ -154,6 +160,7 @@ class MetaOptimizer:
         self.rtol, self.atol, self.fail_on_error = rtol, atol, fail_on_error
         self.rollback_log_level = rollback_log_level
         self.progress_log_level = progress_log_level
+        self._outputs = _Outputs()
 
     @quietly
     def run(self, model: Any, ctx: PassContext | None = None) -> tuple[Any, OptimizationReport]:
@@ -166,6 +173,7 @@ class MetaOptimizer:
         if is_keras_model(model):
             model = functional_twin(model)
         probe = ctx.probe_inputs if ctx.probe_inputs is not None else random_inputs(model)
+        self._outputs = _Outputs()  # a pass's result is the next pass's reference
         current = _stats_and_graph(model)
         records = []
         for graph_pass in self.passes:
@@ -259,8 +267,27 @@ class MetaOptimizer:
     def _verify(self, graph_pass, model, graph, ctx, new_model, probe) -> Outcome:
         if graph_pass.preserves_function:
             reference = graph_pass.reference(model, graph, ctx)
-            return compare_outputs(reference, new_model, probe, self.rtol, self.atol)
+            return compare_outputs(
+                reference, new_model, probe, self.rtol, self.atol, run=self._outputs
+            )
         return compare_signature(model, new_model, probe)
+
+
+class _Outputs:
+    """Outputs on the probe batch of the models one run has verified, each computed
+    once: the candidate of one pass is the reference of the next (its outputs
+    taken before that pass ran)."""
+
+    def __init__(self):
+        self._seen: list[tuple[Any, list[np.ndarray]]] = []
+
+    def __call__(self, model: Any, inputs: Any) -> list[np.ndarray]:
+        for seen, outputs in self._seen:
+            if seen is model:
+                return outputs
+        outputs = run_model(model, inputs)
+        self._seen.append((model, outputs))
+        return outputs
 
 
 def _weights_of(model: Any) -> list[tuple[Any, np.ndarray]] | None:

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -173,15 +174,18 @@ def compare_outputs(
     inputs: Any,
     rtol: float | None = None,
     atol: float | None = None,
+    *,
+    run: Callable[[Any, Any], list[np.ndarray]] = run_model,
 ) -> Outcome:
     """Same output count, shapes and dtypes, and values within the tolerance.
 
     The tolerance is ``tolerance_for(dtype, rtol, atol)`` for the reference's
     compute dtype (:func:`reference_dtype`): ``rtol``/``atol`` default to the
     :data:`TOLERANCES` row (float32: 1e-4/1e-5) and, in float16 or bfloat16,
-    cannot go below it.
+    cannot go below it. ``run(model, inputs)`` computes outputs (default
+    :func:`run_model`; a caller may pass one that remembers them).
     """
-    expected, actual = run_model(reference, inputs), run_model(candidate, inputs)
+    expected, actual = run(reference, inputs), run(candidate, inputs)
     if len(expected) != len(actual):
         return Outcome(False, reason=f"{len(actual)} outputs instead of {len(expected)}")
     dtype = reference_dtype(reference, expected)

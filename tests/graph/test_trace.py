@@ -251,3 +251,24 @@ def test_trace_rejects_subclassed_model_with_a_clear_error():
     model = subclassed_model()
     with pytest.raises(UnsupportedModelError, match="subclassed"):
         trace(model)
+
+
+class _BranchOnTensor(L.Layer):
+    """A custom layer with Python control flow on a tensor (needs AutoGraph in a graph)."""
+
+    def call(self, x):
+        if tf.reduce_sum(x) > 0:
+            return x * 2.0
+        return x - 1.0
+
+
+def test_trace_keeps_autograph_for_a_custom_layer_that_branches_on_a_tensor():
+    # Tracing runs without AutoGraph (faster) and falls back to it for such layers;
+    # both inputs below take a different branch, so neither was frozen into the graph.
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((4,))
+    out = L.Dense(3, name="head")(_BranchOnTensor(name="branch")(L.Dense(4, name="d")(inp)))
+    model = keras.Model(inp, out)
+    traced = trace(model)
+    for x in (np.ones((1, 4), np.float32) * 5, -np.ones((1, 4), np.float32) * 5):
+        np.testing.assert_allclose(_run(traced, x), model(x, training=False).numpy(), rtol=1e-6)
