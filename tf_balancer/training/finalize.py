@@ -30,6 +30,7 @@ from tf_balancer.report import (
     summary_markdown,
     task_of,
 )
+from tf_balancer.training.calibrate import recalibrate_batchnorm
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings, finetune
 
 __all__ = ["FinalizeInputs", "Finalizer", "FINETUNE_LR_SCALE"]
@@ -65,6 +66,9 @@ class FinalizeInputs:
         attention_history: per rebalance, the groups' attention weights.
         head_attention: group id -> each attention head's attention weight.
         settings: target, target_metric, strategy, importance (for the report).
+        recalibrate_x: inputs to re-estimate BatchNorm statistics on right after
+            compaction (one-shot pruning: the statistics still describe the dense
+            network), or None (during ``fit`` the masked model trained with its masks).
     """
 
     mode: str = "structured"
@@ -81,6 +85,7 @@ class FinalizeInputs:
     attention_history: list = dataclasses.field(default_factory=list)
     head_attention: dict[int, list[float]] = dataclasses.field(default_factory=dict)
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    recalibrate_x: Any = None
 
 
 class Finalizer:
@@ -128,6 +133,9 @@ class Finalizer:
         if first:
             model, report = MetaOptimizer(first, **_LOG_LEVELS).run(model, ctx)
             records += report.records
+        if job.recalibrate_x is not None and model is not job.model:  # never the user's
+            layers = recalibrate_batchnorm(model, job.recalibrate_x)
+            logger.info("re-estimated %d BatchNorm layers' statistics on the data", layers)
         model = self.finetune(model)
         if second:
             optimizer = MetaOptimizer(second, **_LOG_LEVELS)
