@@ -122,7 +122,9 @@ class MaskApplier:
         masks = channel_masks(self.graph, plan)
         for key, mask in zip(self.keys, self.masks, strict=True):
             value = masks.get(key)
-            mask.assign(np.ones(mask.shape, mask.dtype.as_numpy_dtype) if value is None else value)
+            value = np.ones(mask.shape, mask.dtype.as_numpy_dtype) if value is None else value
+            for copy in local_copies(mask):  # each device's copy (see apply)
+                copy.assign(value)
         self.active = bool(masks)
 
     def apply(self) -> None:
