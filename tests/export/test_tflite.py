@@ -161,3 +161,29 @@ def test_a_model_outside_tolerance_is_not_written(trained, digits, tmp_path, mon
     with pytest.raises(VerificationError, match="differs from the source"):
         export_tflite(trained, tmp_path / "m.tflite", validation_data=digits.x_val[:16])
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("layer", ["LSTM", "GRU"])
+def test_keras3_recurrent_models_convert_at_batch_one_and_match(digits, tmp_path, layer):
+    # Their TensorList has an element shape that follows the batch size: TFLite lowers it
+    # only at a fixed batch, so the export falls back to batch 1 and says so.
+    keras3.utils.set_random_seed(0)
+    inputs = keras3.Input((8, 8))
+    x = getattr(keras3.layers, layer)(12, name="rnn")(inputs)
+    model = keras3.Model(inputs, keras3.layers.Dense(10, name="head")(x))
+    sequences = digits.x_val[:10].reshape(-1, 8, 8)  # 40 sequences of 8 steps
+    result = export_tflite(model, tmp_path / "rnn.tflite", validation_data=sequences)
+    assert result.fixed_batch == 1 and result.samples == 40
+    assert result.max_abs_diff <= 1e-4
+    interpreter = tf.lite.Interpreter(model_path=result.path)
+    interpreter.allocate_tensors()
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], sequences[:1].astype(np.float32))
+    interpreter.invoke()
+    out = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    np.testing.assert_allclose(out, model.predict(sequences[:1], verbose=0), atol=1e-4)
+
+
+def test_models_with_an_open_batch_axis_keep_it(trained, digits, tmp_path):
+    result = export_tflite(trained, tmp_path / "cnn.tflite", validation_data=digits.x_val[:70])
+    assert result.fixed_batch is None and result.samples == 70

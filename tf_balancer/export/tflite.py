@@ -12,6 +12,10 @@ before anything is written:
   ``ACCURACY_POINTS`` (1 point) of the source's on the same samples; without
   labels, the largest difference is reported.
 
+Keras 3's recurrent layers (``LSTM``, ``GRU``, ``SimpleRNN``) keep their steps
+in a TensorList that TFLite can only lower at a fixed batch size: such a model
+is converted at batch 1 (``TFLiteResult.fixed_batch``), the usual on-device case.
+
 The file is written to a temporary name next to ``path`` and renamed into place.
 The result records the interpreter's median latency at batch 1.
 
@@ -37,6 +41,7 @@ import tensorflow as tf
 
 from tf_balancer._compat import adapter_for, is_keras3_object, is_keras_model
 from tf_balancer.errors import ConfigError, ExportError, VerificationError
+from tf_balancer.graph.trace import freeze
 
 __all__ = [
     "TFLiteResult",
@@ -67,6 +72,8 @@ class TFLiteResult:
         accuracy: TFLite accuracy on the labelled samples (%), or None.
         reference_accuracy: the source's accuracy on the same samples (%), or None.
         latency_ms: interpreter median latency at batch 1.
+        fixed_batch: the batch size the model was converted at when its batch axis
+            could not stay open (Keras 3 recurrent layers: 1), else None.
     """
 
     path: str
@@ -77,6 +84,7 @@ class TFLiteResult:
     accuracy: float | None
     reference_accuracy: float | None
     latency_ms: float
+    fixed_batch: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -168,6 +176,7 @@ def export_tflite(
         bytes=len(flatbuffer),
         samples=len(check_x),
         latency_ms=_latency_ms(flatbuffer, check_x[:1]),
+        fixed_batch=_fixed_batch(flatbuffer),
         **result,
     )
 
@@ -207,28 +216,49 @@ def _serving_signature(path: str) -> Any:
 
 
 def _convert(model: Any, quantize: str | None, calib_x: np.ndarray | None) -> bytes:
+    keras_model = is_keras_model(model) or is_keras3_object(model)
     with tempfile.TemporaryDirectory() as tmp:
-        if is_keras_model(model) or is_keras3_object(model):
+        if keras_model:
             if len(model.inputs) != 1:
                 raise ConfigError("TFLite export supports models with one input tensor")
             source = os.path.join(tmp, "saved_model")
             adapter_for(model).save_saved_model(model, source)
         else:
             source = os.fspath(model)
-        converter = tf.lite.TFLiteConverter.from_saved_model(source)
-        if quantize is not None:
-            converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        if quantize == "int8":
-            samples = np.asarray(calib_x[:CALIBRATION_SAMPLES], np.float32)
-            converter.representative_dataset = lambda: ([s[None]] for s in samples)
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         try:
-            return converter.convert()
-        except Exception as err:  # the converter raises several types; one line for the user
-            raise ExportError(
-                f"TFLite cannot convert this model ({_conversion_problem(err)}); export "
-                "without TFLite, or try quantize=None if a quantized kernel is missing"
-            ) from err
+            converter = tf.lite.TFLiteConverter.from_saved_model(source)
+            return _run_converter(converter, quantize, calib_x)
+        except ExportError as err:
+            if not keras_model or "TensorList" not in str(err.__cause__):
+                raise
+    # Keras 3's recurrent layers keep their steps in a TensorList whose element shape
+    # follows the batch size: open, TFLite cannot lower it; at batch 1 it can.
+    return _run_converter(_batch_one_converter(model), quantize, calib_x)
+
+
+def _batch_one_converter(model: Any) -> Any:
+    """A converter for ``model`` traced at a fixed batch size of 1, variables frozen
+    (TFLite cannot read a variable inside the lowered while loop)."""
+    spec = model.inputs[0]
+    signature = tf.TensorSpec((1, *spec.shape[1:]), tf.as_dtype(spec.dtype))
+    function = tf.function(lambda x: model(x, training=False)).get_concrete_function(signature)
+    return tf.lite.TFLiteConverter.from_concrete_functions([freeze(function)[1]])
+
+
+def _run_converter(converter: Any, quantize: str | None, calib_x: np.ndarray | None) -> bytes:
+    if quantize is not None:
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if quantize == "int8":
+        samples = np.asarray(calib_x[:CALIBRATION_SAMPLES], np.float32)
+        converter.representative_dataset = lambda: ([s[None]] for s in samples)
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    try:
+        return converter.convert()
+    except Exception as err:  # the converter raises several types; one line for the user
+        raise ExportError(
+            f"TFLite cannot convert this model ({_conversion_problem(err)}); export "
+            "without TFLite, or try quantize=None if a quantized kernel is missing"
+        ) from err
 
 
 def _conversion_problem(err: Exception) -> str:
@@ -244,16 +274,28 @@ def _conversion_problem(err: Exception) -> str:
 def _interpreter(flatbuffer: bytes, batch: int) -> Any:
     interpreter = tf.lite.Interpreter(model_content=flatbuffer)
     detail = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+    if detail["shape_signature"][0] < 0:  # an open batch axis
+        interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
     interpreter.allocate_tensors()
     return interpreter
 
 
+def _fixed_batch(flatbuffer: bytes) -> int | None:
+    """The batch size a TFLite model was converted at, or None when it is open."""
+    detail = tf.lite.Interpreter(model_content=flatbuffer).get_input_details()[0]
+    size = int(detail["shape_signature"][0])
+    return None if size < 0 else size
+
+
 def _interpret(flatbuffer: bytes, x: np.ndarray, chunk: int = 64) -> np.ndarray:
+    chunk = _fixed_batch(flatbuffer) or chunk
+    interpreters: dict[int, Any] = {}  # one per batch length (the last may be shorter)
     outputs = []
     for start in range(0, len(x), chunk):
         batch = np.asarray(x[start : start + chunk], np.float32)
-        interpreter = _interpreter(flatbuffer, len(batch))
+        if len(batch) not in interpreters:
+            interpreters[len(batch)] = _interpreter(flatbuffer, len(batch))
+        interpreter = interpreters[len(batch)]
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch)
         interpreter.invoke()
         outputs.append(interpreter.get_tensor(_first_output(interpreter)))
