@@ -409,7 +409,9 @@ class BalanceCallback(keras.callbacks.Callback):
             self.dense_weights = weights_of(self.analysis.graph.walk)
             self.dense_epoch = epoch
         target = self.target_at(epoch)
-        scores = self.cluster.mean_scores(group_scores(self.analysis.graph, *self._signals()))
+        scores = group_scores(self.analysis.graph, *self._signals())
+        if self.probe is not None:  # each worker scored its own probe batch: average them
+            scores = self.cluster.mean_scores(scores)  # (stream reads and weights agree already)
         self._attention = attention_weights(scores)
         self._head_attention = head_attention(self.analysis.graph, scores)
         if self.mode == "structured":

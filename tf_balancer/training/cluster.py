@@ -6,8 +6,10 @@ weights are mirrored, but importance computed from each worker's own probe
 batch is not, and a tie may break differently on two machines. So at every
 rebalance:
 
-1. the per-channel scores are averaged over all replicas of all workers
-   (one all-reduce): every worker balances the same scores;
+1. scores computed from each worker's own probe batch are averaged over all
+   replicas of all workers (one all-reduce): every worker balances the same
+   scores (streamed Taylor sums are read summed over every replica, and weights
+   are mirrored, so those scores agree without it);
 2. the chief's kept channels are sent to every worker (one more all-reduce, of
    a 0/1 vector): the masks are identical even if float rounding differed.
 
