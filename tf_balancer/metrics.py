@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import keras
+from tf_balancer._compat import assign_local, keras
 
 __all__ = [
     "LABEL_MODES",
@@ -225,8 +225,9 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
         )
 
     def reset_state(self) -> None:
-        """Zero the confusion matrix (Keras calls this at the start of each epoch)."""
-        self.confusion_matrix.assign(tf.zeros_like(self.confusion_matrix))
+        """Zero the confusion matrix (Keras calls this at the start of each epoch);
+        under a ``tf.distribute`` strategy, each device's copy directly."""
+        assign_local(self.confusion_matrix, tf.zeros(self.confusion_matrix.shape, tf.float64))
 
     def _per_class(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """True positives, true counts (row sums), predicted counts (column sums)."""

@@ -270,7 +270,7 @@ class MetaOptimizer:
             return compare_outputs(
                 reference, new_model, probe, self.rtol, self.atol, run=self._outputs
             )
-        return compare_signature(model, new_model, probe)
+        return compare_signature(model, new_model, probe, run=self._outputs)
 
 
 class _Outputs:

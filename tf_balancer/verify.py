@@ -209,9 +209,16 @@ def compare_outputs(
     return Outcome(True, worst_abs, worst_rel)
 
 
-def compare_signature(reference: Any, candidate: Any, inputs: Any) -> Outcome:
-    """Same output count, shapes and dtypes (for passes that change values)."""
-    expected, actual = run_model(reference, inputs), run_model(candidate, inputs)
+def compare_signature(
+    reference: Any,
+    candidate: Any,
+    inputs: Any,
+    *,
+    run: Callable[[Any, Any], list[np.ndarray]] = run_model,
+) -> Outcome:
+    """Same output count, shapes and dtypes (for passes that change values);
+    ``run`` as in :func:`compare_outputs`."""
+    expected, actual = run(reference, inputs), run(candidate, inputs)
     if [(e.shape, e.dtype) for e in expected] != [(a.shape, a.dtype) for a in actual]:
         return Outcome(False, reason="output shapes or dtypes changed")
     return Outcome(True)

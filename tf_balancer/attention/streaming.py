@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import local_copies, unwrap_variable
+from tf_balancer._compat import assign_local, unwrap_variable
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.layer_specs import WeightAxis, spec_for, weights_on
 
@@ -144,8 +144,7 @@ class GradientStream:
 
     def reset(self) -> None:
         """Start a new accumulation window (e.g. after a rebalance)."""
-        for copy in local_copies(self.sums):  # every replica's partial sums
-            copy.assign(tf.zeros_like(copy))
+        assign_local(self.sums, tf.zeros(self.sums.shape, tf.float32))  # every replica's sums
 
     def load(self, scores: Mapping[str, np.ndarray], batches: int = 0) -> None:
         """Set the accumulators (tests and checkpoint restore)."""

@@ -108,8 +108,8 @@ class BalanceCallback(keras.callbacks.Callback):
     History every epoch.
 
     Under ``MirroredStrategy`` or ``MultiWorkerMirroredStrategy`` every worker
-    rebalances on the scores averaged over all replicas and applies the chief's
-    plan; only the chief keeps exports and TensorBoard files
+    rebalances on the same scores (those from each worker's own ``probe_data`` are
+    averaged over all replicas) and applies the chief's plan; only the chief keeps exports and TensorBoard files
     (:mod:`tf_balancer.training.cluster`). With ``BackupAndRestore`` a restarted
     job resumes with the same masks, schedule and gradient sums.
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tf_balancer._compat import adapter_for, local_copies
+from tf_balancer._compat import adapter_for
 from tf_balancer.attention.streaming import GradientStream
 
 __all__ = ["FitHooks"]
@@ -118,17 +118,9 @@ class FitHooks:
             metric.update_state(y, y_pred, sample_weight)
 
     def reset_metrics(self) -> None:
-        """Zero the task metrics (at each epoch's and each evaluation's start).
-
-        Their state is a confusion matrix whose reset is all zeros; each device's
-        copy is zeroed directly (under a ``tf.distribute`` strategy an eager
-        cross-replica assignment costs about 20 ms per variable).
-        """
+        """Zero the task metrics (at each epoch's and each evaluation's start)."""
         for metric in self.metrics:
-            inner = getattr(metric, "metric", metric)  # an OutputMetric wraps one
-            for variable in inner.variables:
-                for copy in local_copies(variable):
-                    copy.assign(tf.zeros_like(copy))
+            metric.reset_state()
 
     def remove(self) -> None:
         """Take the wrappers off and re-trace, so later ``fit``/``evaluate`` calls are plain."""

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import local_copies, unwrap_variable
+from tf_balancer._compat import assign_local, local_copies, unwrap_variable
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import channel_masks
 from tf_balancer.graph.layer_graph import LayerGraph
@@ -123,8 +123,7 @@ class MaskApplier:
         for key, mask in zip(self.keys, self.masks, strict=True):
             value = masks.get(key)
             value = np.ones(mask.shape, mask.dtype.as_numpy_dtype) if value is None else value
-            for copy in local_copies(mask):  # each device's copy (see apply)
-                copy.assign(value)
+            assign_local(mask, value)
         self.active = bool(masks)
 
     def apply(self) -> None:
