@@ -80,6 +80,17 @@ def digits():
     return load_digits_data(seed=0)
 
 
+@pytest.fixture(scope="session")
+def trained_digits_cnn(digits):
+    """The digits CNN (width 16) trained 3 epochs: a small model to prune after training.
+    Tests must not modify it (they assert as much with :func:`snapshot_model`)."""
+    from tf_balancer.demo import build_digits_cnn, compile_classifier
+
+    model = compile_classifier(build_digits_cnn(width=16, seed=0))
+    model.fit(digits.x_train, digits.y_train, epochs=3, batch_size=64, verbose=0)
+    return model
+
+
 def snapshot_model(model):
     """Layer count and a copy of every weight, to prove a model was not modified."""
     return len(model.layers), [w.copy() for w in model.get_weights()]

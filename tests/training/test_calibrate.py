@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import assert_model_unchanged, snapshot_model
 
 import tf_balancer as tfb
 from tf_balancer._compat import keras
@@ -12,7 +13,6 @@ from tf_balancer.analysis import analyze
 from tf_balancer.attention.balance import Bounds, KeepPlan, allocate
 from tf_balancer.attention.coupled import OBJECTIVES
 from tf_balancer.attention.importance import group_scores
-from tf_balancer.demo import build_digits_cnn, compile_classifier
 from tf_balancer.training.calibrate import best_plan, recalibrate_batchnorm
 
 L = keras.layers
@@ -49,37 +49,36 @@ def test_frozen_batchnorm_and_models_without_one_are_left_alone():
     assert recalibrate_batchnorm(plain, np.ones((8, 3), np.float32)) == 0
 
 
-@pytest.fixture(scope="module")
-def trained(digits):
-    model = compile_classifier(build_digits_cnn(width=16, seed=0))
-    model.fit(digits.x_train, digits.y_train, epochs=2, batch_size=64, verbose=0)
-    return model
-
-
-def test_best_plan_picks_the_lower_loss_and_leaves_the_model_alone(trained, digits):
-    analysis = analyze(trained)
-    before = [w.copy() for w in trained.get_weights()]
+def test_best_plan_picks_the_lower_loss_and_leaves_the_model_alone(trained_digits_cnn, digits):
+    analysis = analyze(trained_digits_cnn)
+    before = snapshot_model(trained_digits_cnn)
     scores = group_scores(analysis.graph, None, "magnitude")
     good = allocate(analysis, scores, 0.5, "flops", "uniform", Bounds())
     # One channel left per group, the weakest: far worse than half of every group.
     starved = KeepPlan({g: np.argsort(s)[:1] for g, s in scores.items()}, good.sizes)
     data = (digits.x_train[:512], digits.y_train[:512])
-    name, plan = best_plan(analysis, {"starved": starved, "good": good}, data, trained.loss)
+    name, plan = best_plan(
+        analysis, {"starved": starved, "good": good}, data, trained_digits_cnn.loss
+    )
     assert name == "good" and plan is good
-    for got, want in zip(trained.get_weights(), before, strict=True):
-        np.testing.assert_array_equal(got, want)
+    assert_model_unchanged(trained_digits_cnn, before)
 
 
-def test_prune_chooses_the_balanced_objective_by_loss_and_recalibrates(trained, digits, caplog):
+def test_prune_chooses_the_balanced_objective_by_loss_and_recalibrates(
+    trained_digits_cnn, digits, caplog
+):
     with caplog.at_level("INFO", logger="tf_balancer"):
         model, report = tfb.prune(
-            trained, 0.25, (digits.x_train[:512], digits.y_train[:512]), finetune_epochs=0
+            trained_digits_cnn,
+            0.25,
+            (digits.x_train[:512], digits.y_train[:512]),
+            finetune_epochs=0,
         )
     assert report["objective"] in OBJECTIVES
     assert f"using {report['objective']!r}" in caplog.text
     assert "re-estimated" in caplog.text and "BatchNorm" in caplog.text
     # The compacted model's statistics are no longer the dense model's.
-    dense_bn = trained.get_layer("bn4").moving_mean.numpy()
+    dense_bn = trained_digits_cnn.get_layer("bn4").moving_mean.numpy()
     assert not any(
         w.shape == dense_bn.shape and np.allclose(w, dense_bn)
         for layer in model.layers
