@@ -394,15 +394,15 @@ def compute_dtype(model: Any) -> str:
         >>> compute_dtype(keras.Model(inp, keras.layers.Dense(2, dtype="float32")(half)))
         'float16'
     """
-    found = [str(getattr(layer, "compute_dtype", None)) for layer in _layers_of(model)]
+    found = [str(getattr(layer, "compute_dtype", None)) for layer in layers_of(model)]
     floats = [name for name in found if name in _PRECISION_BITS]
     return min(floats, key=_PRECISION_BITS.__getitem__, default="float32")
 
 
-def _layers_of(model: Any) -> list[Any]:
+def layers_of(model: Any) -> list[Any]:
     """Every layer of ``model``, nested models' layers included (not the models themselves)."""
     out = []
     for layer in getattr(model, "layers", ()):
         inner = getattr(layer, "layers", None)
-        out.extend(_layers_of(layer) if inner else [layer])
+        out.extend(layers_of(layer) if inner else [layer])
     return out

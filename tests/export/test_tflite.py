@@ -157,7 +157,7 @@ def test_a_model_outside_tolerance_is_not_written(trained, digits, tmp_path, mon
     from tf_balancer.export import tflite
 
     real = tflite._interpret
-    monkeypatch.setattr(tflite, "_interpret", lambda fb, x: real(fb, x) + 1e-3)
+    monkeypatch.setattr(tflite, "_interpret", lambda fb, x, **kw: real(fb, x, **kw) + 1e-3)
     with pytest.raises(VerificationError, match="differs from the source"):
         export_tflite(trained, tmp_path / "m.tflite", validation_data=digits.x_val[:16])
     assert list(tmp_path.iterdir()) == []

@@ -167,7 +167,8 @@ def export_tflite(
         None if check_y is None else check_y[:VERIFY_SAMPLES],
     )
     expected = reference(check_x)
-    actual = _interpret(flatbuffer, check_x)
+    fixed_batch = _fixed_batch(flatbuffer)
+    actual = _interpret(flatbuffer, check_x, chunk=fixed_batch or 64)
     result = _verify(quantize, expected, actual, check_y)
     _write_atomically(path, flatbuffer)
     return TFLiteResult(
@@ -176,7 +177,7 @@ def export_tflite(
         bytes=len(flatbuffer),
         samples=len(check_x),
         latency_ms=_latency_ms(flatbuffer, check_x[:1]),
-        fixed_batch=_fixed_batch(flatbuffer),
+        fixed_batch=fixed_batch,
         **result,
     )
 
@@ -287,8 +288,8 @@ def _fixed_batch(flatbuffer: bytes) -> int | None:
     return None if size < 0 else size
 
 
-def _interpret(flatbuffer: bytes, x: np.ndarray, chunk: int = 64) -> np.ndarray:
-    chunk = _fixed_batch(flatbuffer) or chunk
+def _interpret(flatbuffer: bytes, x: np.ndarray, chunk: int) -> np.ndarray:
+    """Outputs over ``x`` in batches of ``chunk`` (the model's fixed batch size, if any)."""
     interpreters: dict[int, Any] = {}  # one per batch length (the last may be shorter)
     outputs = []
     for start in range(0, len(x), chunk):

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from tf_balancer._compat import _layers_of, is_layer
+from tf_balancer._compat import is_layer, layers_of
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import masked_copy
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 def _batch_norms(model: Any) -> list[Any]:
-    return [layer for layer in _layers_of(model) if is_layer(layer, "BatchNormalization")]
+    return [layer for layer in layers_of(model) if is_layer(layer, "BatchNormalization")]
 
 
 def recalibrate_batchnorm(model: Any, x: Any, batch_size: int = 256) -> int:
