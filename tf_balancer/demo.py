@@ -83,7 +83,7 @@ def run_demo(output: str = "demo_out", epochs: int = 10, seed: int = 0) -> dict:
     """Train the digits CNN with ``BalanceCallback`` to 50% FLOPs and export the result.
 
     The callback runs on its defaults - Taylor importance streamed from the
-    training batches, the default schedule (the dense model trains the first quarter,
+    training batches, the default schedule (the dense model trains the first eighth,
     pruning ramps to the target, the last quarter of the epochs recovers) -
     except ``round_to="auto"``: kept channel counts are multiples of the CPU's
     vector width, so the compacted model runs as fast as its FLOPs promise. The

@@ -153,10 +153,13 @@ def test_default_end_epoch_leaves_the_last_quarter_of_fit_to_recover():
     assert callback.schedule == [2, 5]  # final target by epoch 7: epochs 7..9 recover
 
 
-def test_default_schedule_trains_the_first_quarter_dense_and_recovers_in_the_last():
+def test_default_schedule_trains_the_first_eighth_dense_and_recovers_in_the_last_quarter():
     callback = BalanceCallback(importance="magnitude")
     _start(callback, _model(), epochs=8)
-    assert callback.schedule == [2, 3, 4, 5]
+    assert callback.schedule == [1, 2, 3, 4, 5]
+    callback = BalanceCallback(importance="magnitude")
+    _start(callback, _model(), epochs=24)
+    assert callback.schedule == list(range(3, 18))
     callback = BalanceCallback(importance="magnitude")
     _start(callback, _model(), epochs=3)
     assert callback.schedule == [1]  # at least one dense and one recovery epoch

@@ -47,11 +47,11 @@ def default_fit(digits):
 
 def test_no_argument_callback_meets_half_the_flops(default_fit):
     _, callback, history, _ = default_fit
-    assert callback.schedule == [2, 3, 4, 5]
+    assert callback.schedule == [1, 2, 3, 4, 5]
     assert history.history["balancer/flops_ratio"][-1] <= 0.5 + 1e-3
     report = callback.report
     assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
-    assert report["dense"]["trained_epochs"] == 2  # the snapshot at the first rebalance
+    assert report["dense"]["trained_epochs"] == 1  # the snapshot at the first rebalance
 
 
 def test_history_has_validation_macro_f1_equal_to_sklearn_every_epoch(default_fit, digits):

@@ -132,7 +132,7 @@ class BalanceCallback(keras.callbacks.Callback):
             ``apoz`` need ``probe_data``. Defaults to ``"taylor"``.
         strategy: ``"balanced"``, ``"uniform"`` or ``"global"``. Defaults to ``"balanced"``.
         begin_epoch: first epoch (0-based) that rebalances. Defaults to None:
-            a quarter of ``fit``'s epochs (at least 1; 0 for a one-epoch ``fit``),
+            an eighth of ``fit``'s epochs (at least 1; 0 for a one-epoch ``fit``),
             so the dense model trains first.
         end_epoch: last epoch that may rebalance; the final target is reached
             there. Defaults to None: early enough to leave the last quarter of
