@@ -6,9 +6,15 @@ For EfficientNetB0 and DenseNet121 (``weights=None``, 64x64), times one
 per-pass seconds, and a verdict per model against the targets of issue 13:
 pipeline <= 8 s and <= 3x one ``analyze``.
 
+``--end-of-training`` instead times what ``BalanceCallback`` does after a short
+``fit`` of ResNet50 (64x64, 3 epochs on 128 random samples, ``target=0.5``):
+compaction, the passes and the report, from ``on_train_end`` to ``fit``'s
+return, against one ``analyze`` of the same model (target <= 3x).
+
 Usage::
 
     python -m benchmarks.bench_pipeline [--models EfficientNetB0 DenseNet121]
+    python -m benchmarks.bench_pipeline --end-of-training
 """
 
 from __future__ import annotations
@@ -46,6 +52,35 @@ def run_one(name: str) -> dict[str, Any]:
     }
 
 
+def end_of_training(name: str = "ResNet50") -> dict[str, float]:
+    """Seconds of one ``analyze`` and of the callback's end of training on ``name``."""
+    import numpy as np
+
+    from tf_balancer import BalanceCallback
+    from tf_balancer._compat import keras
+    from tf_balancer.analysis import analyze
+
+    class TrainEnd(keras.callbacks.Callback):
+        """Listed before the balancer: when its ``on_train_end`` starts."""
+
+        def on_train_end(self, logs=None):
+            self.at = time.perf_counter()
+
+    keras.utils.set_random_seed(0)
+    model = getattr(keras.applications, name)(weights=None, input_shape=(64, 64, 3), classes=10)
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+    x = np.random.default_rng(0).random((128, 64, 64, 3), np.float32)
+    y = np.arange(128) % 10
+    analyze(model)  # warm-up
+    start = time.perf_counter()
+    analyze(model)
+    t_analyze = time.perf_counter() - start
+    timer = TrainEnd()
+    balancer = BalanceCallback(target=0.5, validation_data=(x[:64], y[:64]))
+    model.fit(x, y, epochs=3, batch_size=32, callbacks=[timer, balancer], verbose=0)
+    return {"analyze": t_analyze, "end_of_training": time.perf_counter() - timer.at}
+
+
 def report(results: dict[str, dict[str, Any]]) -> str:
     lines = []
     for name, r in results.items():
@@ -64,7 +99,17 @@ def report(results: dict[str, dict[str, Any]]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["EfficientNetB0", "DenseNet121"])
+    parser.add_argument("--end-of-training", action="store_true", help=end_of_training.__doc__)
     args = parser.parse_args(argv)
+    if args.end_of_training:
+        r = end_of_training()
+        ratio = r["end_of_training"] / r["analyze"]
+        print(
+            f"ResNet50 (64x64): analyze {r['analyze']:.1f} s; end of training "
+            f"{r['end_of_training']:.1f} s\nverdict: {'PASS' if ratio <= TARGET_RATIO else 'FAIL'}: "
+            f"{ratio:.1f}x analyze (target <= {TARGET_RATIO:g}x)"
+        )
+        return 0
     print(report({name: run_one(name) for name in args.models}))
     return 0
 

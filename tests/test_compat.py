@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import keras as keras3  # the Keras 3 package (installed alongside tf_keras)
+import numpy as np
 import pytest
 import tensorflow as tf
 import tf_keras
@@ -121,3 +122,20 @@ def test_weight_attribute_maps_keras3_depthwise_kernel():
 def test_unsupported_model_error_is_catchable_as_type_error_and_base():
     assert issubclass(UnsupportedModelError, TypeError)
     assert issubclass(UnsupportedModelError, TFBalancerError)
+
+
+@pytest.mark.parametrize("inputs", [1, 2])
+def test_save_serving_model_writes_a_saved_model_that_serves_the_same_outputs(tmp_path, inputs):
+    keras.utils.set_random_seed(0)
+    ins = [keras.Input((4,), name=f"x{i}") for i in range(inputs)]
+    joined = ins[0] if inputs == 1 else keras.layers.Concatenate()(ins)
+    hidden = keras.layers.BatchNormalization()(keras.layers.Dense(3, activation="relu")(joined))
+    model = keras.Model(ins, keras.layers.Dense(2)(hidden))
+    path = str(tmp_path / "serving")
+    adapter_for(model).save_serving_model(model, path)
+    served = tf.saved_model.load(path).signatures["serving_default"]
+    xs = [tf.random.stateless_normal([5, 4], seed=(i, 0)) for i in range(inputs)]
+    (output,) = served(**{f"input_{i}": x for i, x in enumerate(xs)}).values()
+    expected = model(xs[0] if inputs == 1 else xs, training=False)
+    np.testing.assert_allclose(output.numpy(), expected.numpy(), atol=1e-6)
+    assert not (tmp_path / "serving" / "keras_metadata.pb").exists()  # only what serving needs

@@ -297,3 +297,20 @@ def test_one_progress_line_per_pass_at_the_level_asked(caplog):
     with caplog.at_level(logging.INFO, logger="tf_balancer.optimizer"):
         MetaOptimizer(passes).run(_model())  # default: DEBUG, not shown at INFO
     assert not [r for r in caplog.records if r.name == "tf_balancer.optimizer"]
+
+
+def test_a_known_analysis_is_used_instead_of_analysing_again(monkeypatch):
+    from tf_balancer import optimizer as optimizer_module
+
+    analysed = []
+    real = optimizer_module._analysed
+    monkeypatch.setattr(optimizer_module, "_analysed", lambda m: analysed.append(m) or real(m))
+    model = _model()
+    stripped, report = MetaOptimizer(["strip_training_ops"]).run(model)
+    assert analysed == [model, stripped]  # the input, then the applied pass's result
+    assert report.analysis.cost.flops == report.records[0].after["flops"]
+    folded, more = MetaOptimizer(["fold_batchnorm"]).run(stripped, analysis=report.analysis)
+    assert analysed[2:] == [folded]  # only the new result
+    assert more.records[0].before == report.records[0].after
+    assert more.records[0].after == real(folded)[0]
+    _assert_same_model(folded, _by_hand(model, ["strip_training_ops", "fold_batchnorm"]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 
 import numpy as np
 import pytest
@@ -307,3 +308,19 @@ def test_log_layer_summaries_writes_scalars_and_histograms(tmp_path):
     assert step == 3
     assert float(tf.make_ndarray(value.tensor)) == pytest.approx(0.75)
     assert len(events["balancer_attention/all_layers"]) == 1  # nothing for an empty kind
+
+
+def test_measure_latency_stops_timing_after_its_budget_but_not_before_three_calls():
+    calls = []
+
+    def slow(x):
+        calls.append(1)
+        time.sleep(0.06)
+        return x
+
+    ms = measure_latency(slow, (None, 2), batch_size=1, repeats=20, budget_s=0.1)
+    assert len(calls) == 3 + 3  # trace and warm-up, then the minimum of 3 timed calls
+    assert ms >= 60.0
+    calls.clear()
+    measure_latency(slow, (None, 2), batch_size=1, repeats=8, budget_s=None)
+    assert len(calls) == 3 + 8

@@ -21,7 +21,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from tf_balancer.verify import (
     random_inputs,
     run_model,
 )
+
+if TYPE_CHECKING:
+    from tf_balancer.analysis import ModelAnalysis
 
 __all__ = ["PassRecord", "OptimizationReport", "MetaOptimizer", "model_stats"]
 
@@ -63,6 +66,7 @@ class OptimizationReport:
     """All pass records, in order."""
 
     records: tuple[PassRecord, ...]
+    analysis: ModelAnalysis | None = None  # of the model returned (Keras models only)
 
     @property
     def rolled_back(self) -> list[str]:
@@ -93,23 +97,23 @@ class OptimizationReport:
 
 def model_stats(model: Any) -> dict[str, int]:
     """Layers, params and FLOPs (batch 1) of a Keras model or a concrete function."""
-    return _stats_and_graph(model)[0]
+    return _analysed(model)[0]
 
 
-def _stats_and_graph(model: Any) -> tuple[dict[str, int], LayerGraph | None]:
-    """:func:`model_stats` and, for a Keras model, its layer graph (for the next pass)."""
+def _stats_of(analysis: ModelAnalysis) -> dict[str, int]:
+    cost = analysis.cost
+    return {"layers": len(analysis.graph.nodes), "params": cost.params, "flops": cost.flops}
+
+
+def _analysed(model: Any) -> tuple[dict[str, int], ModelAnalysis | None]:
+    """:func:`model_stats` and, for a Keras model, its analysis (the next pass's graph)."""
     from tf_balancer.graph.trace import constant_params, op_flops, trace_function
 
     if is_keras_model(model):
         from tf_balancer.analysis import analyze
 
         analysis = analyze(model, frozen=False)  # costs are the same; freezing is slow
-        stats = {
-            "layers": len(analysis.graph.nodes),
-            "params": analysis.cost.params,
-            "flops": analysis.cost.flops,
-        }
-        return stats, analysis.graph
+        return _stats_of(analysis), analysis
     traced = trace_function(model)
     stats = {
         "layers": len(traced.graph_def.node),
@@ -163,18 +167,31 @@ class MetaOptimizer:
         self._outputs = _Outputs()
 
     @quietly
-    def run(self, model: Any, ctx: PassContext | None = None) -> tuple[Any, OptimizationReport]:
+    def run(
+        self,
+        model: Any,
+        ctx: PassContext | None = None,
+        analysis: ModelAnalysis | None = None,
+    ) -> tuple[Any, OptimizationReport]:
         """Optimize ``model`` (never modified); returns the new model and the report.
 
         A subclassed model is optimized through its functional twin (same layers,
         same outputs): what comes back is a functional model.
+
+        Args:
+            model: a Keras model (or a concrete function, for graph passes).
+            ctx: the passes' context. Defaults to None (an empty one).
+            analysis: ``model``'s analysis when one was made already (weights may
+                have changed since, not layers): it is used instead of analysing
+                ``model`` again, e.g. the report's ``analysis`` of an earlier run
+                whose model was fine-tuned in place. Defaults to None.
         """
         ctx = ctx or PassContext()
         if is_keras_model(model):
             model = functional_twin(model)
         probe = ctx.probe_inputs if ctx.probe_inputs is not None else random_inputs(model)
         self._outputs = _Outputs()  # a pass's result is the next pass's reference
-        current = _stats_and_graph(model)
+        current = (_stats_of(analysis), analysis) if analysis is not None else _analysed(model)
         records = []
         for graph_pass in self.passes:
             model, current, record = self._run_one(graph_pass, model, current, ctx, probe)
@@ -188,26 +205,26 @@ class MetaOptimizer:
                 f"{record.before['flops']:,}",
                 f"{record.after['flops']:,}",
             )
-        return model, OptimizationReport(tuple(records))
+        return model, OptimizationReport(tuple(records), current[1])
 
     def _run_one(
         self, graph_pass: GraphPass, model: Any, current: tuple, ctx: PassContext, probe: Any
     ):
-        """One pass; ``current`` is ``(stats, layer graph)`` of ``model``, reused (each
+        """One pass; ``current`` is ``(stats, analysis)`` of ``model``, reused (each
         applied pass analyses its result once, and the next pass starts from that)."""
         name = graph_pass.name
         start = time.perf_counter()
-        stats, graph = current
+        stats, analysis = current
         snapshot = _weights_of(model)
         try:
-            graph = graph if graph is not None else LayerGraph.from_model(model)
+            graph = analysis.graph if analysis is not None else LayerGraph.from_model(model)
             result = graph_pass.run(model, graph, ctx)
             _restore_if_mutated(model, snapshot)
             outcome = Outcome(True)
             after = current
             if result.changed:
                 outcome = self._verify(graph_pass, model, graph, ctx, result.model, probe)
-                after = _stats_and_graph(result.model) if outcome.ok else current
+                after = _analysed(result.model) if outcome.ok else current
         except Exception as err:  # any failure of a pass is rolled back, by design
             if self.fail_on_error:
                 raise PassError(f"pass {name!r} failed: {err}") from err

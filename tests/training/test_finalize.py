@@ -177,3 +177,12 @@ def test_on_train_end_without_probe_or_validation_data(digits):
     callback.on_train_end()
     assert callback.optimized_model is not None
     assert callback.report["final"]["flops"] < callback.report["dense"]["flops"]
+
+
+def test_report_costs_are_those_of_the_dense_and_optimized_models(finalized):
+    # The report takes them from the analysis and the last pass record, not new analyses.
+    callback, optimized, report = finalized
+    fresh = analyze(callback.finalize_inputs().dense_model).cost
+    assert (report["dense"]["flops"], report["dense"]["params"]) == (fresh.flops, fresh.params)
+    fresh = analyze(optimized).cost
+    assert (report["final"]["flops"], report["final"]["params"]) == (fresh.flops, fresh.params)

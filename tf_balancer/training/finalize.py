@@ -130,16 +130,21 @@ class Finalizer:
             "end of training: %s, then measuring dense vs optimized", ", ".join(first + second)
         )
         records = []
+        # The trained model was analysed when the job began (weights changed since, not layers).
+        analysed, analysis = job.model, job.analysis
         if first:
-            model, report = MetaOptimizer(first, **_LOG_LEVELS).run(model, ctx)
+            known = analysis if model is analysed else None
+            model, report = MetaOptimizer(first, **_LOG_LEVELS).run(model, ctx, known)
             records += report.records
+            analysed, analysis = model, report.analysis
         if job.recalibrate_x is not None and model is not job.model:  # never the user's
             layers = recalibrate_batchnorm(model, job.recalibrate_x)
             logger.info("re-estimated %d BatchNorm layers' statistics on the data", layers)
         model = self.finetune(model)
-        if second:
+        if second:  # fine-tuning and re-estimation change weights in place, not layers
             optimizer = MetaOptimizer(second, **_LOG_LEVELS)
-            model, report = optimizer.run(model, dataclasses.replace(ctx, plan=None))
+            known = analysis if model is analysed else None
+            model, report = optimizer.run(model, dataclasses.replace(ctx, plan=None), known)
             records += report.records
         start = time.perf_counter()
         report = self.build_report(model, plan, records)
@@ -200,9 +205,13 @@ class Finalizer:
         model, self.finetune_log = finetune(model, job.model, settings, job.validation_data)
         return model
 
-    def summarize(self, model: Any) -> dict[str, Any]:
-        analysis = analyze(model, frozen=False)
-        summary: dict[str, Any] = {"flops": analysis.cost.flops, "params": analysis.cost.params}
+    def summarize(self, model: Any, cost: dict[str, int] | None = None) -> dict[str, Any]:
+        """FLOPs and params (``cost``, when already known), task scores and latency on
+        the validation data, SavedModel sizes."""
+        if cost is None:
+            analysis = analyze(model, frozen=False)
+            cost = {"flops": analysis.cost.flops, "params": analysis.cost.params}
+        summary: dict[str, Any] = {"flops": cost["flops"], "params": cost["params"]}
         validation = self.inputs.validation_data
         if validation is not None:
             # The task is read from the trained (compiled) model; compacted copies are not compiled.
@@ -244,19 +253,27 @@ class Finalizer:
                     rows[-1]["head_attention"] = self.inputs.head_attention[group.id]
         return rows
 
+    @staticmethod
+    def _cost(analysis: ModelAnalysis) -> dict[str, int]:
+        return {"flops": analysis.cost.flops, "params": analysis.cost.params}
+
     def dense_summary(self) -> dict[str, Any]:
         """The dense column: the model named by ``dense_model`` and ``dense_epoch``."""
         job = self.inputs
         if job.dense_model is None:
             # A resumed run: the dense weights were not checkpointed, only the structure.
-            return {"flops": self.analysis.cost.flops, "params": self.analysis.cost.params}
-        summary = self.summarize(job.dense_model)
+            return self._cost(self.analysis)
+        # The dense model has the trained model's layers: the analysis already has its cost.
+        known = self._cost(self.analysis) if self.analysis is not None else None
+        summary = self.summarize(job.dense_model, known)
         summary["trained_epochs"] = job.dense_epoch
         return summary
 
     def build_report(self, model: Any, plan: KeepPlan | None, records: list) -> dict[str, Any]:
         job = self.inputs
-        dense, final = self.dense_summary(), self.summarize(model)
+        # The last pass record measured the model it returned (fine-tuning keeps the layers).
+        final_cost = records[-1].after if records else None
+        dense, final = self.dense_summary(), self.summarize(model, final_cost)
         compacted = any(r.name == "prune_channels" and r.status == "applied" for r in records)
         report = {
             "mode": job.mode,
