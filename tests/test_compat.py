@@ -139,3 +139,20 @@ def test_save_serving_model_writes_a_saved_model_that_serves_the_same_outputs(tm
     expected = model(xs[0] if inputs == 1 else xs, training=False)
     np.testing.assert_allclose(output.numpy(), expected.numpy(), atol=1e-6)
     assert not (tmp_path / "serving" / "keras_metadata.pb").exists()  # only what serving needs
+
+
+def test_save_serving_model_of_a_subclassed_tf_keras_model_saves_it_whole(tmp_path):
+    class Twice(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return 2.0 * self.dense(x)
+
+    model = Twice()
+    x = tf.ones([3, 4])
+    expected = model(x)
+    path = str(tmp_path / "subclassed")
+    adapter_for(model).save_serving_model(model, path)  # no model.inputs to sign
+    np.testing.assert_allclose(tf.saved_model.load(path)(x).numpy(), expected.numpy(), atol=1e-6)
