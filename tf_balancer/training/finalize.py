@@ -88,6 +88,14 @@ class FinalizeInputs:
     recalibrate_x: Any = None
 
 
+def _timed(what: str, measure: Any) -> dict[str, Any]:
+    """``measure()``, with a progress line saying how long it took."""
+    start = time.perf_counter()
+    summary = measure()
+    logger.info("measured %s in %.1f s", what, time.perf_counter() - start)
+    return summary
+
+
 class Finalizer:
     """Turns a trained (masked) model into the optimized model and its report."""
 
@@ -146,9 +154,7 @@ class Finalizer:
             known = analysis if model is analysed else None
             model, report = optimizer.run(model, dataclasses.replace(ctx, plan=None), known)
             records += report.records
-        start = time.perf_counter()
         report = self.build_report(model, plan, records)
-        logger.info("measured dense vs optimized in %.1f s", time.perf_counter() - start)
         self.warn_shortfall(report)
         logger.info("result:\n%s", summary_markdown(report))
         return model, report
@@ -273,7 +279,8 @@ class Finalizer:
         job = self.inputs
         # The last pass record measured the model it returned (fine-tuning keeps the layers).
         final_cost = records[-1].after if records else None
-        dense, final = self.dense_summary(), self.summarize(model, final_cost)
+        dense = _timed("the dense model", self.dense_summary)
+        final = _timed("the optimized model", lambda: self.summarize(model, final_cost))
         compacted = any(r.name == "prune_channels" and r.status == "applied" for r in records)
         report = {
             "mode": job.mode,
