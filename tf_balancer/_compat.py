@@ -221,10 +221,15 @@ class KerasAdapter:
             self.save_saved_model(model, path)
             return
         specs = [tf.TensorSpec(t.shape, t.dtype, f"input_{i}") for i, t in enumerate(model.inputs)]
-        serve = tf.function(lambda *x: model(x[0] if len(x) == 1 else list(x), training=False))
+        # A tf.function with its signature, not a concrete function: under a
+        # multi-worker strategy only that saves with distributed variables.
+        serve = tf.function(
+            lambda *x: model(x[0] if len(x) == 1 else list(x), training=False),
+            input_signature=specs,
+        )
         root = tf.Module()
         root.captured = list(model.variables)  # tracked, so saved with the signature
-        tf.saved_model.save(root, path, signatures=serve.get_concrete_function(*specs))
+        tf.saved_model.save(root, path, signatures=serve)
 
 
 _ADAPTERS: dict[int, KerasAdapter] = {2: KerasAdapter(keras, 2)}
