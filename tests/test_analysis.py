@@ -82,6 +82,18 @@ def test_inspect_rows_and_totals():
     assert result.source == "Functional"
 
 
+def test_inspect_says_why_a_layer_it_cannot_prune_through_is_not_prunable():
+    # An opaque layer's row carries the reason, not only its consumers' rows.
+    inp = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inp)
+    x = keras.layers.LayerNormalization(name="norm")(x)
+    x = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(x)
+    rows = {r.name: r for r in inspect(keras.Model(inp, keras.layers.Conv2D(1, 1)(x))).rows}
+    assert "normalises across channels" in rows["conv"].why_not
+    assert "normalises across channels" in rows["norm"].why_not
+    assert not rows["up"].prunable and "does not understand" in rows["up"].why_not
+
+
 def test_inspect_table_lists_every_layer_and_the_total():
     table = inspect(_model()).table()
     lines = table.splitlines()

@@ -183,7 +183,9 @@ def _rows_from_analysis(analysis: ModelAnalysis) -> list[InspectRow]:
         group = analysis.graph.groups.get(gid) if gid is not None else None
         owns = node.role in ("producer", "attention")
         prunable = bool(group and group.prunable and owns)
-        why = "" if prunable or not owns or group is None else "; ".join(group.reasons)
+        # An opaque layer (not understood, or cutting across channels) says why too.
+        explains = owns or node.role == "opaque"
+        why = "" if prunable or not explains or group is None else "; ".join(group.reasons)
         rows.append(
             InspectRow(
                 node.name,
