@@ -8,12 +8,13 @@ logits (``classifier_activation=None``) so that differences are visible.
 
 from __future__ import annotations
 
+import keras as keras3
 import numpy as np
 import pytest
-from conftest import assert_model_unchanged, randomize_batchnorm, snapshot_model
+from conftest import assert_model_unchanged, profiler_flops, randomize_batchnorm, snapshot_model
 
 from tf_balancer._compat import keras
-from tf_balancer.analysis import analyze
+from tf_balancer.analysis import analyze, inspect
 from tf_balancer.attention.balance import KeepPlan, allocate
 from tf_balancer.attention.importance import group_scores
 from tf_balancer.attention.masks import masked_copy
@@ -178,8 +179,17 @@ def _nested():
     return keras.Model(inp, _head(_conv(4, "conv_out")(x))), ("conv0", "block/conv", "conv_out")
 
 
+def _transposed():
+    inp = keras.Input((8, 8, 3))
+    a = L.ReLU(name="relu_a")(_conv(6, "conv_a")(inp))
+    x = L.Conv2DTranspose(5, 3, strides=2, padding="same", name="up")(a)
+    x = L.ReLU(name="relu_up")(L.BatchNormalization(name="bn_up")(x))
+    return keras.Model(inp, _head(_conv(4, "conv_c")(x))), ("conv_a", "up", "conv_c")
+
+
 SMALL = {
     "concat": _concat,
+    "transposed": _transposed,
     "flatten_dense": _flatten_dense,
     "depthwise": _depthwise,
     "separable": _separable,
@@ -233,6 +243,36 @@ def test_small_model_compact_equals_masked(kind):
     x = _inputs(model, batch=2)
     _assert_compact_equals_masked(result.model, masked_copy(graph, plan), x)
     assert_model_unchanged(model, snapshot)
+
+
+@pytest.mark.parametrize("k", [keras, keras3], ids=["tf_keras", "keras3"])
+def test_transposed_conv_costs_what_the_profiler_counts_before_and_after_compaction(k):
+    k.utils.set_random_seed(0)
+    inp = k.Input((8, 8, 3))
+    x = k.layers.Conv2D(6, 3, padding="same", activation="relu")(inp)
+    x = k.layers.Conv2DTranspose(5, 3, strides=2, padding="same", name="up")(x)
+    model = k.Model(inp, k.layers.Conv2D(2, 1)(k.layers.ReLU()(x)))
+    analysis = analyze(model)
+    assert analysis.cost.flops == profiler_flops(analysis.traced.graph)
+    plan = _random_plan(
+        analysis.graph, [p for g in analysis.graph.prunable_groups for p in g.nodes("producer")]
+    )
+    compact = PruneChannels().run(model, analysis.graph, PassContext(plan=plan)).model
+    assert compact.get_layer("up").filters == 2
+    after = analyze(compact)
+    assert after.cost.flops == profiler_flops(after.traced.graph)
+    assert after.cost.flops == analysis.cost_under(plan.keep_counts).flops
+
+
+def test_conv3d_transpose_flops_are_counted_by_hand_where_the_profiler_has_none():
+    inp = keras.Input((4, 8, 8, 2))
+    up = keras.layers.Conv3DTranspose(4, 3, strides=2, padding="same", name="up")
+    model = keras.Model(inp, up(inp))
+    row = {r.name: r for r in inspect(model).rows}["up"]
+    # each of the 4*8*8 input positions: 3*3*3 taps x 2 inputs x 4 outputs multiply-adds;
+    # then one bias add per output element (8*16*16*4)
+    assert row.flops == 2 * (4 * 8 * 8) * 27 * 2 * 4 + 8 * 16 * 16 * 4
+    assert row.flops_source == "analytic"
 
 
 def test_concat_pruned_on_one_side_shrinks_only_that_side_of_the_consumer():

@@ -104,6 +104,10 @@ def core_coefficients(node: LayerNode, batch: int) -> tuple[float, float, float,
         return 2 * rows, 0, rows if config.get("use_bias") else 0, 0
     if cls in ("Conv1D", "Conv2D", "Conv3D"):
         return 2 * positions * kernel, 0, bias, 0
+    if cls in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
+        # every input position scatters a window of products into the output
+        inputs = batch * math.prod(int(d) for d in in_shape[1:-1])
+        return 2 * inputs * kernel, 0, bias, 0
     if cls in ("SeparableConv1D", "SeparableConv2D"):
         return 2 * positions, 2 * positions * kernel, bias, 0
     if cls in ("DepthwiseConv1D", "DepthwiseConv2D"):
@@ -151,13 +155,14 @@ def _wrapped(layer: Any) -> Any:
 
 def flops_source(node: LayerNode) -> str:
     """``"analytic"`` where TF's profiler has no statistics for a layer's main ops
-    (recurrent steps inside a ``while`` loop; ``Einsum`` in attention), counted by
+    (recurrent steps inside a ``while`` loop; ``Einsum`` in attention; a 3-D
+    transposed convolution), counted by
     this module's formulas instead; ``"profiler"`` otherwise."""
     inner = _wrapped(node.layer)
     if type(inner).__name__ in RECURRENT_GATES and not inner.get_config().get("unroll"):
         return "analytic"
-    if type(inner).__name__ in ("MultiHeadAttention", "EinsumDense"):
-        return "analytic"
+    if type(inner).__name__ in ("MultiHeadAttention", "EinsumDense", "Conv3DTranspose"):
+        return "analytic"  # Einsum, Conv3DBackpropInputV2: no profiler statistics
     return "profiler"
 
 

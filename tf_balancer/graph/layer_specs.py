@@ -7,7 +7,7 @@ channels. The layer graph uses it to build channel groups; masking and the
 model to count parameters under a plan. One table, three users.
 
 Roles:
-    ``producer``     creates new output channels (Conv, Dense, SeparableConv,
+    ``producer``     creates new output channels (Conv, ConvTranspose, Dense, SeparableConv,
                      Embedding) or units (LSTM, GRU, SimpleRNN - all gates and
                      the recurrent kernel together; also inside ``Bidirectional``
                      and ``TimeDistributed``).
@@ -100,6 +100,10 @@ class LayerSpec:
 
 _CONV = LayerSpec("producer", _axes(kernel=-1, bias=0), _axes(kernel=-2), width_key="filters")
 _DENSE = dataclasses.replace(_CONV, width_key="units")
+# A transposed convolution's kernel is (*window, filters, input channels).
+_CONV_TRANSPOSE = LayerSpec(
+    "producer", _axes(kernel=-2, bias=0), _axes(kernel=-1), width_key="filters"
+)
 _SEPARABLE = LayerSpec(
     "producer",
     _axes(pointwise_kernel=-1, bias=0),
@@ -146,6 +150,9 @@ _SPECS: dict[str, LayerSpec] = {
     "Conv1D": _CONV,
     "Conv2D": _CONV,
     "Conv3D": _CONV,
+    "Conv1DTranspose": _CONV_TRANSPOSE,
+    "Conv2DTranspose": _CONV_TRANSPOSE,
+    "Conv3DTranspose": _CONV_TRANSPOSE,
     "Dense": _DENSE,
     "SeparableConv1D": _SEPARABLE,
     "SeparableConv2D": _SEPARABLE,
