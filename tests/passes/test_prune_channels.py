@@ -264,6 +264,32 @@ def test_transposed_conv_costs_what_the_profiler_counts_before_and_after_compact
     assert after.cost.flops == analysis.cost_under(plan.keep_counts).flops
 
 
+@pytest.mark.parametrize("k", [keras, keras3], ids=["tf_keras", "keras3"])
+def test_a_3d_cnn_is_pruned_through_its_3d_pooling_padding_and_upsampling(k):
+    k.utils.set_random_seed(0)
+    L3 = k.layers
+    inp = k.Input((4, 8, 8, 1))
+    x = L3.Conv3D(6, 3, padding="same", activation="relu", name="c1")(inp)
+    x = L3.MaxPooling3D(name="pool")(L3.BatchNormalization(name="bn")(x))
+    x = L3.ZeroPadding3D(1)(L3.Conv3D(8, 3, padding="same", activation="relu", name="c2")(x))
+    x = L3.UpSampling3D()(L3.SpatialDropout3D(0.1)(x))
+    x = L3.AveragePooling3D(2)(L3.Cropping3D(1)(x))
+    x = L3.GlobalAveragePooling3D()(L3.Conv3D(5, 1, activation="relu", name="c3")(x))
+    model = randomize_batchnorm(k.Model(inp, L3.Dense(3)(x)), seed=1)
+    analysis = analyze(model)
+    assert analysis.cost.flops == profiler_flops(analysis.traced.graph)
+    producers = ["c1", "c2", "c3"]
+    assert (
+        sorted(p for g in analysis.graph.prunable_groups for p in g.nodes("producer")) == producers
+    )
+    plan = _random_plan(analysis.graph, producers)
+    compact = PruneChannels().run(model, analysis.graph, PassContext(plan=plan)).model
+    _assert_compact_equals_masked(compact, masked_copy(analysis.graph, plan), _inputs(model))
+    # Keras 3's UpSampling3D has a few shape-arithmetic FLOPs that do not scale with channels
+    expected = analysis.cost_under(plan.keep_counts).flops
+    assert analyze(compact).cost.flops == pytest.approx(expected, rel=1e-4)
+
+
 def test_conv3d_transpose_flops_are_counted_by_hand_where_the_profiler_has_none():
     inp = keras.Input((4, 8, 8, 2))
     up = keras.layers.Conv3DTranspose(4, 3, strides=2, padding="same", name="up")

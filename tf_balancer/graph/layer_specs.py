@@ -173,8 +173,10 @@ _SPECS: dict[str, LayerSpec] = {
         for name in (
             "GlobalAveragePooling1D",
             "GlobalAveragePooling2D",
+            "GlobalAveragePooling3D",
             "GlobalMaxPooling1D",
             "GlobalMaxPooling2D",
+            "GlobalMaxPooling3D",
         )
     },
     **{
@@ -194,14 +196,20 @@ _SPECS: dict[str, LayerSpec] = {
             "ActivityRegularization",
             "MaxPooling1D",
             "MaxPooling2D",
+            "MaxPooling3D",
             "AveragePooling1D",
             "AveragePooling2D",
+            "AveragePooling3D",
             "ZeroPadding1D",
             "ZeroPadding2D",
+            "ZeroPadding3D",
             "Cropping1D",
             "Cropping2D",
+            "Cropping3D",
             "UpSampling1D",
             "UpSampling2D",
+            "UpSampling3D",
+            "SpatialDropout3D",
             "Reshape",  # only when it keeps the channel axis: see opaque_reason
             "Rescaling",  # a scalar scale and offset
         )
