@@ -313,3 +313,32 @@ def test_prune_one_shot_works_on_a_keras3_model(digits):
     assert len(report["finetune"]["scores"]) == 2  # the compacted model, one fine-tuned epoch
     for got, want in zip(model.get_weights(), weights, strict=True):
         np.testing.assert_array_equal(got, want)
+
+
+def test_balance_callback_prunes_a_keras3_unet_with_transposed_convolutions():
+    # A regression U-Net: Conv2DTranspose up-sampling, BatchNorm, a skip Concatenate.
+    layers = keras3.layers
+    keras3.utils.set_random_seed(0)
+    inp = keras3.Input((16, 16, 1))
+    down = layers.Conv2D(16, 3, padding="same", activation="relu", name="down")(inp)
+    deep = layers.Conv2D(32, 3, strides=2, padding="same", activation="relu", name="deep")(down)
+    up = layers.Conv2DTranspose(16, 3, strides=2, padding="same", name="up")(deep)
+    up = layers.ReLU()(layers.BatchNormalization()(up))
+    x = layers.Conv2D(16, 3, padding="same", activation="relu", name="merge")(
+        layers.Concatenate()([up, down])
+    )
+    model = keras3.Model(inp, layers.Conv2D(1, 1, name="out")(x))
+    model.compile(optimizer="adam", loss="mse")
+    images = np.random.default_rng(0).random((192, 16, 16, 1)).astype("float32")
+    callback = tfb.BalanceCallback(verbose=0, validation_data=(images[:32], images[:32]))
+    model.fit(images, images, epochs=4, batch_size=32, callbacks=[callback], verbose=0)
+    report = callback.report
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
+    assert callback.optimized_model.get_layer("up").filters < 16
+    assert {"mae", "rmse"} <= set(report["final"])
+    np.testing.assert_allclose(
+        callback.optimized_model.predict(images[:8], verbose=0),
+        model.predict(images[:8], verbose=0),
+        rtol=1e-4,
+        atol=1e-4,
+    )
