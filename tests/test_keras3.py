@@ -335,6 +335,8 @@ def test_balance_callback_prunes_a_keras3_unet_with_transposed_convolutions():
     report = callback.report
     assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
     assert callback.optimized_model.get_layer("up").filters < 16
+    passes = {p["name"]: p["status"] for p in report["passes"]}
+    assert passes["fold_batchnorm"] == passes["fuse_activation"] == "applied"
     assert {"mae", "rmse"} <= set(report["final"])
     np.testing.assert_allclose(
         callback.optimized_model.predict(images[:8], verbose=0),

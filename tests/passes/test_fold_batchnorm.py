@@ -70,11 +70,15 @@ def test_resnet50_folds_every_batchnorm(resnet50):
 
 
 def _small(kind, use_bias, bn_kwargs):
-    shapes = {"conv1d": (10, 3), "dense": (6,)}
+    shapes = {"conv1d": (10, 3), "conv1d_transpose": (10, 3), "dense": (6,)}
     inp = keras.Input(shapes.get(kind, (8, 8, 3)), name="inp")
     make = {
         "conv1d": lambda: L.Conv1D(5, 3, use_bias=use_bias, name="conv"),
         "conv2d": lambda: L.Conv2D(5, 3, strides=2, use_bias=use_bias, name="conv"),
+        "conv2d_transpose": lambda: L.Conv2DTranspose(
+            5, 3, strides=2, use_bias=use_bias, name="conv"
+        ),
+        "conv1d_transpose": lambda: L.Conv1DTranspose(5, 3, use_bias=use_bias, name="conv"),
         "depthwise": lambda: L.DepthwiseConv2D(3, use_bias=use_bias, name="conv"),
         "depthwise_dm2": lambda: L.DepthwiseConv2D(
             3, depth_multiplier=2, use_bias=use_bias, name="conv"
@@ -89,7 +93,17 @@ def _small(kind, use_bias, bn_kwargs):
 
 
 @pytest.mark.parametrize(
-    "kind", ["conv1d", "conv2d", "depthwise", "depthwise_dm2", "separable", "dense"]
+    "kind",
+    [
+        "conv1d",
+        "conv2d",
+        "conv2d_transpose",
+        "conv1d_transpose",
+        "depthwise",
+        "depthwise_dm2",
+        "separable",
+        "dense",
+    ],
 )
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_each_layer_type_folds_exactly(kind, use_bias):

@@ -25,6 +25,7 @@ def _assert_equivalent(model, new_model, shape, seed=0):
 _PRODUCERS = {
     "conv1d": ((10, 3), lambda: L.Conv1D(5, 3, name="conv")),
     "conv2d": ((8, 8, 3), lambda: L.Conv2D(5, 3, name="conv")),
+    "conv2d_transpose": ((4, 4, 3), lambda: L.Conv2DTranspose(5, 3, strides=2, name="conv")),
     "depthwise": ((8, 8, 3), lambda: L.DepthwiseConv2D(3, name="conv")),
     "separable": ((8, 8, 3), lambda: L.SeparableConv2D(5, 3, name="conv")),
     "dense": ((6,), lambda: L.Dense(5, name="conv")),

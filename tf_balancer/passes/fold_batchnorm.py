@@ -16,7 +16,8 @@ called with ``training=True`` and uses neither renorm, virtual batches nor an
 adjustment function. The folded layer keeps the conv's name (or the BN's name
 when the BN produced a model output) and always has ``use_bias=True``.
 
-Supported: Conv1D/2D/3D, Dense, DepthwiseConv1D/2D (output channel
+Supported: Conv1D/2D/3D, Conv1D/2D/3DTranspose (their kernel's second-to-last
+axis is scaled), Dense, DepthwiseConv1D/2D (output channel
 ``c * depth_multiplier + m`` scales ``depthwise_kernel[..., c, m]``) and
 SeparableConv1D/2D (the pointwise kernel is scaled).
 
@@ -55,25 +56,20 @@ from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register
 __all__ = ["FoldBatchNorm", "fold_weights"]
 
 
-# built-in layer class name -> (its kernel attributes in weight order, the scaled one, how many
-# trailing axes of the scaled kernel index the output channels)
-_FOLDABLE: dict[str, tuple[tuple[str, ...], str, int]] = {
-    "Conv1D": (("kernel",), "kernel", 1),
-    "Conv2D": (("kernel",), "kernel", 1),
-    "Conv3D": (("kernel",), "kernel", 1),
-    "Dense": (("kernel",), "kernel", 1),
-    "DepthwiseConv1D": (("depthwise_kernel",), "depthwise_kernel", 2),
-    "DepthwiseConv2D": (("depthwise_kernel",), "depthwise_kernel", 2),
-    "SeparableConv1D": (
-        ("depthwise_kernel", "pointwise_kernel"),
-        "pointwise_kernel",
-        1,
-    ),
-    "SeparableConv2D": (
-        ("depthwise_kernel", "pointwise_kernel"),
-        "pointwise_kernel",
-        1,
-    ),
+# built-in layer class name -> (its kernel attributes in weight order, the scaled one, the
+# axes of the scaled kernel that index the output channels)
+_FOLDABLE: dict[str, tuple[tuple[str, ...], str, tuple[int, ...]]] = {
+    **{name: (("kernel",), "kernel", (-1,)) for name in ("Conv1D", "Conv2D", "Conv3D", "Dense")},
+    # a transposed convolution's kernel is (*window, filters, input channels)
+    **{f"Conv{d}DTranspose": (("kernel",), "kernel", (-2,)) for d in (1, 2, 3)},
+    **{
+        name: (("depthwise_kernel",), "depthwise_kernel", (-2, -1))
+        for name in ("DepthwiseConv1D", "DepthwiseConv2D")
+    },
+    **{
+        name: (("depthwise_kernel", "pointwise_kernel"), "pointwise_kernel", (-1,))
+        for name in ("SeparableConv1D", "SeparableConv2D")
+    },
 }
 
 
@@ -119,12 +115,15 @@ def fold_weights(conv: Any, bn: Any) -> dict[str, np.ndarray]:
     scaled = weight_attribute(conv, scaled)
     weights = {attr: getattr(conv, attr).numpy().astype(np.float64) for attr in kernels}
     kernel = weights[scaled]
-    if int(np.prod(kernel.shape[-axes:])) != mean.shape[0]:
+    shape = [1] * kernel.ndim  # scale broadcast along the output-channel axes
+    for axis in axes:
+        shape[axis] = kernel.shape[axis]
+    if int(np.prod(shape)) != mean.shape[0]:
         raise ValueError(
             f"cannot fold {bn.name!r} ({mean.shape[0]} channels) into {conv.name!r} "
             f"(kernel {kernel.shape}); the BatchNormalization must follow the layer directly"
         )
-    weights[scaled] = kernel * scale.reshape(kernel.shape[-axes:])
+    weights[scaled] = kernel * np.reshape(scale, shape)
     bias = conv.bias.numpy().astype(np.float64) if conv.bias is not None else 0.0
     weights["bias"] = (bias - mean) * scale + beta
     return weights

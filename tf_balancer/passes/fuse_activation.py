@@ -10,7 +10,7 @@ kernel launch) less. Fused activations:
 * ``Activation(name)`` for any activation name tf_keras resolves.
 
 Other ReLU settings (a negative slope, a threshold, another cap) have no
-activation-name equivalent and are left alone. The producer must be a Conv1D/2D/3D,
+activation-name equivalent and are left alone. The producer must be a Conv1D/2D/3D(Transpose),
 Dense, DepthwiseConv1D/2D or SeparableConv1D/2D with a linear activation, called
 once, whose output feeds only the activation layer. The fused layer keeps the
 conv's name (or the activation's name when that produced a model output).
@@ -51,6 +51,9 @@ _PRODUCERS: tuple[str, ...] = (
     "Conv1D",
     "Conv2D",
     "Conv3D",
+    "Conv1DTranspose",
+    "Conv2DTranspose",
+    "Conv3DTranspose",
     "Dense",
     "DepthwiseConv1D",
     "DepthwiseConv2D",
