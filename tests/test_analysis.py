@@ -84,14 +84,22 @@ def test_inspect_rows_and_totals():
 
 def test_inspect_says_why_a_layer_it_cannot_prune_through_is_not_prunable():
     # An opaque layer's row carries the reason, not only its consumers' rows.
+    class Scale(keras.layers.Layer):  # a custom layer: its channel semantics are unknown
+        def build(self, input_shape):
+            self.w = self.add_weight(name="w", shape=(int(input_shape[-1]),))
+
+        def call(self, x):
+            return x * self.w
+
     inp = keras.Input((8, 8, 1))
     x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(inp)
     x = keras.layers.LayerNormalization(name="norm")(x)
-    x = keras.layers.Conv2DTranspose(4, 3, strides=2, padding="same", name="up")(x)
+    x = Scale(name="scale")(keras.layers.Conv2D(4, 3, padding="same", name="conv2")(x))
     rows = {r.name: r for r in inspect(keras.Model(inp, keras.layers.Conv2D(1, 1)(x))).rows}
     assert "normalises across channels" in rows["conv"].why_not
     assert "normalises across channels" in rows["norm"].why_not
-    assert not rows["up"].prunable and "does not understand" in rows["up"].why_not
+    assert not rows["conv2"].prunable and "does not understand" in rows["conv2"].why_not
+    assert not rows["scale"].prunable and "does not understand" in rows["scale"].why_not
 
 
 def test_inspect_table_lists_every_layer_and_the_total():
