@@ -314,3 +314,5 @@ def test_a_known_analysis_is_used_instead_of_analysing_again(monkeypatch):
     assert more.records[0].before == report.records[0].after
     assert more.records[0].after == real(folded)[0]
     _assert_same_model(folded, _by_hand(model, ["strip_training_ops", "fold_batchnorm"]))
+    MetaOptimizer(["fold_batchnorm"]).run(model, analysis=report.analysis)  # not model's
+    assert analysed[-2] is model  # so model is analysed, then the pass's result

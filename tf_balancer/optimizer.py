@@ -181,17 +181,20 @@ class MetaOptimizer:
         Args:
             model: a Keras model (or a concrete function, for graph passes).
             ctx: the passes' context. Defaults to None (an empty one).
-            analysis: ``model``'s analysis when one was made already (weights may
-                have changed since, not layers): it is used instead of analysing
-                ``model`` again, e.g. the report's ``analysis`` of an earlier run
-                whose model was fine-tuned in place. Defaults to None.
+            analysis: an analysis made already (weights may have changed since,
+                not layers), e.g. the report's ``analysis`` of an earlier run whose
+                model was fine-tuned in place: used instead of analysing ``model``
+                again when it is ``model``'s (``analysis.model``), else ignored.
+                Defaults to None.
         """
         ctx = ctx or PassContext()
+        given = model
         if is_keras_model(model):
             model = functional_twin(model)
         probe = ctx.probe_inputs if ctx.probe_inputs is not None else random_inputs(model)
         self._outputs = _Outputs()  # a pass's result is the next pass's reference
-        current = (_stats_of(analysis), analysis) if analysis is not None else _analysed(model)
+        known = analysis is not None and any(analysis.model is m for m in (given, model))
+        current = (_stats_of(analysis), analysis) if known else _analysed(model)
         records = []
         for graph_pass in self.passes:
             model, current, record = self._run_one(graph_pass, model, current, ctx, probe)

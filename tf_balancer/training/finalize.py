@@ -138,21 +138,20 @@ class Finalizer:
             "end of training: %s, then measuring dense vs optimized", ", ".join(first + second)
         )
         records = []
-        # The trained model was analysed when the job began (weights changed since, not layers).
-        analysed, analysis = job.model, job.analysis
+        # Analyses already made (of the trained model when the job began, then of each
+        # run's result): a run uses the one of the model it is given, if that is it.
+        analysis = job.analysis
         if first:
-            known = analysis if model is analysed else None
-            model, report = MetaOptimizer(first, **_LOG_LEVELS).run(model, ctx, known)
+            model, report = MetaOptimizer(first, **_LOG_LEVELS).run(model, ctx, analysis)
             records += report.records
-            analysed, analysis = model, report.analysis
+            analysis = report.analysis
         if job.recalibrate_x is not None and model is not job.model:  # never the user's
             layers = recalibrate_batchnorm(model, job.recalibrate_x)
             logger.info("re-estimated %d BatchNorm layers' statistics on the data", layers)
         model = self.finetune(model)
         if second:  # fine-tuning and re-estimation change weights in place, not layers
             optimizer = MetaOptimizer(second, **_LOG_LEVELS)
-            known = analysis if model is analysed else None
-            model, report = optimizer.run(model, dataclasses.replace(ctx, plan=None), known)
+            model, report = optimizer.run(model, dataclasses.replace(ctx, plan=None), analysis)
             records += report.records
         report = self.build_report(model, plan, records)
         self.warn_shortfall(report)
