@@ -281,14 +281,81 @@ def test_subclassed_models_are_pruned_during_fit_on_both_kerases(kx, arch, digit
     assert accuracy >= 0.9
 
 
-def test_an_unbuilt_subclassed_model_gets_a_clear_error(kx):
-    model = _my_model(kx)
-    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+def _unbuilt(k, arch):
+    """Models whose input shape only fit's first train step tells: never called."""
+    k.utils.set_random_seed(0)
+    if arch == "subclassed":
+        return _my_model(k), "sparse_categorical_crossentropy"
+    model = k.Sequential(  # no Input: the most common Sequential of the tutorials
+        [
+            k.layers.Dense(48, activation="relu"),
+            k.layers.Dropout(0.1),
+            k.layers.Dense(24, activation="relu"),
+            k.layers.Dense(10),
+        ]
+    )
+    return model, k.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.mark.parametrize("arch", ["subclassed", "sequential"])
+def test_unbuilt_models_are_pruned_from_fits_first_step_on_both_kerases(kx, arch, digits):
+    model, loss = _unbuilt(kx, arch)
+    model.compile(optimizer="adam", loss=loss, metrics=["accuracy"])
+    assert not model.built
+    x_train = digits.x_train.reshape(len(digits.x_train), -1)
+    x_val = digits.x_val.reshape(len(digits.x_val), -1)
     callback = tfb.BalanceCallback(verbose=0)
-    callback.set_model(model)
-    callback.set_params({"epochs": 2})
-    with pytest.raises(UnsupportedModelError, match=r"model\(x\[:1\]\)"):
-        callback.on_train_begin()
+    history = model.fit(
+        x_train,
+        digits.y_train,
+        validation_data=(x_val, digits.y_val),
+        epochs=4,
+        batch_size=64,
+        callbacks=[callback],
+        verbose=0,
+    )
+    assert history.history["balancer/flops_ratio"][-1] <= 0.5 + 1e-3
+    assert len(history.history["val_macro_f1"]) == 4  # subclassed too (its twin's outputs)
+    assert callback.stream.batches > 0  # streamed Taylor after the first step
+    assert callback.report["final"]["flops"] <= 0.5 * callback.report["dense"]["flops"] * 1.01
+    expected = model.predict(x_val[:32], verbose=0)
+    optimized = callback.optimized_model
+    np.testing.assert_allclose(optimized.predict(x_val[:32], verbose=0), expected, 1e-4, 1e-4)
+    assert optimized.count_params() < model.count_params()
+
+
+def test_an_unbuilt_model_rebalanced_at_epoch_0_is_masked_from_the_second_step(kx, digits):
+    model, loss = _unbuilt(kx, "sequential")
+    model.compile(optimizer="sgd", loss=loss)
+    x_train = digits.x_train.reshape(len(digits.x_train), -1)
+    callback = tfb.BalanceCallback(begin_epoch=0, end_epoch=0, verbose=0)
+    model.fit(x_train, digits.y_train, epochs=1, batch_size=64, callbacks=[callback], verbose=0)
+    assert callback.state.epoch.numpy() == 0 and callback.state.rebalances.numpy() == 1
+    first = model.layers[0]
+    (group,) = [
+        g for g in callback.analysis.graph.prunable_groups if first.name in g.nodes("producer")
+    ]
+    kernel = first.kernel.numpy()  # masked columns stay zero after the last step
+    pruned = np.setdiff1d(np.arange(48), callback.state.keep_indices()[group.id])
+    assert pruned.size and not np.any(kernel[:, pruned])
+
+
+def test_an_unbuilt_model_whose_call_cannot_be_traced_fails_fit_naming_the_fix():
+    class Branchy(keras.Model):  # a Python branch on a tensor's value
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            if tf.reduce_sum(x) > 0:
+                return self.dense(x)
+            return -self.dense(x)
+
+    model = Branchy()
+    model.compile(optimizer="adam", loss="mse")
+    x = np.ones((8, 4), "float32")
+    with pytest.raises(UnsupportedModelError, match="Functional or Sequential"):
+        model.fit(x, x[:, :2], epochs=1, callbacks=[tfb.BalanceCallback(verbose=0)], verbose=0)
 
 
 def test_prune_one_shot_works_on_a_keras3_model(digits):

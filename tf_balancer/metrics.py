@@ -447,7 +447,7 @@ def _head_metrics(loss: Any, width: Any, prefix: str = "") -> list[Any]:
     ]
 
 
-def task_metrics(model: Any) -> list[Any]:
+def task_metrics(model: Any, outputs: Any = None) -> list[Any]:
     """Macro recall and F1 metrics that fit a single-output model's task, or ``[]``.
 
     The task is read from the compiled loss and the output shape: a sparse or
@@ -457,7 +457,8 @@ def task_metrics(model: Any) -> list[Any]:
     ``from_logits=True``, else 0.5); over ``C > 1`` outputs it is ``C``-label
     classification (``label_mode="multi_label"``). Regression losses and models
     with several outputs get no recall/F1 (``[]``; see
-    :func:`output_task_metrics` for models with several heads).
+    :func:`output_task_metrics` for models with several heads). ``outputs`` as
+    there.
 
     Example:
         >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
@@ -466,7 +467,7 @@ def task_metrics(model: Any) -> list[Any]:
         ['macro_recall', 'macro_f1']
     """
     loss = getattr(model, "loss", None)
-    outputs = getattr(model, "outputs", None) or []
+    outputs = outputs or getattr(model, "outputs", None) or []
     if loss is None or isinstance(loss, (list, tuple, dict)) or len(outputs) != 1:
         return []
     return _head_metrics(loss, outputs[0].shape[-1])
@@ -516,12 +517,14 @@ def per_output(value: Any, index: int, name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
-def output_task_metrics(model: Any) -> list[Any]:
+def output_task_metrics(model: Any, outputs: Any = None) -> list[Any]:
     """:func:`task_metrics`, and for a model with several outputs the same per head.
 
     Each classification head ``name`` (per its compiled loss: a dict keyed by output
     name, a list in output order, or one loss for every output) gets
     ``<name>_macro_recall`` and ``<name>_macro_f1``; regression heads get none.
+    ``outputs``: the model's output tensors when it has none of its own (a
+    subclassed model: its functional twin's); defaults to ``model.outputs``.
 
     Example:
         >>> inp = keras.Input((4,))
@@ -531,10 +534,10 @@ def output_task_metrics(model: Any) -> list[Any]:
         >>> [m.name for m in output_task_metrics(model)]
         ['cls_macro_recall', 'cls_macro_f1']
     """
-    outputs = getattr(model, "outputs", None) or []
+    outputs = outputs or getattr(model, "outputs", None) or []
     loss = getattr(model, "loss", None)
     if len(outputs) <= 1 or loss is None:
-        return task_metrics(model)
+        return task_metrics(model, outputs)
     from tf_balancer._compat import adapter_for
 
     names = adapter_for(model).output_names(model)

@@ -30,8 +30,8 @@ from tf_balancer.attention.importance import (
     head_attention,
 )
 from tf_balancer.attention.streaming import GradientStream
-from tf_balancer.errors import BalanceError, ConfigError
-from tf_balancer.graph.walk import clone_flat, weights_of
+from tf_balancer.errors import BalanceError, ConfigError, UnsupportedModelError
+from tf_balancer.graph.walk import clone_flat, functional_twin, weights_of
 from tf_balancer.metrics import output_task_metrics
 from tf_balancer.report import log_layer_summaries, task_scores
 from tf_balancer.training.cluster import Cluster
@@ -93,6 +93,10 @@ class BalanceCallback(keras.callbacks.Callback):
     compares the dense model (at the first rebalance) with the result. Its
     ``final_flops_ratio`` is measured on the model produced; a pass that cannot
     apply is rolled back and named, with that ratio, in one WARNING line.
+
+    A model not built when ``fit`` starts (subclassed and never called, or a
+    ``Sequential`` without an ``Input``) is analysed after ``fit``'s first train
+    step builds it; that step trains unmasked and unstreamed.
 
     Each epoch it adds to the Keras ``logs`` (so History, CSVLogger and
     TensorBoard see them; list this callback before those):
@@ -173,8 +177,9 @@ class BalanceCallback(keras.callbacks.Callback):
             not fit the model's inputs and outputs (at ``on_train_begin``; see
             :mod:`tf_balancer.training.data_checks`); a parameter-server strategy
             (at ``on_train_begin``).
-        UnsupportedModelError: subclassed models, or Keras 3 models in sparse mode
-            (at ``on_train_begin``).
+        UnsupportedModelError: subclassed models whose ``call`` Keras cannot trace
+            symbolically, or Keras 3 models in sparse mode (at ``on_train_begin``; for
+            a model ``fit`` builds, after its first train step).
     """
 
     def __init__(
@@ -275,6 +280,9 @@ class BalanceCallback(keras.callbacks.Callback):
         self.cluster: Cluster | None = None
         self._step_callback = None  # tfmot's UpdatePruningStep duties in sparse mode
         self._finished = False
+        self._awaiting_build = False
+        self._first_step = None  # fit's train function while waiting for the build
+        self._epoch: int | None = None
 
     def set_model(self, model: Any) -> None:
         """Analyse a new model and attach fresh state before other callbacks restore it.
@@ -289,6 +297,11 @@ class BalanceCallback(keras.callbacks.Callback):
     def _start_over(self, model: Any) -> None:
         self._reset()
         self._prepared_for = model
+        # A model without input shapes yet (subclassed, or Sequential without an
+        # Input, never called) is built by fit's first train step: prepare after it.
+        self._awaiting_build = self.mode == "structured" and not getattr(model, "built", True)
+        if self._awaiting_build:
+            return
         try:
             self._prepare(model)
         except Exception as err:  # re-raised in on_train_begin, where Keras users expect it
@@ -350,8 +363,43 @@ class BalanceCallback(keras.callbacks.Callback):
         return [self.importance] if isinstance(self.importance, str) else list(self.importance)
 
     def on_train_begin(self, logs=None) -> None:
-        if self._finished:  # the instance is reused for another fit
-            self._start_over(self.model)
+        if self._finished or (self._awaiting_build and self.model.built):
+            self._start_over(self.model)  # reused for another fit, or built since set_model
+        if self._awaiting_build:
+            self._prepare_after_first_step()
+            return
+        self._begin()
+
+    def _prepare_after_first_step(self) -> None:
+        """Run fit's first train step (which builds the model), then prepare and begin.
+
+        ``fit`` calls ``model.train_function`` once per step: it is replaced by a
+        function that runs the original once, then analyses the now built model,
+        installs the hooks (which re-trace the train function) and rebalances if
+        this epoch is scheduled. That first step runs unmasked and unstreamed.
+        """
+        model = self.model
+        first = model.train_function
+        if first is None:  # fit makes it before on_train_begin; nothing to wrap
+            raise UnsupportedModelError(
+                f"model {model.name!r} is not built; call it once on a batch "
+                "(model(x[:1])) before fit, or give it an Input"
+            )
+
+        def first_step(*args, **kwargs):
+            logs = first(*args, **kwargs)
+            model.train_function = first
+            self._awaiting_build = False
+            self._prepare(model)
+            self._begin()
+            if self._epoch is not None:
+                self._start_epoch(self._epoch)
+            return logs
+
+        self._first_step = first
+        model.train_function = first_step
+
+    def _begin(self) -> None:
         self._check_ready()
         self.cluster = Cluster.current()
         epochs = int(self.params.get("epochs", 1)) if self.params else 1
@@ -359,14 +407,19 @@ class BalanceCallback(keras.callbacks.Callback):
             epochs, self.begin_epoch, self.end_epoch, self.every_n_epochs
         )
         in_step = self.applier.apply_in_step if self._masks_in_step() else None
-        self.hooks = FitHooks(self.model, self.stream, output_task_metrics(self.model), in_step)
+        self.hooks = FitHooks(
+            self.model,
+            self.stream,
+            output_task_metrics(self.model, functional_twin(self.model).outputs),
+            in_step,
+        )
         self.hooks.install()
         if self.log_dir:  # other workers than the chief write a temporary copy
             self._log_dir_written = self.cluster.write_dir(self.log_dir)
             self._writer = tf.summary.create_file_writer(self._log_dir_written)
         if self._step_callback is not None:
             self._step_callback.set_params(self.params)
-            self._step_callback.on_train_begin(logs)
+            self._step_callback.on_train_begin()
 
     def on_train_batch_begin(self, batch: int, logs=None) -> None:
         if self._step_callback is not None and not self._diverged:
@@ -397,8 +450,14 @@ class BalanceCallback(keras.callbacks.Callback):
             self.hooks.reset_metrics()
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        self._epoch = epoch
         if self.hooks is not None:
             self.hooks.reset_metrics()
+        if not self._awaiting_build:
+            self._start_epoch(epoch)
+
+    def _start_epoch(self, epoch: int) -> None:
+        """Restore masks after a resume; rebalance if ``epoch`` is scheduled."""
         if self._diverged:
             return
         self._sync_masks()
@@ -540,6 +599,11 @@ class BalanceCallback(keras.callbacks.Callback):
     # ------------------------------------------------------------ train end
     def on_train_end(self, logs=None) -> None:
         self._finished = True
+        if self._awaiting_build:  # fit ran no step: the model was never built
+            if self._first_step is not None:
+                self.model.train_function = self._first_step
+            logger.warning("no training step ran; nothing to prune")
+            return
         if self.state is not None:  # the sums served resuming; a saved model needs none
             self.state.untrack("stream")
         if self.hooks is not None:
