@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -38,6 +39,9 @@ __all__ = [
     "keras",
     "layers",
     "KerasAdapter",
+    "KerasOp",
+    "OpArguments",
+    "op_arguments",
     "adapter_for",
     "keras_of",
     "is_keras3_object",
@@ -147,9 +151,30 @@ class KerasAdapter:
             [tuple(first)] if isinstance(first[0], (int, type(None))) else list(map(tuple, first))
         )
 
+    def layer_from_config(self, layer_type: type, config: dict[str, Any]) -> Any:
+        """``layer_type.from_config(config)`` for a copy of a layer held in memory.
+
+        Keras 3 refuses to deserialize a ``Lambda``'s Python function in its safe
+        mode, which guards against loading untrusted files; this config comes
+        from the user's own live layer, so safe mode is off for the copy.
+        """
+        if self.version == 2:
+            return layer_type.from_config(config)
+        from keras.src.saving.serialization_lib import SafeModeScope  # noqa: PLC0415
+
+        with SafeModeScope(False):
+            return layer_type.from_config(config)
+
     # ----------------------------------------------------------------- nodes
     def node_layer(self, node: Any) -> Any:
-        return node.layer if self.version == 2 else node.operation
+        """The layer a node calls; a Keras 3 operation (``x + 3.0``, ``keras.ops.relu``)
+        comes wrapped as a :class:`KerasOp`."""
+        if self.version == 2:
+            return node.layer
+        operation = node.operation
+        if isinstance(operation, self.keras.Layer):
+            return operation
+        return KerasOp.of(operation, node, self.keras.KerasTensor)
 
     def node_inputs(self, node: Any) -> list[Any]:
         """The Keras tensors a call consumed, in argument order."""
@@ -232,6 +257,165 @@ class KerasAdapter:
         tf.saved_model.save(root, path, signatures=serve)
 
 
+@dataclasses.dataclass(frozen=True)
+class OpArguments:
+    """A tensor operation's call, as channel analysis needs it.
+
+    Attributes:
+        op: the operation, named as Keras 3 names its op classes (``"Add"``,
+            ``"Relu6"``, ``"Mean"``).
+        tensors: how many arguments are Keras tensors.
+        scalars: every other argument (``axis``/``keepdims``/``name`` aside) is a
+            Python or NumPy scalar.
+        tensor_first: the first positional argument is a Keras tensor (``x / 2``).
+        axis: the axes a reduction reduces (None when not given).
+    """
+
+    op: str
+    tensors: int
+    scalars: bool
+    tensor_first: bool
+    axis: Any = None
+
+    @classmethod
+    def of(cls, op: str, args: Sequence[Any], kwargs: dict, tensor_type: type, axis: Any = None):
+        import numpy as np
+
+        if axis is None:
+            axis = kwargs.get("axis", args[1] if op in _REDUCTIONS and len(args) > 1 else None)
+        named = {k: v for k, v in kwargs.items() if k not in ("axis", "keepdims", "name")}
+        values = [*(args[:1] if op in _REDUCTIONS else args), *named.values()]
+        scalars = all(
+            isinstance(v, (tensor_type, int, float, np.number))
+            or (isinstance(v, np.ndarray) and v.ndim == 0)
+            for v in values
+        )
+        tensors = sum(isinstance(v, tensor_type) for v in [*args, *kwargs.values()])
+        first = bool(args) and isinstance(args[0], tensor_type)
+        return cls(op, tensors, scalars, first, axis)
+
+
+_REDUCTIONS = ("Mean", "Max", "Min", "Sum")
+
+# tf_keras records a TensorFlow function called on Keras tensors (``x + 3.0``,
+# ``tf.nn.relu6(x)``) as a ``TFOpLambda`` layer; these are named as Keras 3's ops.
+_TF_FUNCTIONS = {
+    **dict.fromkeys(("__operators__.add", "math.add"), "Add"),
+    **dict.fromkeys(("__operators__.sub", "math.subtract"), "Subtract"),
+    **dict.fromkeys(("math.multiply",), "Multiply"),
+    **dict.fromkeys(("math.truediv", "math.divide"), "TrueDivide"),
+    **dict.fromkeys(("math.maximum",), "Maximum"),
+    **dict.fromkeys(("math.minimum",), "Minimum"),
+    **dict.fromkeys(("nn.relu",), "Relu"),
+    **dict.fromkeys(("nn.relu6",), "Relu6"),
+    **dict.fromkeys(("math.sigmoid", "nn.sigmoid"), "Sigmoid"),
+    **dict.fromkeys(("nn.silu", "nn.swish"), "Silu"),
+    **dict.fromkeys(("math.tanh", "nn.tanh"), "Tanh"),
+    **dict.fromkeys(("nn.elu",), "Elu"),
+    **dict.fromkeys(("nn.selu",), "Selu"),
+    **dict.fromkeys(("nn.gelu",), "Gelu"),
+    **dict.fromkeys(("nn.leaky_relu",), "LeakyRelu"),
+    **dict.fromkeys(("math.softplus", "nn.softplus"), "Softplus"),
+    **dict.fromkeys(("math.abs",), "Abs"),
+    **dict.fromkeys(("math.negative", "__operators__.neg"), "Negative"),
+    **dict.fromkeys(("math.square",), "Square"),
+    **dict.fromkeys(("math.sqrt",), "Sqrt"),
+    **dict.fromkeys(("clip_by_value",), "Clip"),
+    **dict.fromkeys(("cast",), "Cast"),
+    **dict.fromkeys(("math.exp",), "Exp"),
+    **dict.fromkeys(("math.reduce_mean",), "Mean"),
+    **dict.fromkeys(("math.reduce_max",), "Max"),
+    **dict.fromkeys(("math.reduce_min",), "Min"),
+    **dict.fromkeys(("math.reduce_sum",), "Sum"),
+}
+
+
+def op_arguments(layer: Any) -> OpArguments | None:
+    """The :class:`OpArguments` of an operation in a model's graph: a Keras 3
+    :class:`KerasOp`, or a tf_keras ``TFOpLambda`` called once; None otherwise."""
+    if isinstance(layer, KerasOp):
+        return layer.arguments
+    if type(layer).__name__ != "TFOpLambda" or not isinstance(layer, keras.layers.Layer):
+        return None
+    nodes = layer.inbound_nodes
+    op = _TF_FUNCTIONS.get(layer.get_config().get("function"))
+    if op is None or len(nodes) != 1:
+        return None
+    node = nodes[0]
+    from tf_keras.src.engine.keras_tensor import KerasTensor  # noqa: PLC0415
+
+    return OpArguments.of(op, list(node.call_args), dict(node.call_kwargs), KerasTensor)
+
+
+class KerasOp:
+    """A Keras 3 operation in a functional graph, seen as a weightless layer.
+
+    Keras 3 records operations next to layers: ``x + 3.0`` or ``keras.ops.relu(x)``
+    in a functional model (MobileNetV3's hard-swish), or in a subclassed model's
+    ``call``. They have no weights, config or ``count_params``; this wrapper gives
+    them the part of the layer interface tf_balancer uses. Operations are
+    stateless, so a "clone" is the same wrapper, and calling it calls the
+    operation (a rebuilt Keras 3 model records it as the same native op).
+
+    Attributes:
+        op: the Keras operation; ``op_name`` its class name (``"Add"``).
+        arguments: what the call passed it (:class:`OpArguments`).
+
+    Example:
+        >>> import keras as k3                                   # doctest: +SKIP
+        >>> x = k3.Input((4,)); model = k3.Model(x, x * 2.0)     # doctest: +SKIP
+        >>> op = adapter_for(model).node_layer(model._nodes_by_depth[0][0])  # doctest: +SKIP
+        >>> op.arguments.op, op.arguments.tensors, op.arguments.scalars  # doctest: +SKIP
+        ('Multiply', 1, True)
+    """
+
+    _wrappers: Any = None  # op -> wrapper (weak keys), made once per operation
+
+    def __init__(self, op: Any, args: Sequence[Any], kwargs: dict, tensor_type: type):
+        self.op, self.name, self.op_name = op, op.name, type(op).__name__
+        axis = getattr(op, "axis", None)
+        self.arguments = OpArguments.of(self.op_name, args, kwargs, tensor_type, axis)
+        self.trainable = False
+        self.weights: list[Any] = []
+        self.trainable_weights: list[Any] = []
+        self.non_trainable_weights: list[Any] = []
+
+    @classmethod
+    def of(cls, op: Any, node: Any, tensor_type: type) -> KerasOp:
+        import weakref
+
+        if cls._wrappers is None:
+            cls._wrappers = weakref.WeakKeyDictionary()
+        if op not in cls._wrappers:
+            arguments = node.arguments
+            cls._wrappers[op] = cls(op, arguments.args, arguments.kwargs, tensor_type)
+        return cls._wrappers[op]
+
+    @property
+    def class_name(self) -> str:
+        """How tables name it: ``ops.Add``."""
+        return f"ops.{self.op_name}"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.op(*args, **kwargs)
+
+    def call(self, *args: Any, **kwargs: Any) -> Any:
+        return self.op(*args, **kwargs)
+
+    def count_params(self) -> int:
+        return 0
+
+    def get_weights(self) -> list[Any]:
+        return []
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        if len(weights):
+            raise ValueError(f"operation {self.name!r} has no weights")
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name}
+
+
 _ADAPTERS: dict[int, KerasAdapter] = {2: KerasAdapter(keras, 2)}
 
 
@@ -267,6 +451,8 @@ def adapter_for(obj: Any) -> KerasAdapter:
     """
     if isinstance(obj, (keras.layers.Layer, keras.optimizers.Optimizer)):
         return _ADAPTERS[2]
+    if isinstance(obj, KerasOp):
+        return _adapter(3)
     keras3 = _keras3() if "keras" in sys.modules else None
     if is_keras3_object(obj) or (keras3 and isinstance(obj, keras3.optimizers.Optimizer)):
         return _adapter(3)

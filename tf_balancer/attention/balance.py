@@ -77,7 +77,7 @@ from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.graph.latency import measure_latency
 from tf_balancer.hardware import simd_lanes
 
-__all__ = ["Bounds", "KeepPlan", "Allocation", "allocate", "STRATEGIES"]
+__all__ = ["Bounds", "KeepPlan", "Allocation", "allocate", "lowest_reachable", "STRATEGIES"]
 
 STRATEGIES = ("balanced", "uniform", "global")
 METRICS = ("flops", "params", "latency")
@@ -273,6 +273,25 @@ def allocate(
     keep = {g: np.sort(np.argsort(-scores[g], kind="stable")[: counts[g]]) for g in scores}
     achieved = cost(counts) / full
     return Allocation(keep, sizes, strategy, target, target_metric, achieved, threshold, objective)
+
+
+def lowest_reachable(analysis: Any, target_metric: str = "flops", bounds: Bounds | None = None):
+    """The smallest fraction of ``target_metric`` any plan reaches: every prunable
+    group at its lower bound (1.0 for a model with no prunable group).
+
+    Example:
+        >>> lowest_reachable(analyze(model), "flops")  # doctest: +SKIP
+        0.061
+    """
+    bounds = bounds or Bounds()
+    groups = analysis.graph.prunable_groups
+    if not groups:
+        return 1.0
+    if target_metric == "latency" and analysis.coster.latency is None:
+        measure_latency(analysis)
+    lows = {g.id: bounds.for_unit(g.unit).lower(g.size) for g in groups}
+    full = analysis.coster.total(None, target_metric)
+    return analysis.coster.total(lows, target_metric) / full
 
 
 def _baseline(strategy, scores, sizes, limits, cost, budget) -> tuple[float, dict[int, int]]:

@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from tf_balancer._compat import is_layer, weight_attribute
+from tf_balancer._compat import KerasOp, OpArguments, is_layer, op_arguments, weight_attribute
 
 __all__ = [
     "WeightAxis",
@@ -261,6 +261,8 @@ _CROSS_CHANNEL = {
 def why_opaque(layer: Any, rank: int | None = None) -> str:
     """Why the groups a layer touches cannot be pruned, as a phrase for messages."""
     name = type(layer).__name__
+    if isinstance(layer, KerasOp):
+        return f"an operation ({layer.class_name}) tf_balancer cannot prune through"
     if name in _CROSS_CHANNEL:
         return f"which {_CROSS_CHANNEL[name]}"
     reason = opaque_reason(layer, rank) if name in _SPECS else None
@@ -297,13 +299,57 @@ def _is_last_axis(axis: Any, rank: int | None) -> bool:
     return axis == -1 or (rank is not None and axis == rank - 1)
 
 
+# Keras 3 operations that act on each element alone and stay finite where a masked
+# channel is 0. With one tensor argument (the others scalars) they pass channels
+# through; the binary ones with two tensors merge like the Add/Multiply layers.
+_ELEMENTWISE_OPS = frozenset(
+    {
+        *("Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum"),
+        *("Negative", "Absolute", "Abs", "Square", "Sqrt", "Clip", "Exp", "Tanh", "Cast"),
+        *("Relu", "Relu6", "Sigmoid", "Softplus", "Softsign", "Silu", "LogSigmoid"),
+        *("LeakyRelu", "HardSigmoid", "HardSilu", "Elu", "Selu", "Gelu", "Celu", "HardTanh"),
+        *("Erf", "Sign", "Round", "Floor", "Ceil", "Sin", "Cos"),
+    }
+)
+_TENSOR_FIRST_OPS = frozenset({"Divide", "TrueDivide"})  # x / c, never c / x
+_MERGE_OPS = frozenset({"Add", "Subtract", "Multiply", "Maximum", "Minimum"})
+
+
+_REDUCE_OPS = frozenset({"Mean", "Max", "Min", "Sum"})  # over axes other than the channels'
+
+
+def _op_spec(op: OpArguments, rank: int | None) -> LayerSpec:
+    """An element-wise operation passes channels through or merges them; a reduction
+    over other axes than the last (``keras.ops.mean(x, axis=(1, 2))``) keeps them."""
+    if not op.scalars:
+        return LayerSpec("opaque")
+    if op.op in _REDUCE_OPS and op.tensors == 1 and rank:
+        axes = [op.axis] if isinstance(op.axis, int) else list(op.axis or ())
+        keeps_channels = axes and (rank - 1) not in {int(a) % rank for a in axes}
+        return LayerSpec("reduce") if keeps_channels else LayerSpec("opaque")
+    if op.op not in _ELEMENTWISE_OPS:
+        return LayerSpec("opaque")
+    if op.tensors == 1 and (op.tensor_first or op.op not in _TENSOR_FIRST_OPS):
+        return _PASS
+    if op.tensors == 2 and op.op in _MERGE_OPS:
+        return LayerSpec("merge")
+    return LayerSpec("opaque")
+
+
 def spec_for(layer: Any, rank: int | None = None) -> LayerSpec:
     """The :class:`LayerSpec` of a layer (``opaque`` for unknown types).
 
     ``TimeDistributed`` and ``Bidirectional`` take their wrapped layer's spec,
     with weight paths through the wrapper (both directions of a ``Bidirectional``
-    keep the same units).
+    keep the same units). Operations (Keras 3's :class:`~tf_balancer._compat.KerasOp`,
+    tf_keras' ``TFOpLambda``) that work element by element pass channels through
+    (``x + 3.0``) or merge them (``x * y``).
     """
+    arguments = op_arguments(layer)
+    if arguments is not None:
+        return _op_spec(arguments, rank)
+    if isinstance(layer, KerasOp):
+        return LayerSpec("opaque")
     if is_layer(layer, "InputLayer"):
         return LayerSpec("input")
     wrapped = _wrapped_layers(layer)

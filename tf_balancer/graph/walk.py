@@ -23,7 +23,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from tf_balancer._compat import KerasAdapter, adapter_for, ensure_keras_model, keras
+from tf_balancer._compat import KerasAdapter, KerasOp, adapter_for, ensure_keras_model, keras
 from tf_balancer.errors import UnsupportedModelError
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "clone_flat",
     "clone_layer",
     "weights_of",
+    "set_layer_weights",
     "IDENTITY",
 ]
 
@@ -62,7 +63,7 @@ class Call:
 
     @property
     def class_name(self) -> str:
-        return type(self.layer).__name__
+        return getattr(self.layer, "class_name", None) or type(self.layer).__name__
 
     @property
     def arguments(self) -> tuple[list[Any], dict[str, Any]]:
@@ -300,9 +301,25 @@ def _map_arguments(call: Call, walk: Walk, tensors: dict[str, Any]) -> tuple[lis
 def clone_layer(source: Any, /, **config_overrides: Any) -> Any:
     """A fresh, unbuilt copy of layer ``source`` from its config, with overrides applied
     (a wrapper's ``layer`` entry may be overridden too)."""
+    if isinstance(source, KerasOp):  # stateless: the same operation serves the copy
+        return source
     config = source.get_config()
     config.update(config_overrides)
-    return type(source).from_config(config)
+    return adapter_for(source).layer_from_config(type(source), config)
+
+
+def set_layer_weights(layer: Any, values: Sequence[Any]) -> None:
+    """``layer.set_weights(values)``, then the state derived from them.
+
+    Keras 3's preprocessing layers (an adapted ``Normalization``) compute their
+    constants from their weights in ``finalize_state``, which its ``set_weights``
+    does not call (tf_keras' does): without it, a copy normalises with mean 0
+    and variance 1.
+    """
+    layer.set_weights(values)
+    finalize = getattr(layer, "finalize_state", None)
+    if len(values) and callable(finalize):
+        finalize()
 
 
 def weights_of(walk: Walk) -> dict[str, list[Any]]:
@@ -341,5 +358,5 @@ def clone_flat(
     model = rebuild(walk, make, name=name or walk.model_name)
     for call in walk.calls:
         values = weights[call.name] if weights is not None else call.layer.get_weights()
-        layers[call.name].set_weights(values)
+        set_layer_weights(layers[call.name], values)
     return model, layers

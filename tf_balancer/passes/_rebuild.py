@@ -30,7 +30,15 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import adapter_for, keras
-from tf_balancer.graph.walk import IDENTITY, Call, Walk, clone_layer, rebuild, walk_model
+from tf_balancer.graph.walk import (
+    IDENTITY,
+    Call,
+    Walk,
+    clone_layer,
+    rebuild,
+    set_layer_weights,
+    walk_model,
+)
 
 __all__ = [
     "IDENTITY",
@@ -81,12 +89,26 @@ def producers(walk: Walk) -> dict[str, Call]:
 
 
 def forced_training(call: Call) -> bool:
-    """True when the call passes ``training=True`` (e.g. Monte Carlo dropout)."""
+    """True when the call passes ``training=True`` (e.g. Monte Carlo dropout).
+
+    Keras 3 records the default of ``call``'s ``training`` argument when none is
+    given, and its augmentation layers default to True: that is not forced.
+    """
     args, kwargs = call.arguments
     training = kwargs.get("training")
     if training is None and len(args) > 1:
         training = args[1]
-    return training is True
+    return training is True and _training_default(call.layer) is not True
+
+
+def _training_default(layer: Any) -> Any:
+    import inspect
+
+    try:
+        parameter = inspect.signature(layer.call).parameters.get("training")
+    except (TypeError, ValueError):
+        return None
+    return None if parameter is None else parameter.default
 
 
 def single_consumer_producer(
@@ -146,7 +168,7 @@ def rebuild_with(
 
 def _fill_weights(layer: Any, call: Call, change: Replacement | None) -> None:
     if change is None or not change.weights:
-        layer.set_weights(call.layer.get_weights())
+        set_layer_weights(layer, call.layer.get_weights())
         return
     variables = [getattr(layer, attr) for attr in change.weights]
     if len(variables) != len(layer.weights):

@@ -34,7 +34,7 @@ from tf_balancer.graph.layer_specs import (
     spec_for,
     weights_on,
 )
-from tf_balancer.graph.walk import clone_layer, rebuild
+from tf_balancer.graph.walk import clone_layer, rebuild, set_layer_weights
 from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
 
 __all__ = ["PruneChannels", "plan_from_masks"]
@@ -136,7 +136,7 @@ class PruneChannels(GraphPass):
 
         new_model = rebuild(graph.walk, make, name=model.name)
         for name, layer in new_layers.items():
-            layer.set_weights(weights[name])
+            set_layer_weights(layer, weights[name])
         channels = sum(removed.values())
         return PassResult(
             new_model,

@@ -1,7 +1,9 @@
 """``strip_training_ops``: drop layers that are the identity at inference.
 
-Dropout and its variants, Gaussian noise and ``ActivityRegularization`` only act
-during training (the last adds a loss term and passes its input through). At
+Dropout and its variants, Gaussian noise, ``ActivityRegularization`` and the
+random data-augmentation layers (``RandomFlip``, ``RandomRotation``, ...) only act
+during training (``ActivityRegularization`` adds a loss term and passes its input
+through). At
 inference each is the identity, so the pass removes them and wires their input
 straight to their consumers. A call made with ``training=True`` (Monte Carlo
 dropout) is not an identity and is kept. Only these exact Keras classes are
@@ -39,6 +41,12 @@ TRAINING_ONLY_LAYERS: tuple[str, ...] = (
     "GaussianNoise",
     "GaussianDropout",
     "ActivityRegularization",
+    # data augmentation: random during training, the identity at inference
+    *("RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast"),
+    *("RandomBrightness", "RandomHue", "RandomSaturation", "RandomGrayscale", "RandomSharpness"),
+    *("RandomShear", "RandomColorJitter", "RandomColorDegeneration", "RandomPosterization"),
+    *("RandomInvert", "RandomPerspective", "RandomGaussianBlur", "RandomErasing"),
+    *("RandAugment", "AugMix", "CutMix", "MixUp"),
 )
 """Built-in layer classes that are the identity at inference (matched exactly, not by subclass)."""
 
@@ -54,8 +62,8 @@ def _is_training_only(call: Call) -> bool:
 
 @register_pass("strip_training_ops")
 class StripTrainingOps(GraphPass):
-    """Remove Dropout, SpatialDropout, AlphaDropout, Gaussian noise/dropout and
-    ActivityRegularization layers; see the module docstring.
+    """Remove Dropout, SpatialDropout, AlphaDropout, Gaussian noise/dropout,
+    ActivityRegularization and random augmentation layers; see the module docstring.
 
     Stats:
         removed: names of the removed layer calls, in topological order.

@@ -21,7 +21,14 @@ import tensorflow as tf
 
 from tf_balancer._compat import ensure_keras2_model, ensure_keras_model, keras
 from tf_balancer.analysis import ModelAnalysis, analyze
-from tf_balancer.attention.balance import METRICS, STRATEGIES, Bounds, KeepPlan, allocate
+from tf_balancer.attention.balance import (
+    METRICS,
+    STRATEGIES,
+    Bounds,
+    KeepPlan,
+    allocate,
+    lowest_reachable,
+)
 from tf_balancer.attention.importance import (
     ProbeData,
     attention_weights,
@@ -30,7 +37,7 @@ from tf_balancer.attention.importance import (
     head_attention,
 )
 from tf_balancer.attention.streaming import GradientStream
-from tf_balancer.errors import BalanceError, ConfigError, UnsupportedModelError
+from tf_balancer.errors import ConfigError, UnsupportedModelError
 from tf_balancer.graph.walk import clone_flat, functional_twin, weights_of
 from tf_balancer.metrics import output_task_metrics
 from tf_balancer.report import log_layer_summaries, task_scores
@@ -280,6 +287,7 @@ class BalanceCallback(keras.callbacks.Callback):
         self.cluster: Cluster | None = None
         self._step_callback = None  # tfmot's UpdatePruningStep duties in sparse mode
         self._finished = False
+        self._floor = 0.0  # the lowest reachable fraction of the metric
         self._awaiting_build = False
         self._first_step = None  # fit's train function while waiting for the build
         self._epoch: int | None = None
@@ -321,16 +329,13 @@ class BalanceCallback(keras.callbacks.Callback):
             self._step_callback = tfmot.sparsity.keras.UpdatePruningStep()
             self._step_callback.set_model(model)
         self.analysis = analyze(analysed)
-        groups = self.analysis.graph.prunable_groups
-        if not groups:
-            raise BalanceError("the model has no prunable channel group; see `tf-balancer inspect`")
-        sizes = {g.id: g.size for g in groups}
+        sizes = {g.id: g.size for g in self.analysis.graph.prunable_groups}
         self.state = BalanceState(sizes, max_rebalances=1024)
-        if self._streams():
+        if self._streams() and sizes:
             self.stream = GradientStream(self.analysis.graph)
             self.state.track("stream", self.stream.checkpoint)  # resumed with the masks
         self.state.attach(model)
-        if self.mode == "structured":
+        if self.mode == "structured" and sizes:
             self.applier = MaskApplier(self.analysis.graph)
 
     def _check_ready(self) -> None:
@@ -401,6 +406,7 @@ class BalanceCallback(keras.callbacks.Callback):
 
     def _begin(self) -> None:
         self._check_ready()
+        self._floor = self._lowest_reachable()
         self.cluster = Cluster.current()
         epochs = int(self.params.get("epochs", 1)) if self.params else 1
         self.schedule = default_schedule(
@@ -435,6 +441,34 @@ class BalanceCallback(keras.callbacks.Callback):
             self.applier.apply()
         self._synced = done
 
+    def _lowest_reachable(self) -> float:
+        """The lowest fraction of the metric any plan reaches; warns when it is above
+        ``target`` (the callback then prunes as far as it can: training goes on)."""
+        if self.mode != "structured":
+            return 0.0
+        graph = self.analysis.graph
+        floor = lowest_reachable(self.analysis, self.target_metric, self.bounds)
+        if not graph.prunable_groups:
+            plain = ("model input", "reaches a model output")
+            reasons = [r for g in graph.groups.values() for r in g.reasons if r not in plain]
+            blocked = reasons[0] if reasons else "every channel reaches an input or output"
+            warnings.warn(
+                f"BalanceCallback: the model has no prunable channel group (e.g. {blocked}); "
+                "it trains unpruned. See `tf-balancer inspect` for each layer's reason",
+                UserWarning,
+                stacklevel=3,
+            )
+        elif floor > self.target + 1e-9:
+            warnings.warn(
+                f"BalanceCallback: target {self.target:g} of {self.target_metric} is out of "
+                f"reach: with every prunable group at its lower bound the model keeps "
+                f"{floor:.3f} (the rest is in layers that cannot be pruned, see `tf-balancer "
+                f"inspect`, or held by min_keep/max_prune_fraction); pruning to {floor:.3f}",
+                UserWarning,
+                stacklevel=3,
+            )
+        return floor
+
     def _sizes(self) -> dict[int, int]:
         return {g.id: g.size for g in self.analysis.graph.prunable_groups}
 
@@ -468,18 +502,23 @@ class BalanceCallback(keras.callbacks.Callback):
         if self.dense_weights is None and int(self.state.rebalances.numpy()) == 0:
             self.dense_weights = weights_of(self.analysis.graph.walk)
             self.dense_epoch = epoch
-        target = self.target_at(epoch)
+        if self.mode == "structured" and not self.analysis.graph.prunable_groups:
+            return  # said once at train begin
+        target = max(self.target_at(epoch), self._floor)
         scores = group_scores(self.analysis.graph, *self._signals())
         if self.probe is not None:  # each worker scored its own probe batch: average them
             scores = self.cluster.mean_scores(scores)  # (stream reads and weights agree already)
         self._attention = attention_weights(scores)
         self._head_attention = head_attention(self.analysis.graph, scores)
         if self.mode == "structured":
-            plan = allocate(
-                self.analysis, scores, target, self.target_metric, self.strategy, self.bounds
-            )
-            if self.cluster.multi_worker:  # the chief's plan, bit for bit, on every worker
-                plan = KeepPlan(self.cluster.chief_keep(plan.keep, self._sizes()), self._sizes())
+            plan = None  # the chief allocates; other workers receive its plan, bit for bit
+            if self.cluster.is_chief or not self.cluster.multi_worker:
+                plan = allocate(
+                    self.analysis, scores, target, self.target_metric, self.strategy, self.bounds
+                )
+            if self.cluster.multi_worker:
+                keep = self.cluster.chief_keep(plan.keep if plan else None, self._sizes())
+                plan = KeepPlan(keep, self._sizes())
             self.applier.set_plan(plan)
             self.applier.apply()
             keep = plan.keep

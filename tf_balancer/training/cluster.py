@@ -99,16 +99,21 @@ class Cluster:
         return _split(mean, keys, [np.asarray(scores[k]).shape for k in keys])
 
     def chief_keep(
-        self, keep: Mapping[int, np.ndarray], sizes: Mapping[int, int]
+        self, keep: Mapping[int, np.ndarray] | None, sizes: Mapping[int, int]
     ) -> dict[int, np.ndarray]:
-        """The chief's kept-channel indices per group, on every worker."""
+        """The chief's kept-channel indices per group, on every worker.
+
+        ``keep`` is read on the chief only: other workers may pass None (and so
+        skip computing a plan that would be discarded).
+        """
         if not self.multi_worker:
             return dict(keep)
         keys = sorted(sizes)
         flat = np.zeros(sum(sizes[k] for k in keys), np.float32)
         offset = 0
         for k in keys:
-            flat[offset + np.asarray(keep[k], np.int64)] = 1.0
+            if self.is_chief:
+                flat[offset + np.asarray(keep[k], np.int64)] = 1.0
             offset += sizes[k]
 
         def chief_only(context: Any) -> tf.Tensor:

@@ -1,0 +1,254 @@
+"""Models users bring that the first version refused, crashed on or got wrong.
+
+Keras 3 operations in the graph (``x + 3.0``, ``keras.ops.relu``; MobileNetV3's
+hard-swish), a ``Lambda`` layer, an adapted ``Normalization``, augmentation layers,
+and models where little or nothing can be pruned.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import keras as keras3
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import profiler_flops
+
+import tf_balancer as tfb
+from tf_balancer._compat import keras
+from tf_balancer.analysis import analyze
+from tf_balancer.attention.balance import allocate, lowest_reachable
+from tf_balancer.attention.importance import group_scores
+from tf_balancer.attention.masks import masked_copy
+from tf_balancer.passes.base import PassContext
+from tf_balancer.passes.prune_channels import PruneChannels
+
+KERASES = {"tf_keras": keras, "keras3": keras3}
+
+
+@pytest.fixture(params=sorted(KERASES))
+def kx(request):
+    return KERASES[request.param]
+
+
+def _x(shape, batch=4, seed=0):
+    return np.random.default_rng(seed).normal(size=(batch, *shape)).astype("float32")
+
+
+def _assert_compaction_exact(model, target=0.5):
+    """Prune to ``target`` FLOPs: the compacted model computes what the masked one does."""
+    analysis = analyze(model)
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), target)
+    result = PruneChannels().run(model, analysis.graph, PassContext(plan=plan))
+    assert result.changed
+    x = _x(tuple(model.inputs[0].shape[1:]))
+    expected = np.asarray(masked_copy(analysis.graph, plan)(x, training=False))
+    assert np.abs(expected).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(result.model(x, training=False)), expected, 1e-4, 1e-4)
+    return analysis, result.model
+
+
+def _hard_swish_net(kx):
+    """Conv -> hard-swish written with operators, as MobileNetV3 writes it -> Conv -> mean:
+    Keras 3 records operations, tf_keras ``TFOpLambda`` layers."""
+    kx.utils.set_random_seed(0)
+    if kx is keras3:
+        relu6, relu, mean = keras3.ops.relu6, keras3.ops.relu, keras3.ops.mean
+    else:
+        relu6, relu = tf.nn.relu6, tf.nn.relu
+        mean = lambda t, axis: tf.reduce_mean(t, axis=list(axis))  # noqa: E731
+    inp = kx.Input((10, 10, 3))
+    y = kx.layers.Conv2D(16, 3, name="conv_a")(inp)
+    y = y * (relu6(y + 3.0) * (1.0 / 6.0))
+    y = kx.layers.Conv2D(24, 3, name="conv_b")(y)
+    y = mean(relu(y), axis=(1, 2))
+    return kx.Model(inp, kx.layers.Dense(5, name="head")(y))
+
+
+def test_elementwise_operations_pass_channels_through_on_both_kerases(kx):
+    model = _hard_swish_net(kx)
+    analysis = analyze(model)
+    assert analysis.cost.flops == profiler_flops(analysis.traced.graph)
+    assert analysis.cost.params == model.count_params()
+    prunable = {p for g in analysis.graph.prunable_groups for p in g.nodes("producer")}
+    assert prunable == {"conv_a", "conv_b"}
+    rows = tfb.inspect(model).rows
+    names = [row.name for row in rows]
+    between = rows[names.index("conv_a") + 1 : names.index("conv_b")]
+    after = rows[names.index("conv_b") + 1 : names.index("head")]
+    assert len(between) == 4 and len(after) == 2  # add, relu6, two multiplies; relu, mean
+    assert {row.group for row in between} == {rows[names.index("conv_a")].group}
+    assert {row.group for row in after} == {rows[names.index("conv_b")].group}
+    if kx is keras3:
+        assert between[0].type == "ops.Add"
+    _, small = _assert_compaction_exact(model)
+    assert small.get_layer("conv_a").filters < 16 and small.get_layer("conv_b").filters < 24
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        lambda y: 1.0 / (y + 2.0),  # a channel masked to 0 would give 1 / 2, then 1 / 0
+        lambda y: keras3.ops.softmax(y),  # mixes the channels
+        lambda y: keras3.ops.mean(y, axis=-1, keepdims=True) * y,  # reduces the channels
+    ],
+    ids=["divide_by_tensor", "softmax", "mean_over_channels"],
+)
+def test_operations_that_mix_or_blow_up_channels_block_their_group(tail):
+    inp = keras3.Input((6, 6, 2))
+    y = keras3.layers.Conv2D(8, 3, name="conv")(inp)
+    y = keras3.layers.Conv2D(4, 1, name="next")(tail(y))
+    model = keras3.Model(inp, keras3.layers.Dense(2)(keras3.layers.Flatten()(y)))
+    graph = analyze(model).graph
+    conv = next(g for g in graph.groups.values() if "conv" in g.nodes("producer"))
+    assert not conv.prunable
+    assert any("ops." in reason for reason in conv.reasons), conv.reasons
+
+
+@pytest.mark.slow
+def test_mobilenet_v3_small_trains_pruned_with_the_default_callback():
+    keras3.utils.set_random_seed(0)
+    model = keras3.applications.MobileNetV3Small(
+        input_shape=(32, 32, 3), weights=None, classes=10, include_preprocessing=True
+    )
+    model.compile("adam", "sparse_categorical_crossentropy")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((96, 32, 32, 3), np.float32) * 255, rng.integers(0, 10, 96)
+    callback = tfb.BalanceCallback(verbose=0)
+    model.fit(x, y, epochs=2, batch_size=32, callbacks=[callback], verbose=0)
+    assert callback.report["final"]["flops"] <= 0.5 * callback.report["dense"]["flops"] * 1.01
+    analysis = callback.analysis  # the hard-swish expansions are prunable through the ops
+    hard_swish_inputs = [
+        g for g in analysis.graph.prunable_groups if any("expand" in p for p in g.nodes("producer"))
+    ]
+    assert len(hard_swish_inputs) >= 8
+    np.testing.assert_allclose(
+        callback.optimized_model.predict(x[:8], verbose=0),
+        model.predict(x[:8], verbose=0),
+        1e-4,
+        1e-5,
+    )
+
+
+def test_an_unbuilt_subclassed_model_written_with_keras_ops_is_pruned():
+    class Net(keras3.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = keras3.layers.Conv2D(16, 3)
+            self.conv2 = keras3.layers.Conv2D(32, 3)
+            self.head = keras3.layers.Dense(10)
+
+        def call(self, x):
+            h = keras3.ops.relu(self.conv1(x))
+            h = keras3.ops.relu(self.conv2(h)) * 2.0
+            return self.head(keras3.ops.mean(h, axis=(1, 2)))
+
+    keras3.utils.set_random_seed(0)
+    model = Net()
+    model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((128, 8, 8, 1), np.float32), rng.integers(0, 10, 128)
+    callback = tfb.BalanceCallback(verbose=0)
+    model.fit(x, y, epochs=3, batch_size=32, callbacks=[callback], verbose=0)
+    optimized = callback.optimized_model
+    assert callback.report["final"]["flops"] <= 0.5 * callback.report["dense"]["flops"] * 1.01
+    widths = sorted(layer.filters for layer in optimized.layers if hasattr(layer, "filters"))
+    assert widths[0] < 16 and widths[1] < 32  # both convs thinned, through relu, * and mean
+    np.testing.assert_allclose(
+        optimized.predict(x[:8], verbose=0), model.predict(x[:8], verbose=0), 1e-4, 1e-5
+    )
+
+
+def test_a_lambda_layer_is_copied_and_its_neighbours_pruned_on_both_kerases(kx):
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((8, 8, 1))
+    y = kx.layers.Conv2D(16, 3, activation="relu")(inp)
+    y = kx.layers.Lambda(lambda t: t * 2.0, name="double")(y)
+    y = kx.layers.Conv2D(16, 3, activation="relu", name="after")(y)
+    model = kx.Model(inp, kx.layers.Dense(4)(kx.layers.GlobalAveragePooling2D()(y)))
+    _, small = _assert_compaction_exact(model)
+    assert small.get_layer("after").filters < 16
+    assert type(small.get_layer("double")).__name__ == "Lambda"
+
+
+def test_an_adapted_normalization_keeps_its_statistics_in_the_compacted_model(kx):
+    kx.utils.set_random_seed(0)
+    data = _x((6, 6, 2), batch=64) * 5.0 + 3.0
+    norm = kx.layers.Normalization(name="norm")
+    norm.adapt(data)
+    inp = kx.Input((6, 6, 2))
+    y = kx.layers.Conv2D(16, 3, activation="relu", name="conv")(norm(inp))
+    model = kx.Model(inp, kx.layers.Dense(3)(kx.layers.Flatten()(y)))
+    analysis = analyze(model)
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.5)
+    small = PruneChannels().run(model, analysis.graph, PassContext(plan=plan)).model
+    expected = np.asarray(masked_copy(analysis.graph, plan)(data[:4], training=False))
+    np.testing.assert_allclose(np.asarray(small(data[:4], training=False)), expected, 1e-4, 1e-4)
+    np.testing.assert_allclose(
+        np.asarray(small.get_layer("norm")(data[:4])), np.asarray(norm(data[:4])), 1e-5, 1e-5
+    )
+
+
+def test_augmentation_layers_are_stripped_for_inference(kx):
+    inp = kx.Input((12, 12, 3))
+    y = kx.layers.RandomFlip("horizontal")(kx.layers.Rescaling(1 / 255.0)(inp))
+    y = kx.layers.RandomContrast(0.2)(kx.layers.RandomRotation(0.1)(y))
+    y = kx.layers.Conv2D(8, 3, activation="relu")(y)
+    model = kx.Model(inp, kx.layers.Dense(2)(kx.layers.GlobalAveragePooling2D()(y)))
+    optimized, report = tfb.MetaOptimizer(["strip_training_ops"]).run(model)
+    assert report.records[0].status == "applied"
+    names = {type(layer).__name__ for layer in optimized.layers}
+    assert not names & {"RandomFlip", "RandomRotation", "RandomContrast"}
+    x = _x((12, 12, 3)) * 255
+    np.testing.assert_allclose(
+        np.asarray(optimized(x, training=False)), np.asarray(model(x, training=False)), 1e-5, 1e-5
+    )
+
+
+def _normalised_cnn(with_dense: bool):
+    """Conv -> LayerNorm -> Conv -> GroupNorm: normalisation across channels blocks both."""
+    keras3.utils.set_random_seed(0)
+    inp = keras3.Input((8, 8, 1))
+    y = keras3.layers.LayerNormalization()(keras3.layers.Conv2D(16, 3)(inp))
+    y = keras3.layers.GroupNormalization(4)(keras3.layers.Conv2D(16, 3)(y))
+    y = keras3.layers.GlobalAveragePooling2D()(y)
+    if with_dense:
+        y = keras3.layers.Dense(32, activation="relu", name="hidden")(y)
+    model = keras3.Model(inp, keras3.layers.Dense(10)(y))
+    model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _fit_catching(model, callback, epochs=3):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((128, 8, 8, 1), np.float32), rng.integers(0, 10, 128)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.fit(x, y, epochs=epochs, batch_size=32, callbacks=[callback], verbose=0)
+    messages = [str(w.message) for w in caught if "BalanceCallback" in str(w.message)]
+    return history, messages
+
+
+def test_a_model_with_nothing_to_prune_trains_with_one_warning_naming_why():
+    model = _normalised_cnn(with_dense=False)
+    callback = tfb.BalanceCallback(verbose=0)
+    history, messages = _fit_catching(model, callback)
+    assert len(messages) == 1 and "no prunable channel group" in messages[0]
+    assert "normalises across channels" in messages[0]
+    assert len(history.history["loss"]) == 3
+    assert history.history["balancer/flops_ratio"] == [1.0, 1.0, 1.0]
+    assert callback.report["final"]["flops"] <= callback.report["dense"]["flops"]
+
+
+def test_an_unreachable_target_prunes_as_far_as_it_can_and_says_so():
+    model = _normalised_cnn(with_dense=True)
+    callback = tfb.BalanceCallback(verbose=0)
+    history, messages = _fit_catching(model, callback, epochs=4)
+    floor = lowest_reachable(callback.analysis, "flops", callback.bounds)
+    assert 0.5 < floor < 1.0
+    assert len(messages) == 1 and f"keeps {floor:.3f}" in messages[0]
+    assert history.history["balancer/flops_ratio"][-1] == pytest.approx(floor, abs=1e-6)
+    assert model.get_layer("hidden").kernel.shape[-1] == 32  # masked, then compacted:
+    assert callback.optimized_model.get_layer("hidden").units < 32
+    assert tf.reduce_all(tf.math.is_finite(callback.optimized_model(np.zeros((1, 8, 8, 1)))))
