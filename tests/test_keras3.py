@@ -241,6 +241,20 @@ def _residual_subclassed(k):
     return Residual()
 
 
+def _fit_balanced(model, train, validation, epochs):
+    """``fit`` with ``BalanceCallback()`` (target 0.5) on its defaults; History and callback."""
+    callback = tfb.BalanceCallback(target=0.5, verbose=0)
+    history = model.fit(
+        *train,
+        validation_data=validation,
+        epochs=epochs,
+        batch_size=64,
+        callbacks=[callback],
+        verbose=0,
+    )
+    return history, callback
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["my_model", "residual"])
 def test_subclassed_models_are_pruned_during_fit_on_both_kerases(kx, arch, digits, tmp_path):
@@ -256,16 +270,7 @@ def test_subclassed_models_are_pruned_during_fit_on_both_kerases(kx, arch, digit
     model(x_train[:1])  # built, as after any first call
     model.compile(optimizer="adam", loss=loss, metrics=["accuracy"])
     assert tfb.inspect(model).rows  # analysed through its functional twin
-    callback = tfb.BalanceCallback(target=0.5, verbose=0)
-    history = model.fit(
-        x_train,
-        digits.y_train,
-        validation_data=(x_val, digits.y_val),
-        epochs=10,
-        batch_size=64,
-        callbacks=[callback],
-        verbose=0,
-    )
+    history, callback = _fit_balanced(model, (x_train, digits.y_train), (x_val, digits.y_val), 10)
     assert history.history["balancer/flops_ratio"][-1] <= 0.5 + 1e-3
     optimized = callback.optimized_model
     assert callback.report["final"]["flops"] <= 0.5 * callback.report["dense"]["flops"] * 1.01
@@ -304,16 +309,7 @@ def test_unbuilt_models_are_pruned_from_fits_first_step_on_both_kerases(kx, arch
     assert not model.built
     x_train = digits.x_train.reshape(len(digits.x_train), -1)
     x_val = digits.x_val.reshape(len(digits.x_val), -1)
-    callback = tfb.BalanceCallback(verbose=0)
-    history = model.fit(
-        x_train,
-        digits.y_train,
-        validation_data=(x_val, digits.y_val),
-        epochs=4,
-        batch_size=64,
-        callbacks=[callback],
-        verbose=0,
-    )
+    history, callback = _fit_balanced(model, (x_train, digits.y_train), (x_val, digits.y_val), 4)
     assert history.history["balancer/flops_ratio"][-1] <= 0.5 + 1e-3
     assert len(history.history["val_macro_f1"]) == 4  # subclassed too (its twin's outputs)
     assert callback.stream.batches > 0  # streamed Taylor after the first step
