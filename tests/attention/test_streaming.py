@@ -90,6 +90,26 @@ def test_reset_starts_a_new_window_and_ignores_foreign_variables(setup):
     assert all(s.sum() == 0 for s in stream.scores().values())
 
 
+def test_an_inactive_stream_skips_the_work_inside_a_traced_step(setup):
+    model, analysis, digits = setup
+    stream = GradientStream(analysis.graph)
+    grads = _grads(model, digits.x_train[:32], digits.y_train[:32])
+
+    @tf.function
+    def step():
+        stream.update(zip(grads, model.trainable_variables, strict=True))
+
+    step()
+    before = {name: s.copy() for name, s in stream.scores().items()}
+    stream.set_active(False)  # the traced step reads the flag: no retrace needed
+    step()
+    assert stream.batches == 1
+    assert all(np.array_equal(before[n], s) for n, s in stream.scores().items())
+    stream.set_active(True)
+    step()
+    assert stream.batches == 2
+
+
 def test_group_scores_accepts_a_stream(setup):
     model, analysis, digits = setup
     stream = GradientStream(analysis.graph)

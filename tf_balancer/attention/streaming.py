@@ -83,7 +83,20 @@ class GradientStream:
             aggregation=tf.VariableAggregation.SUM,
             trainable=False,
         )
+        # 1 while a rebalance is still to come (read in the step: no retrace to turn off).
+        self.active = tf.Variable(
+            1.0,
+            name="taylor_active",
+            synchronization=tf.VariableSynchronization.ON_READ,
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+            trainable=False,
+        )
         self.checkpoint = tf.train.Checkpoint(sums=self.sums)
+
+    def set_active(self, active: bool) -> None:
+        """Accumulate (True) or skip the work in the train step (False: no rebalance is
+        left to use the sums, e.g. in the epochs that recover after the last one)."""
+        assign_local(self.active, 1.0 if active else 0.0)
 
     def update(self, grads_and_vars: Iterable[tuple[Any, Any]], scale: Any = 1.0) -> None:
         """Add one batch: ``|sum over a channel's weights of w * g|`` per channel.
@@ -101,6 +114,9 @@ class GradientStream:
             scale: the factor the gradients are multiplied by (the loss scale). Defaults to 1.
         """
         pairs = [(g, v) for g, v in grads_and_vars if g is not None]
+        tf.cond(self.active > 0.5, lambda: self._accumulate(pairs, scale), lambda: None)
+
+    def _accumulate(self, pairs: list[tuple[Any, Any]], scale: Any) -> None:
         dense = [g for g, _ in pairs if not isinstance(g, tf.IndexedSlices)]
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in dense] or [True])
         per_channel: dict[str, tf.Tensor] = {}

@@ -491,9 +491,12 @@ class BalanceCallback(keras.callbacks.Callback):
             self._start_epoch(epoch)
 
     def _start_epoch(self, epoch: int) -> None:
-        """Restore masks after a resume; rebalance if ``epoch`` is scheduled."""
+        """Restore masks after a resume; rebalance if ``epoch`` is scheduled; stream
+        gradients only while a rebalance is still to come."""
         if self._diverged:
             return
+        if self.stream is not None:
+            self.stream.set_active(any(e > epoch for e in self.schedule))
         self._sync_masks()
         if epoch in self.schedule and epoch > int(self.state.epoch.numpy()):
             self._rebalance(epoch)
