@@ -252,3 +252,22 @@ def test_an_unreachable_target_prunes_as_far_as_it_can_and_says_so():
     assert model.get_layer("hidden").kernel.shape[-1] == 32  # masked, then compacted:
     assert callback.optimized_model.get_layer("hidden").units < 32
     assert tf.reduce_all(tf.math.is_finite(callback.optimized_model(np.zeros((1, 8, 8, 1)))))
+
+
+def test_a_shared_tower_stays_whole_and_the_rest_is_compacted_on_both_kerases(kx):
+    """Siamese nets: the shared layers are not pruned; compaction keeps them shared."""
+    kx.utils.set_random_seed(0)
+    conv, pool = kx.layers.Conv2D(8, 3, activation="relu", name="shared_conv"), kx.layers.Flatten()
+    left, right = kx.Input((6, 6, 2)), kx.Input((6, 6, 2))
+    y = kx.layers.Concatenate()([pool(conv(left)), pool(conv(right))])
+    y = kx.layers.Dense(16, activation="relu", name="hidden")(y)
+    model = kx.Model([left, right], kx.layers.Dense(2)(y))
+    analysis = analyze(model)
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.9)
+    result = PruneChannels().run(model, analysis.graph, PassContext(plan=plan))
+    small = result.model
+    assert small.get_layer("hidden").units < 16
+    assert small.get_layer("shared_conv").filters == 8
+    xs = [_x((6, 6, 2), seed=1), _x((6, 6, 2), seed=2)]
+    expected = np.asarray(masked_copy(analysis.graph, plan)(xs, training=False))
+    np.testing.assert_allclose(np.asarray(small(xs, training=False)), expected, 1e-4, 1e-4)

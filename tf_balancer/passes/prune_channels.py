@@ -127,11 +127,15 @@ class PruneChannels(GraphPass):
             return PassResult(model, changed=False, message="no channel to remove")
         weights: dict[str, list[np.ndarray]] = {}
         new_layers: dict[str, Any] = {}
+        shared: dict[int, Any] = {}  # a shared layer stays one layer (it is never resized)
 
         def make(call):
+            if call.shared and id(call.layer) in shared:
+                return shared[id(call.layer)]
             node = graph.nodes[call.name]
             weights[call.name], overrides = _slice_weights(node, plan)
             new_layers[call.name] = clone_layer(call.layer, **overrides)
+            shared[id(call.layer)] = new_layers[call.name]
             return new_layers[call.name]
 
         new_model = rebuild(graph.walk, make, name=model.name)
