@@ -271,3 +271,26 @@ def test_a_shared_tower_stays_whole_and_the_rest_is_compacted_on_both_kerases(kx
     xs = [_x((6, 6, 2), seed=1), _x((6, 6, 2), seed=2)]
     expected = np.asarray(masked_copy(analysis.graph, plan)(xs, training=False))
     np.testing.assert_allclose(np.asarray(small(xs, training=False)), expected, 1e-4, 1e-4)
+
+
+def test_a_masked_lstm_after_embedding_mask_zero_is_pruned_on_both_kerases(kx):
+    """Keras 3 passes the padding mask as an argument of the LSTM call: it gates time
+    steps, it is not a channel input, so the LSTM's units stay prunable."""
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((12,), dtype="int32")
+    y = kx.layers.Embedding(50, 16, mask_zero=True, name="embed")(inp)
+    y = kx.layers.LSTM(24, name="lstm")(y)
+    model = kx.Model(inp, kx.layers.Dense(3)(kx.layers.Dense(12, activation="relu")(y)))
+    analysis = analyze(model)
+    prunable = {p for g in analysis.graph.prunable_groups for p in g.nodes("producer")}
+    assert {"embed", "lstm"} <= prunable
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.5)
+    small = PruneChannels().run(model, analysis.graph, PassContext(plan=plan)).model
+    assert small.get_layer("lstm").units < 24
+    tokens = np.random.default_rng(0).integers(1, 50, (4, 12)).astype("int32")
+    tokens[:, 8:] = 0  # padded: the mask must still cut these steps in the compacted model
+    expected = np.asarray(masked_copy(analysis.graph, plan)(tokens, training=False))
+    np.testing.assert_allclose(np.asarray(small(tokens, training=False)), expected, 1e-4, 1e-4)
+    unpadded = tokens.copy()
+    unpadded[:, 8:] = 7
+    assert not np.allclose(np.asarray(small(unpadded, training=False)), expected, atol=1e-4)

@@ -200,11 +200,12 @@ class _Builder:
 
     def visit(self, call: Call) -> None:
         shapes = self.walk.shapes
-        in_layouts = tuple(self.layouts.get(k) for k in call.inputs)
+        inputs = call.data_inputs
+        in_layouts = tuple(self.layouts.get(k) for k in inputs)
         out_shape = shapes[call.outputs[0]]
-        rank = len(shapes[call.inputs[0]]) if call.inputs else None
+        rank = len(shapes[inputs[0]]) if inputs else None
         spec = spec_for(call.layer, rank)
-        if call.shared or len(call.outputs) != 1 or not call.inputs:
+        if call.shared or len(call.outputs) != 1 or not inputs:
             spec = LayerSpec("opaque")
         out = self.propagate(call, spec, in_layouts, out_shape)
         if out is not None and out.width * out.spatial != _channels(out_shape):
@@ -224,8 +225,8 @@ class _Builder:
                 class_name=call.class_name,
                 role=spec.role if out is not None else "opaque",
                 layer=call.layer,
-                inputs=tuple(self.producer_of.get(k, k) for k in call.inputs),
-                input_shapes=tuple(shapes[k] for k in call.inputs),
+                inputs=tuple(self.producer_of.get(k, k) for k in inputs),
+                input_shapes=tuple(shapes[k] for k in inputs),
                 output_shape=out_shape,
                 out_layout=out,
                 in_layouts=in_layouts,

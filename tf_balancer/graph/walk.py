@@ -52,6 +52,9 @@ class Call:
         inputs: keys of the tensors this call consumes, in argument order.
         outputs: keys of the tensors it produces.
         shared: the layer is called more than once in the model.
+        masks: keys of the inputs passed as ``mask=`` (Keras 3 records the mask of
+            ``Embedding(mask_zero=True)`` as an argument of the next layer): they
+            gate time steps, they are not channels.
     """
 
     name: str
@@ -60,6 +63,12 @@ class Call:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     shared: bool = False
+    masks: tuple[str, ...] = ()
+
+    @property
+    def data_inputs(self) -> tuple[str, ...]:
+        """``inputs`` without the masks: the tensors whose channels the call reads."""
+        return tuple(k for k in self.inputs if k not in self.masks)
 
     @property
     def class_name(self) -> str:
@@ -136,9 +145,12 @@ class _Walker:
 
     def _add_call(self, node: Any, scope: str) -> None:
         layer = self.adapter.node_layer(node)
-        inputs = tuple(self.record(t, scope) for t in self.adapter.node_inputs(node))
+        tensors = self.adapter.node_inputs(node)
+        inputs = tuple(self.record(t, scope) for t in tensors)
         outputs = tuple(self.record(t, scope) for t in self.adapter.node_outputs(node))
-        self.calls.append(Call(f"{scope}{layer.name}", layer, node, inputs, outputs))
+        mask_ids = {id(m) for m in tf.nest.flatten(self.adapter.node_call(node)[1].get("mask"))}
+        masks = tuple(k for k, t in zip(inputs, tensors, strict=True) if id(t) in mask_ids)
+        self.calls.append(Call(f"{scope}{layer.name}", layer, node, inputs, outputs, masks=masks))
 
 
 def walk_model(model: Any) -> Walk:
