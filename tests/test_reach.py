@@ -294,3 +294,19 @@ def test_a_masked_lstm_after_embedding_mask_zero_is_pruned_on_both_kerases(kx):
     unpadded = tokens.copy()
     unpadded[:, 8:] = 7
     assert not np.allclose(np.asarray(small(unpadded, training=False)), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("return_sequences", [False, True])
+def test_conv_lstm_flops_are_counted_by_hand_on_both_kerases(kx, return_sequences):
+    """TF's profiler sees a ConvLSTM's steps once, and differently in a frozen and an
+    unfrozen trace (the report compared one with the other: 2.4x the dense FLOPs)."""
+    inp = kx.Input((4, 8, 8, 3))
+    y = kx.layers.ConvLSTM2D(8, 3, padding="same", return_sequences=return_sequences)(inp)
+    model = kx.Model(inp, kx.layers.Dense(2)(kx.layers.Flatten()(y)))
+    name = model.layers[1].name
+    frozen, unfrozen = analyze(model, frozen=True), analyze(model, frozen=False)
+    positions = 4 * 8 * 8  # steps x output positions
+    per_position = 2 * 9 * (3 + 8) * 4 * 8 + (4 + 8) * 8  # two convs to 4 gates, bias, gates
+    assert frozen.cost.layers[name].flops == positions * per_position
+    assert unfrozen.cost.layers[name].flops == frozen.cost.layers[name].flops
+    assert frozen.cost.flops == unfrozen.cost.flops

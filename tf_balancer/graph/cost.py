@@ -99,6 +99,8 @@ def core_coefficients(node: LayerNode, batch: int) -> tuple[float, float, float,
     kernel = math.prod(config.get("kernel_size", (1,)))
     if cls in RECURRENT_GATES:
         return _recurrent_coefficients(cls, config, batch * int(in_shape[1]))
+    if cls in CONV_RECURRENT:
+        return _conv_lstm_coefficients(config, in_shape, out_shape, batch)
     if cls == "Dense":
         rows = batch * math.prod(int(d) for d in in_shape[1:-1])
         return 2 * rows, 0, rows if config.get("use_bias") else 0, 0
@@ -132,6 +134,21 @@ def _recurrent_coefficients(cls: str, config: dict, steps: int) -> tuple[float, 
     return 2 * gates * steps, 0, (bias + _GATE_OPS[cls]) * steps, 2 * gates * steps
 
 
+CONV_RECURRENT = ("ConvLSTM1D", "ConvLSTM2D", "ConvLSTM3D")
+
+
+def _conv_lstm_coefficients(config: dict, in_shape: tuple, out_shape: tuple, batch: int):
+    """A ``ConvLSTM`` over ``T`` steps: per step and output position, an input conv
+    (``cin -> 4*u``) and a recurrent conv (``u -> 4*u``, same padding) of the
+    kernel's window, the input conv's bias and an LSTM's gate arithmetic."""
+    steps = int(in_shape[1])
+    spatial = out_shape[2:-1] if config.get("return_sequences") else out_shape[1:-1]
+    positions = batch * steps * math.prod(int(d) for d in spatial)
+    kernel = math.prod(config.get("kernel_size", (1,)))
+    bias = 4 if config.get("use_bias", True) else 0
+    return 8 * kernel * positions, 0, (bias + _GATE_OPS["LSTM"]) * positions, 8 * kernel * positions
+
+
 def _bidirectional_coefficients(node: LayerNode, inner: Any, batch: int) -> tuple[float, ...]:
     """Both directions of a ``Bidirectional`` layer; with ``merge_mode="concat"`` its
     output holds the units twice, so ``cout`` counts them twice."""
@@ -159,6 +176,8 @@ def flops_source(node: LayerNode) -> str:
     transposed convolution), counted by
     this module's formulas instead; ``"profiler"`` otherwise."""
     inner = _wrapped(node.layer)
+    if type(inner).__name__ in CONV_RECURRENT:
+        return "analytic"
     if type(inner).__name__ in RECURRENT_GATES and not inner.get_config().get("unroll"):
         return "analytic"
     if type(inner).__name__ in ("MultiHeadAttention", "EinsumDense", "Conv3DTranspose"):
