@@ -254,23 +254,68 @@ def test_an_unreachable_target_prunes_as_far_as_it_can_and_says_so():
     assert tf.reduce_all(tf.math.is_finite(callback.optimized_model(np.zeros((1, 8, 8, 1)))))
 
 
-def test_a_shared_tower_stays_whole_and_the_rest_is_compacted_on_both_kerases(kx):
-    """Siamese nets: the shared layers are not pruned; compaction keeps them shared."""
+def _siamese(kx, nested: bool):
+    """Two inputs through one tower (shared layers, or a shared nested Sequential)."""
     kx.utils.set_random_seed(0)
-    conv, pool = kx.layers.Conv2D(8, 3, activation="relu", name="shared_conv"), kx.layers.Flatten()
-    left, right = kx.Input((6, 6, 2)), kx.Input((6, 6, 2))
-    y = kx.layers.Concatenate()([pool(conv(left)), pool(conv(right))])
-    y = kx.layers.Dense(16, activation="relu", name="hidden")(y)
-    model = kx.Model([left, right], kx.layers.Dense(2)(y))
+    layers = [
+        kx.layers.Conv2D(8, 3, activation="relu", name="conv_a"),
+        kx.layers.BatchNormalization(name="bn"),
+        kx.layers.Conv2D(16, 3, activation="relu", name="conv_b"),
+        kx.layers.GlobalAveragePooling2D(),
+        kx.layers.Dense(12, activation="relu", name="embed"),
+    ]
+    if nested:
+        tower = kx.Sequential([kx.Input((8, 8, 2)), *layers], name="tower")
+    else:
+
+        def tower(t):
+            for layer in layers:
+                t = layer(t)
+            return t
+
+    left, right = kx.Input((8, 8, 2)), kx.Input((8, 8, 2))
+    y = kx.layers.Concatenate()([tower(left), tower(right)])
+    y = kx.layers.Dense(10, activation="relu", name="hidden")(y)
+    return kx.Model([left, right], kx.layers.Dense(2)(y))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["shared_layers", "shared_model"])
+def test_a_shared_tower_is_pruned_as_one_layer_on_both_kerases(kx, nested):
+    """Siamese nets: every call of a shared layer keeps the same channels, so the
+    tower is pruned once and stays shared in the compacted model."""
+    model = _siamese(kx, nested)
     analysis = analyze(model)
-    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.9)
-    result = PruneChannels().run(model, analysis.graph, PassContext(plan=plan))
-    small = result.model
-    assert small.get_layer("hidden").units < 16
-    assert small.get_layer("shared_conv").filters == 8
-    xs = [_x((6, 6, 2), seed=1), _x((6, 6, 2), seed=2)]
+    assert analysis.cost.params == model.count_params()  # shared weights counted once
+    producers = [g.nodes("producer") for g in analysis.graph.prunable_groups]
+    assert sum(len(p) == 2 for p in producers) == 3  # conv_a, conv_b, embed: both calls each
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.5)
+    small = PruneChannels().run(model, analysis.graph, PassContext(plan=plan)).model
+    conv = next(layer for layer in small.layers if layer.name.endswith("conv_b"))
+    assert conv.filters < 16
+    xs = [_x((8, 8, 2), seed=1), _x((8, 8, 2), seed=2)]
     expected = np.asarray(masked_copy(analysis.graph, plan)(xs, training=False))
     np.testing.assert_allclose(np.asarray(small(xs, training=False)), expected, 1e-4, 1e-4)
+    assert analyze(small).cost.flops / analysis.cost.flops == pytest.approx(plan.achieved)
+    assert small.count_params() == pytest.approx(plan_params(analysis, plan))
+
+
+def plan_params(analysis, plan):
+    return analysis.cost_under({g: len(k) for g, k in plan.keep.items()}).params
+
+
+def test_a_layer_shared_with_differently_shaped_calls_stays_whole():
+    """One Dense called on 6 and on 6 channels of different groups is joined; called on
+    a tensor whose channels are laid out differently (a concatenation) it is opaque."""
+    dense = keras3.layers.Dense(4, name="shared")
+    a, b = keras3.Input((6,)), keras3.Input((3,))
+    wide = keras3.layers.Concatenate()([keras3.layers.Dense(3, name="p")(a), b])
+    y = keras3.layers.Concatenate()([dense(keras3.layers.Dense(6, name="q")(a)), dense(wide)])
+    model = keras3.Model([a, b], keras3.layers.Dense(2)(y))
+    graph = analyze(model).graph
+    shared_groups = [g for g in graph.groups.values() if "shared" in g.nodes("producer")]
+    assert shared_groups == [] or not any(g.prunable for g in shared_groups)
+    q = next(g for g in graph.groups.values() if "q" in g.nodes("producer"))
+    assert not q.prunable and any("shares its weights" in r or "shared" in r for r in q.reasons)
 
 
 def test_a_masked_lstm_after_embedding_mask_zero_is_pruned_on_both_kerases(kx):

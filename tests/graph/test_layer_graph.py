@@ -7,7 +7,11 @@ import pytest
 
 from tf_balancer._compat import keras
 from tf_balancer.analysis import analyze, inspect
+from tf_balancer.attention.balance import KeepPlan
+from tf_balancer.attention.masks import masked_copy
 from tf_balancer.graph.layer_graph import LayerGraph, Member
+from tf_balancer.passes.base import PassContext
+from tf_balancer.passes.prune_channels import PruneChannels
 
 L = keras.layers
 
@@ -184,7 +188,9 @@ def test_model_input_group_is_not_prunable():
     assert group not in graph.prunable_groups
 
 
-def test_shared_layer_is_not_prunable():
+def test_a_layer_applied_twice_in_a_row_joins_its_input_and_output_channels():
+    """``shared(shared(x))``: the kernel's input channels are the first call's input
+    and the second call's: one group runs through ``pre`` and both calls."""
     keras.utils.set_random_seed(5)
     inp = keras.Input((6, 6, 4))
     pre = L.Conv2D(4, 1, name="pre")(inp)
@@ -193,14 +199,17 @@ def test_shared_layer_is_not_prunable():
     model = keras.Model(inp, L.Dense(2, name="head")(L.GlobalAveragePooling2D(name="gap")(x)))
     graph = LayerGraph.from_model(model)
     assert {"shared", "shared#1"} <= set(graph.nodes)
-    for name in ("shared", "shared#1"):
-        group = _group(graph, name)
-        assert not group.prunable
-        assert any("shared" in reason for reason in group.reasons)
-    assert not _group(graph, "pre").prunable
-    producers = {n for g in graph.prunable_groups for n in g.nodes("producer")}
-    assert not producers & {"shared", "shared#1", "pre"}
-    analyze(model)  # does not crash
+    group = _group(graph, "pre")
+    assert group is _group(graph, "shared") is _group(graph, "shared#1")
+    assert group.prunable and set(group.nodes("producer")) == {"pre", "shared", "shared#1"}
+    analysis = analyze(model)
+    assert analysis.cost.params == model.count_params()
+    plan = KeepPlan({group.id: np.array([0, 2])}, {group.id: 4})
+    small = PruneChannels().run(model, graph, PassContext(plan=plan)).model
+    assert small.get_layer("shared").kernel.shape == (3, 3, 2, 2)
+    x = np.random.default_rng(0).normal(size=(2, 6, 6, 4)).astype("float32")
+    expected = np.asarray(masked_copy(graph, plan)(x, training=False))
+    np.testing.assert_allclose(np.asarray(small(x, training=False)), expected, 1e-5, 1e-5)
 
 
 def test_softmax_inside_the_model_couples_its_channels():

@@ -264,6 +264,7 @@ class PlanCoster:
         n, m = len(self.names), len(self.group_ids)
         self.m_in, self.m_out, self.m_act = np.zeros((n, m)), np.zeros((n, m)), np.zeros((n, m))
         coef = np.zeros((n, 11))
+        counted: set[int] = set()  # layers whose weights are counted (a shared layer once)
         for row, node in enumerate(graph.nodes.values()):
             layout_in = node.in_layouts[0] if node.in_layouts else None
             for matrix, layout in (
@@ -282,7 +283,9 @@ class PlanCoster:
             hidden = flops_source(node) == "analytic" and core > 0
             rest = 0 if hidden else max(measured.get(node.name, 0) - core - fixed, 0)
             coef[row, :6] = a, b, c, e, rest / max(full_out, 1), fixed
-            coef[row, 6:] = _param_coefficients(node)
+            if id(node.layer) not in counted:
+                coef[row, 6:] = _param_coefficients(node)
+                counted.add(id(node.layer))
             coef[row, 6:10] /= (
                 max(full_in * full_out, 1),
                 max(full_in, 1),

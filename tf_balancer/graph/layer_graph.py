@@ -143,6 +143,20 @@ class LayerNode:
         return self.inner_layout or self.out_layout
 
 
+def _sharable(spec: LayerSpec) -> bool:
+    """Roles a layer called several times keeps (its calls' channels are joined)."""
+    return spec.role in ("producer", "passthrough", "reduce", "flatten", "merge", "concat")
+
+
+def _same_shape(a: Layout, b: Layout) -> bool:
+    """Two layouts with segments of the same sizes, in the same order and spacing."""
+    return (
+        a.spatial == b.spatial
+        and len(a.segments) == len(b.segments)
+        and all(x.size == y.size for x, y in zip(a.segments, b.segments, strict=True))
+    )
+
+
 class _UnionFind:
     def __init__(self) -> None:
         self.parent: list[int] = []
@@ -177,6 +191,8 @@ class _Builder:
         self.nodes: list[LayerNode] = []
         self.inner: dict[str, Layout] = {}
         self.units: dict[int, int] = {}
+        self.first_call: dict[int, tuple[Layout, Layout]] = {}  # shared layer -> (in, out)
+        self.opaque_shared: set[int] = set()  # shared layers one of whose calls is opaque
 
     def new_group(self, size: int, reason: str | bool | None = None) -> Layout:
         gid = self.uf.new()
@@ -205,9 +221,17 @@ class _Builder:
         out_shape = shapes[call.outputs[0]]
         rank = len(shapes[inputs[0]]) if inputs else None
         spec = spec_for(call.layer, rank)
-        if call.shared or len(call.outputs) != 1 or not inputs:
+        if len(call.outputs) != 1 or not inputs or (call.shared and not _sharable(spec)):
+            spec = LayerSpec("opaque")
+        if call.shared and id(call.layer) in self.opaque_shared:
             spec = LayerSpec("opaque")
         out = self.propagate(call, spec, in_layouts, out_shape)
+        if call.shared and out is not None:
+            out = self.share(call, spec, in_layouts, out)
+        if call.shared and out is None:  # then no call of the layer may change its weights
+            self.opaque_shared.add(id(call.layer))
+            for layout in self.first_call.pop(id(call.layer), ()):
+                self.block(layout, f"{call.name!r} shares its weights with an opaque call")
         if out is not None and out.width * out.spatial != _channels(out_shape):
             self.block(out, f"channel bookkeeping disagrees with {call.name!r}'s shape")
             out = None
@@ -234,10 +258,30 @@ class _Builder:
             )
         )
 
+    def share(self, call: Call, spec: LayerSpec, ins: tuple[Layout, ...], out: Layout):
+        """Every call of a shared layer reads and writes the same channels (its weights
+        are one): later calls join their input to the first call's, and a producer's
+        output is the first call's group. None (opaque) when the layouts differ."""
+        key = id(call.layer)
+        if key not in self.first_call:
+            self.first_call[key] = (ins[0], out)
+            return out
+        first_in, first_out = self.first_call[key]
+        if not _same_shape(first_in, ins[0]):
+            return None
+        if spec.role == "producer" or call.layer.weights:  # a weightless one needs no join
+            for a, b in zip(first_in.segments, ins[0].segments, strict=True):
+                self.uf.union(a.group, b.group)
+        if spec.role != "producer":
+            return out
+        for segment in out.segments:  # the group this call made is the first call's
+            self.uf.union(first_out.segments[0].group, segment.group)
+        return first_out
+
     @staticmethod
     def opaque_why(call: Call, rank: int | None) -> str:
         if call.shared:
-            return "a layer shared by several calls"
+            return f"a layer shared by calls whose channels differ, {why_opaque(call.layer, rank)}"
         return why_opaque(call.layer, rank)
 
     def propagate(
