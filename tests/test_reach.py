@@ -355,3 +355,33 @@ def test_conv_lstm_flops_are_counted_by_hand_on_both_kerases(kx, return_sequence
     assert frozen.cost.layers[name].flops == positions * per_position
     assert unfrozen.cost.layers[name].flops == frozen.cost.layers[name].flops
     assert frozen.cost.flops == unfrozen.cost.flops
+
+
+def test_an_early_stop_before_the_ramp_ends_says_what_target_was_reached():
+    class StopAfterTwo(keras3.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            self.model.stop_training = epoch == 1
+
+    model = _small_cnn()
+    callback = tfb.BalanceCallback(verbose=0)  # 8 epochs: rebalances at epochs 1..5
+    rng = np.random.default_rng(0)
+    x, y = rng.random((128, 8, 8, 1), np.float32), rng.integers(0, 10, 128)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, epochs=8, batch_size=32, callbacks=[StopAfterTwo(), callback], verbose=0)
+    messages = [str(w.message) for w in caught if "ended after epoch 2" in str(w.message)]
+    reached = float(callback.state.target.numpy())
+    assert 0.5 < reached < 1.0
+    assert len(messages) == 1 and f"reached target {reached:.3f}, not 0.5" in messages[0]
+    ratio = callback.report["final"]["flops"] / callback.report["dense"]["flops"]
+    assert ratio <= reached * 1.01
+
+
+def _small_cnn():
+    keras3.utils.set_random_seed(0)
+    inp = keras3.Input((8, 8, 1))
+    y = keras3.layers.Conv2D(16, 3, activation="relu")(inp)
+    y = keras3.layers.Conv2D(16, 3, activation="relu")(y)
+    model = keras3.Model(inp, keras3.layers.Dense(10)(keras3.layers.GlobalAveragePooling2D()(y)))
+    model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model

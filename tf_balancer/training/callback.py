@@ -656,6 +656,7 @@ class BalanceCallback(keras.callbacks.Callback):
         if self._diverged:
             logger.warning("training diverged; skipping compaction and the report")
             return
+        self._warn_if_stopped_early()
         # Evaluating the user's model (predict) makes Keras attach a new History to it,
         # and fit returns model.history: keep the one this fit filled.
         history = getattr(self.model, "history", None)
@@ -664,6 +665,21 @@ class BalanceCallback(keras.callbacks.Callback):
         finally:
             if history is not None:
                 self.model.history = history
+
+    def _warn_if_stopped_early(self) -> None:
+        """``fit`` ended before the last scheduled rebalance (``EarlyStopping``, a
+        ``stop_training``): say what the ramp reached, once."""
+        if not self.schedule or self._epoch is None or self._epoch >= self.schedule[-1]:
+            return
+        reached = float(self.state.target.numpy()) if self.state is not None else 1.0
+        warnings.warn(
+            f"BalanceCallback: fit ended after epoch {self._epoch + 1}, before the last "
+            f"scheduled rebalance (epoch {self.schedule[-1] + 1}; an early stop?): the ramp "
+            f"reached target {reached:.3f}, not {self.target:g}. Give end_epoch (0-based) to "
+            "reach the target sooner",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def finalize_inputs(self) -> FinalizeInputs:
         """What the end of training works on: model, plan, data, settings."""
