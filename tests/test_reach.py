@@ -385,3 +385,20 @@ def _small_cnn():
     model = keras3.Model(inp, keras3.layers.Dense(10)(keras3.layers.GlobalAveragePooling2D()(y)))
     model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
+
+
+@pytest.mark.parametrize("shared_axes", [None, [1, 2], [1, 2, 3]])
+def test_prelu_slopes_are_sliced_with_their_channels_on_both_kerases(kx, shared_axes):
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((6, 6, 2))
+    y = kx.layers.Conv2D(8, 3, name="conv")(inp)
+    prelu = kx.layers.PReLU(shared_axes=shared_axes, name="prelu")
+    y = kx.layers.Conv2D(4, 1, name="next")(prelu(y))
+    model = kx.Model(inp, kx.layers.Dense(2)(kx.layers.Flatten()(y)))
+    prelu.set_weights([np.random.default_rng(1).uniform(0.1, 0.9, w.shape) for w in prelu.weights])
+    analysis, small = _assert_compaction_exact(model, target=0.75)
+    assert "conv" in {p for g in analysis.graph.prunable_groups for p in g.nodes("producer")}
+    kept = small.get_layer("conv").filters
+    assert kept < 8
+    expected = 1 if shared_axes == [1, 2, 3] else kept
+    assert small.get_layer("prelu").weights[0].shape[-1] == expected

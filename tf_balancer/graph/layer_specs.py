@@ -161,6 +161,7 @@ _SPECS: dict[str, LayerSpec] = {
     "BatchNormalization": _BATCHNORM,
     "Embedding": LayerSpec("producer", _axes(embeddings=-1), width_key="output_dim"),
     "MultiHeadAttention": _ATTENTION,
+    "PReLU": LayerSpec("passthrough", ch_axes=_axes(alpha=-1)),  # one slope per channel
     **{name: _recurrent(gates) for name, gates in RECURRENT_GATES.items()},
     "Flatten": LayerSpec("flatten"),
     "Concatenate": LayerSpec("concat"),
@@ -358,7 +359,15 @@ def spec_for(layer: Any, rank: int | None = None) -> LayerSpec:
     spec = _SPECS.get(type(layer).__name__)
     if spec is None or opaque_reason(layer, rank) is not None:
         return LayerSpec("opaque")
+    if type(layer).__name__ == "PReLU" and _channels_share_slope(layer, rank):
+        return _PASS  # one slope for every channel: nothing to slice
     return _with_layer_attributes(spec, layer)
+
+
+def _channels_share_slope(layer: Any, rank: int | None) -> bool:
+    shared = layer.get_config().get("shared_axes") or ()
+    shared = [shared] if isinstance(shared, int) else list(shared)
+    return bool(rank) and any(a == -1 or a == rank - 1 for a in shared)
 
 
 _WRAPPERS = {"TimeDistributed": ("layer",), "Bidirectional": ("forward_layer", "backward_layer")}
