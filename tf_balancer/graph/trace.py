@@ -188,7 +188,8 @@ def _fixed_specs(specs: Iterable[Any], batch_size: int | None) -> list[tf.Tensor
         if any(d is None for d in shape[1:]):
             raise UnsupportedModelError(
                 f"input {spec.name!r} has unknown dimensions {tuple(spec.shape)}; "
-                "give the model a fixed input shape (other than the batch axis)."
+                "give the model a fixed input shape (other than the batch axis): e.g. "
+                "keras.Input((T,)) instead of keras.Input((None,)), with sequences padded to T."
             )
         fixed.append(tf.TensorSpec(shape, spec.dtype, name=spec.name))
     return fixed
