@@ -21,6 +21,7 @@ from tf_balancer.analysis import analyze
 from tf_balancer.attention.balance import allocate, lowest_reachable
 from tf_balancer.attention.importance import group_scores
 from tf_balancer.attention.masks import masked_copy
+from tf_balancer.graph.walk import walk_model
 from tf_balancer.passes.base import PassContext
 from tf_balancer.passes.prune_channels import PruneChannels
 
@@ -402,3 +403,20 @@ def test_prelu_slopes_are_sliced_with_their_channels_on_both_kerases(kx, shared_
     assert kept < 8
     expected = 1 if shared_axes == [1, 2, 3] else kept
     assert small.get_layer("prelu").weights[0].shape[-1] == expected
+
+
+def test_an_activation_written_as_an_operation_is_fused_on_both_kerases(kx):
+    relu6 = keras3.ops.relu6 if kx is keras3 else tf.nn.relu6
+    sigmoid = keras3.ops.sigmoid if kx is keras3 else tf.math.sigmoid
+    inp = kx.Input((6, 6, 2))
+    y = relu6(kx.layers.Conv2D(8, 3, name="conv")(inp))
+    y = sigmoid(kx.layers.Dense(4, name="dense")(y))
+    model = kx.Model(inp, kx.layers.Flatten()(y))
+    optimized, report = tfb.MetaOptimizer(["fuse_activation"]).run(model)
+    assert report.records[0].status == "applied"
+    assert [conv for conv, _ in report.records[0].stats["fused"]] == ["conv", "dense"]
+    assert optimized.get_layer("conv").get_config()["activation"] == "relu6"
+    assert optimized.get_layer("dense").get_config()["activation"] == "sigmoid"
+    x = _x((6, 6, 2))
+    np.testing.assert_allclose(np.asarray(optimized(x)), np.asarray(model(x)), 1e-5, 1e-6)
+    assert len(walk_model(optimized).calls) == len(walk_model(model).calls) - 2

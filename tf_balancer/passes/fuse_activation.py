@@ -7,7 +7,9 @@ kernel launch) less. Fused activations:
 * ``ReLU()`` with default arguments -> ``"relu"``;
 * ``ReLU(max_value=6)`` (``negative_slope=0``, ``threshold=0``) -> ``"relu6"``
   (a tf_keras activation name; both run ``tf.nn.relu6``);
-* ``Activation(name)`` for any activation name tf_keras resolves.
+* ``Activation(name)`` for any activation name tf_keras resolves;
+* an operation that is an activation: ``keras.ops.relu``/``relu6``/``sigmoid``/``tanh``
+  in Keras 3, the same TensorFlow functions (``TFOpLambda``) in tf_keras.
 
 Other ReLU settings (a negative slope, a threshold, another cap) have no
 activation-name equivalent and are left alone. The producer must be a Conv1D/2D/3D(Transpose),
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tf_balancer._compat import builtin_layer_name, keras_of
+from tf_balancer._compat import builtin_layer_name, keras_of, op_arguments
 from tf_balancer.graph.walk import Call, Walk
 from tf_balancer.passes._rebuild import (
     IDENTITY,
@@ -71,6 +73,10 @@ def activation_name(layer: Any) -> str | None:
         >>> activation_name(keras.layers.ReLU(negative_slope=0.1)) is None
         True
     """
+    arguments = op_arguments(layer)  # keras.ops.relu(x), tf.nn.relu(x)
+    if arguments is not None:
+        name = _OP_ACTIVATIONS.get(arguments.op) if arguments.tensors == 1 else None
+        return name if name and _known_activation(layer, name) else None
     config = layer.get_config()
     kind = builtin_layer_name(layer)
     if kind == "ReLU":
@@ -84,12 +90,20 @@ def activation_name(layer: Any) -> str | None:
         name = config.get("activation")
         if not isinstance(name, str):
             return None
-        try:
-            keras_of(layer).activations.get(name)
-        except ValueError:
-            return None
-        return name
+        return name if _known_activation(layer, name) else None
     return None
+
+
+_OP_ACTIVATIONS = {"Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh"}
+"""Operations (Keras 3 ops, tf_keras ``TFOpLambda``) that are a Keras activation."""
+
+
+def _known_activation(layer: Any, name: str) -> bool:
+    try:
+        keras_of(layer).activations.get(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _fusable_producer(call: Call) -> bool:
