@@ -232,9 +232,29 @@ class KerasAdapter:
         else:
             model.export(path, format="tf_saved_model", verbose=False)
 
-    def save_serving_model(self, model: Any, path: str) -> None:
+    def serving_function(self, model: Any) -> Any:
+        """``model`` in inference mode as one ``tf.function`` over ``model.inputs``
+        (batch axis open): traced once, it serves every batch size. None for a
+        model without ``inputs`` (subclassed)."""
+        import tensorflow as tf
+
+        if not getattr(model, "inputs", None):
+            return None
+        specs = [
+            tf.TensorSpec((None, *t.shape[1:]), t.dtype, f"input_{i}")
+            for i, t in enumerate(model.inputs)
+        ]
+        # A tf.function with its signature, not a concrete function: under a
+        # multi-worker strategy only that saves with distributed variables.
+        return tf.function(
+            lambda *x: model(x[0] if len(x) == 1 else list(x), training=False),
+            input_signature=specs,
+        )
+
+    def save_serving_model(self, model: Any, path: str, serve: Any = None) -> None:
         """Write only what serving needs: the variables and a ``serving_default``
-        signature over ``model.inputs`` (Keras 3: ``model.export``, which is that;
+        signature over ``model.inputs`` (``serve``, from :meth:`serving_function`,
+        when one was traced already; else Keras 3 ``model.export``, which is that;
         a subclassed tf_keras model, which has no ``inputs``: ``model.save``).
 
         tf_keras' ``model.save`` also traces and writes every layer's call
@@ -242,16 +262,10 @@ class KerasAdapter:
         """
         import tensorflow as tf
 
-        if self.version == 3 or not getattr(model, "inputs", None):
+        if serve is None and (self.version == 3 or not getattr(model, "inputs", None)):
             self.save_saved_model(model, path)
             return
-        specs = [tf.TensorSpec(t.shape, t.dtype, f"input_{i}") for i, t in enumerate(model.inputs)]
-        # A tf.function with its signature, not a concrete function: under a
-        # multi-worker strategy only that saves with distributed variables.
-        serve = tf.function(
-            lambda *x: model(x[0] if len(x) == 1 else list(x), training=False),
-            input_signature=specs,
-        )
+        serve = serve or self.serving_function(model)
         root = tf.Module()
         root.captured = list(model.variables)  # tracked, so saved with the signature
         tf.saved_model.save(root, path, signatures=serve)

@@ -83,7 +83,7 @@ def directory_size(path: str) -> int:
     )
 
 
-def saved_model_size(model: Any) -> dict[str, int]:
+def saved_model_size(model: Any, serve: Any = None) -> dict[str, int]:
     """Bytes of the model as a serving SavedModel, raw and gzip-compressed (tar, level 6).
 
     A Keras model is written with only its variables and a ``serving_default``
@@ -91,11 +91,13 @@ def saved_model_size(model: Any) -> dict[str, int]:
     same kind of directory for both Kerases); anything else with
     ``tf.saved_model.save``. Level 6 is gzip's and ``zipfile``'s default; tar's
     own, 9, took 10x as long on 80%-sparse weights for files 2% smaller.
+    ``serve``: the model's :meth:`~tf_balancer._compat.KerasAdapter.serving_function`,
+    when traced already (saved as the signature, not traced again).
     """
     with tempfile.TemporaryDirectory() as tmp:
         path, archive = os.path.join(tmp, "model"), os.path.join(tmp, "model.tar.gz")
         if is_keras_model(model):
-            adapter_for(model).save_serving_model(model, path)
+            adapter_for(model).save_serving_model(model, path, serve)
         else:
             tf.saved_model.save(model, path)
         with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
@@ -104,7 +106,12 @@ def saved_model_size(model: Any) -> dict[str, int]:
 
 
 def classification_scores(
-    model: Any, x: Any, y: Any, num_classes: int | None = None, multi_label: bool = False
+    model: Any,
+    x: Any,
+    y: Any,
+    num_classes: int | None = None,
+    multi_label: bool = False,
+    predict: Callable[[Any], Any] | None = None,
 ) -> dict:
     """Accuracy, macro recall and macro F1 of ``model`` on ``(x, y)``.
 
@@ -114,7 +121,7 @@ def classification_scores(
     (thresholded the same way); accuracy is the exact-match (subset) accuracy and
     recall/F1 are macro over labels, as sklearn computes them on indicator arrays.
     """
-    logits = np.asarray(model.predict(x, verbose=0, batch_size=256))
+    logits = np.asarray(_predict(model, x, predict))
     if multi_label:
         return _multi_label_scores(logits, np.asarray(y))
     if logits.ndim == 1 or logits.shape[-1] == 1:
@@ -142,7 +149,19 @@ def _multi_label_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, flo
     return {"accuracy": accuracy, "recall": float(recall.mean()), "f1": float(f1.mean())}
 
 
-def regression_scores(model: Any, x: Any, y: Any) -> dict[str, float]:
+def _predict(model: Any, x: Any, predict: Callable[[Any], Any] | None) -> Any:
+    """``predict(x)`` when given (a traced serving function, by batches of 256), else
+    ``model.predict``."""
+    if predict is None:
+        return model.predict(x, verbose=0, batch_size=256)
+    dtype = predict.input_signature[0].dtype
+    chunks = [predict(tf.cast(x[i : i + 256], dtype)) for i in range(0, len(x), 256)]
+    return np.concatenate([np.asarray(c) for c in chunks])
+
+
+def regression_scores(
+    model: Any, x: Any, y: Any, predict: Callable[[Any], Any] | None = None
+) -> dict[str, float]:
     """Mean absolute error and root mean squared error of ``model`` on ``(x, y)``.
 
     Targets of shape ``(n,)`` are compared with outputs of shape ``(n, 1)`` (and
@@ -155,7 +174,7 @@ def regression_scores(model: Any, x: Any, y: Any) -> dict[str, float]:
         >>> regression_scores(model, x_val, y_val)  # doctest: +SKIP
         {'mae': 0.41, 'rmse': 0.55}
     """
-    predicted = np.asarray(model.predict(x, verbose=0, batch_size=256), dtype=np.float64)
+    predicted = np.asarray(_predict(model, x, predict), dtype=np.float64)
     target = np.asarray(y, dtype=np.float64)
     if target.shape != predicted.shape and target.size == predicted.size:
         target = target.reshape(predicted.shape)
@@ -198,6 +217,7 @@ def task_scores(
     classifier: bool | None = None,
     num_classes: int | None = None,
     multi_label: bool | None = None,
+    predict: Callable[[Any], Any] | None = None,
 ) -> dict[str, float]:
     """``accuracy``/``recall``/``f1`` for classifiers, ``mae``/``rmse`` otherwise.
 
@@ -209,6 +229,8 @@ def task_scores(
         num_classes: classes of a classifier; None reads them from the output.
         multi_label: score each output column as its own binary label; None reads
             it from ``model`` (:func:`task_of`).
+        predict: a single-input, single-output model's traced serving function, used
+            instead of ``model.predict``. Defaults to None.
 
     Returns:
         The scores by name.
@@ -223,8 +245,8 @@ def task_scores(
         classifier = task["classifier"] if classifier is None else classifier
         multi_label = task["multi_label"] if multi_label is None else multi_label
     if classifier:
-        return classification_scores(model, x, y, num_classes, multi_label)
-    return regression_scores(model, x, y)
+        return classification_scores(model, x, y, num_classes, multi_label, predict)
+    return regression_scores(model, x, y, predict)
 
 
 def evaluate_model(
@@ -235,16 +257,22 @@ def evaluate_model(
     latency_batches: Sequence[int] = (1, 64),
     classifier: bool | None = None,
     multi_label: bool | None = None,
+    serve: Any = None,
 ) -> dict[str, float]:
     """Task scores on ``(x, y)`` (:func:`task_scores`), plus latency per batch size.
 
     ``classifier`` and ``multi_label`` as in :func:`task_scores`; pass them when
     ``model`` is not compiled but the task is known (e.g. a compacted copy of a
-    compiled regression model).
+    compiled regression model). ``serve``: the model's serving function
+    (:meth:`~tf_balancer._compat.KerasAdapter.serving_function`), traced once for
+    the scores (single input and output) and every latency batch size.
     """
-    summary = task_scores(model, x, y, classifier, num_classes, multi_label)
+    single = serve is not None and len(model.inputs) == 1 and len(model.outputs) == 1
+    predict = serve if single else None
+    summary = task_scores(model, x, y, classifier, num_classes, multi_label, predict)
     for batch in latency_batches:
-        summary[f"latency_ms_b{batch}"] = measure_latency(model, model.input_shape, batch)
+        timed = serve if single else model
+        summary[f"latency_ms_b{batch}"] = measure_latency(timed, model.input_shape, batch)
     return summary
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from tf_balancer._compat import adapter_for, is_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.analysis import ModelAnalysis, analyze
 from tf_balancer.attention.balance import KeepPlan
@@ -218,11 +219,13 @@ class Finalizer:
             cost = {"flops": analysis.cost.flops, "params": analysis.cost.params}
         summary: dict[str, Any] = {"flops": cost["flops"], "params": cost["params"]}
         validation = self.inputs.validation_data
+        # One trace serves the scores, the latencies and the SavedModel's signature.
+        serve = adapter_for(model).serving_function(model) if is_keras_model(model) else None
         if validation is not None:
             # The task is read from the trained (compiled) model; compacted copies are not compiled.
             task = task_of(self.inputs.model)
-            summary.update(evaluate_model(model, validation[0], validation[1], **task))
-        sizes = saved_model_size(model)
+            summary.update(evaluate_model(model, validation[0], validation[1], **task, serve=serve))
+        sizes = saved_model_size(model, serve)
         summary["saved_model_bytes"], summary["saved_model_gzip_bytes"] = (
             sizes["bytes"],
             sizes["gzip_bytes"],
