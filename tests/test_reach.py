@@ -420,3 +420,41 @@ def test_an_activation_written_as_an_operation_is_fused_on_both_kerases(kx):
     x = _x((6, 6, 2))
     np.testing.assert_allclose(np.asarray(optimized(x)), np.asarray(model(x)), 1e-5, 1e-6)
     assert len(walk_model(optimized).calls) == len(walk_model(model).calls) - 2
+
+
+def test_one_shot_pruning_of_a_siamese_net_reports_its_validation_scores():
+    """Several inputs: the report's latency feeds each input (it fed a mixed list)."""
+    model = _siamese(keras3, nested=False)
+    model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    xs = [rng.random((64, 8, 8, 2), np.float32) for _ in range(2)]
+    y = rng.integers(0, 2, 64)
+    small, report = tfb.prune(model, 0.5, (xs, y), validation_data=(xs, y), finetune_epochs=0)
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
+    assert report["final"]["latency_ms_b1"] > 0 and "accuracy" in report["final"]
+
+
+def test_a_sequential_built_by_fit_is_costed_per_sample_and_keeps_an_open_batch():
+    """Keras builds it with its first batch's size (32): costs are still per sample,
+    and the compacted model takes any batch."""
+    keras3.utils.set_random_seed(0)
+    model = keras3.Sequential(
+        [
+            keras3.layers.Conv2D(8, 3, activation="relu"),
+            keras3.layers.Flatten(),
+            keras3.layers.Dense(4),
+        ]
+    )
+    model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 6, 6, 1), np.float32), rng.integers(0, 4, 64)
+    callback = tfb.BalanceCallback(verbose=0)
+    model.fit(x, y, epochs=3, batch_size=32, callbacks=[callback], verbose=0)
+    assert model.inputs[0].shape[0] == 32  # as Keras built it
+    assert callback.report["dense"]["flops"] == _per_sample_flops(model)
+    assert np.asarray(callback.optimized_model(x[:5])).shape == (5, 4)
+
+
+def _per_sample_flops(model):
+    """FLOPs of one sample, by hand: conv 2*16*9*8 + bias 16*8, flatten, dense 2*128*4 + 4."""
+    return 2 * 16 * 9 * 8 + 16 * 8 + 2 * 128 * 4 + 4

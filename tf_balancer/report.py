@@ -56,7 +56,8 @@ def measure_latency(
     budget_s: float | None = 1.0,
 ) -> float:
     """Median wall time (ms) of one inference call at ``batch_size`` (``model``: a Keras
-    model, or a callable such as :func:`inference_fn`'s, reused without retracing).
+    model, or a callable such as :func:`inference_fn`'s, reused without retracing;
+    ``input_shape``: its input's shape, or a list of them for several inputs).
 
     ``repeats`` timed calls after a trace and two warm-up calls, but none started
     once ``budget_s`` seconds have been timed (at least 3 calls; None: no budget):
@@ -64,7 +65,10 @@ def measure_latency(
     0.2-0.4 s each.
     """
     fn = inference_fn(model)
-    x = tf.random.stateless_uniform([batch_size, *input_shape[1:]], seed=(0, 0))
+    several = bool(input_shape) and isinstance(input_shape[0], (tuple, list))  # inputs
+    shapes = list(input_shape) if several else [input_shape]
+    xs = [tf.random.stateless_uniform([batch_size, *s[1:]], seed=(0, 0)) for s in shapes]
+    x = xs if several else xs[0]
     for _ in range(3):
         fn(x)  # trace and warm up
     times: list[float] = []

@@ -179,11 +179,12 @@ def constant_params(graph_def: Any) -> int:
 
 
 def _fixed_specs(specs: Iterable[Any], batch_size: int | None) -> list[tf.TensorSpec]:
-    """Input specs with the batch axis set to ``batch_size`` (None keeps it open)."""
+    """Input specs with the batch axis set to ``batch_size`` (None keeps it open), also
+    where the model fixed it (a Sequential ``fit`` built has its first batch's size)."""
     fixed = []
     for spec in specs:
         shape = list(spec.shape)
-        if shape and shape[0] is None:
+        if shape:
             shape[0] = batch_size
         if any(d is None for d in shape[1:]):
             raise UnsupportedModelError(

@@ -252,7 +252,10 @@ def rebuild(
     pass more keys to expose intermediate tensors.
     """
     adapter = walk.adapter or adapter_for(walk.calls[0].layer)
-    new_inputs = [adapter.input(t.shape, t.dtype, t.name.split(":")[0]) for t in walk.input_tensors]
+    new_inputs = [  # the batch axis open, even where the model fixed it
+        adapter.input((None, *t.shape[1:]), t.dtype, t.name.split(":")[0])
+        for t in walk.input_tensors
+    ]
     tensors: dict[str, Any] = dict(zip(walk.input_keys, new_inputs, strict=True))
     for call in walk.calls:
         new_layer = make_layer(call)
