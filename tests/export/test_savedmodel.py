@@ -223,6 +223,7 @@ def _write(path, text: str) -> str:
         "dst_exists",
         "unknown_pass",
         "pruning_without_calibration",
+        "pruning_a_plain_savedmodel",
         "verification_fails",
     ],
 )
@@ -251,6 +252,10 @@ def test_bad_input_raises_typed_error_and_writes_nothing(case, cnn_dir, plain_di
     elif case == "pruning_without_calibration":
         error = ConfigError
         kwargs["config"] = os.path.join(_ROOT, "configs/sparse_80.yaml")
+    elif case == "pruning_a_plain_savedmodel":  # no Keras layers: it would prune nothing
+        src, error = plain_dir, ConfigError
+        kwargs["config"] = os.path.join(_ROOT, "configs/structured_50_flops.yaml")
+        kwargs["calibration_data"] = np.zeros((4, 16, 16, 3), np.float32)
     elif case == "verification_fails":
         src, error = plain_dir, VerificationError
         kwargs["config"] = OptimizeConfig(verify=VerifyConfig(rtol=0.0, atol=0.0))

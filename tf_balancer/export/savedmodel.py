@@ -142,6 +142,18 @@ def _require_calibration(config: OptimizeConfig, calibration: Any) -> None:
         )
 
 
+def _require_keras_for_pruning(config: OptimizeConfig, model: Any, src: str) -> None:
+    """A pruning recipe on a SavedModel without Keras layers would prune nothing."""
+    asked = [name for name in config.passes if name in PRUNING_PASSES]
+    if asked and model is None:
+        raise ConfigError(
+            f"passes {asked} need a Keras SavedModel (keras_metadata.pb, as tf_keras model.save "
+            f"writes), and {src} has none (e.g. a Keras 3 model.export): prune the Keras model "
+            "in Python (tfb.prune(model, ...), then export it), or use a recipe without "
+            "pruning such as configs/lossless.yaml"
+        )
+
+
 def _export_tflite(
     source: Any, saved_model: str, quantize: str | None, calibration: Any
 ) -> dict[str, Any]:
@@ -224,7 +236,8 @@ def optimize_saved_model(
         ModelLoadError: ``src`` is missing, not a SavedModel or unreadable.
         ExportError: ``dst`` is ``src``, nested with it, or exists without ``overwrite``.
         ConfigError: a bad config, a pruning pass or int8 quantization without
-            calibration data, or ``quantize`` without ``tflite``.
+            calibration data, a pruning pass on a plain SavedModel, or ``quantize``
+            without ``tflite``.
         VerificationError: the result (or its TFLite model) differs from the
             reference beyond tolerance.
 
@@ -250,6 +263,7 @@ def optimize_saved_model(
     main = "serving_default" if "serving_default" in signatures else sorted(signatures)[0]
     before = {**graph_stats(signatures[main]), "bytes": directory_size(src)}
     model = load_model(src)
+    _require_keras_for_pruning(config, model, src)
     io = None if model is None else io_names(model, signatures)
     with atomic_directory(dst, overwrite=overwrite) as tmp:
         if model is None:
