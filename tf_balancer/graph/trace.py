@@ -178,13 +178,18 @@ def constant_params(graph_def: Any) -> int:
     return total
 
 
-def _fixed_specs(specs: Iterable[Any], batch_size: int | None) -> list[tf.TensorSpec]:
-    """Input specs with the batch axis set to ``batch_size`` (None keeps it open), also
-    where the model fixed it (a Sequential ``fit`` built has its first batch's size)."""
+def _fixed_specs(
+    specs: Iterable[Any], batch_size: int | None, keras_inputs: bool = False
+) -> list[tf.TensorSpec]:
+    """Input specs with an open batch axis set to ``batch_size`` (None keeps it open).
+
+    ``keras_inputs``: the first axis of each is a Keras model's batch axis, set even
+    where the model fixed it (a Sequential ``fit`` built has its first batch's size).
+    """
     fixed = []
     for spec in specs:
         shape = list(spec.shape)
-        if shape:
+        if shape and (shape[0] is None or keras_inputs):
             shape[0] = batch_size
         if any(d is None for d in shape[1:]):
             raise UnsupportedModelError(
@@ -219,6 +224,7 @@ def trace_keras(model: Any, batch_size: int | None = 1, *, frozen: bool = True) 
             for t in walk.input_tensors
         ],
         batch_size,
+        keras_inputs=True,
     )
     scopes = {f"{_CALL_SCOPE}{i}": call.name for i, call in enumerate(walk.calls)}
 
