@@ -458,3 +458,24 @@ def test_a_sequential_built_by_fit_is_costed_per_sample_and_keeps_an_open_batch(
 def _per_sample_flops(model):
     """FLOPs of one sample, by hand: conv 2*16*9*8 + bias 16*8, flatten, dense 2*128*4 + 4."""
     return 2 * 16 * 9 * 8 + 16 * 8 + 2 * 128 * 4 + 4
+
+
+@pytest.mark.parametrize(
+    ("kx", "score_mode"),
+    [(keras, "dot"), (keras3, "dot"), (keras3, "concat")],  # score_mode is Keras 3's
+    ids=["tf_keras", "keras3", "keras3_concat"],
+)
+def test_dot_product_attention_prunes_query_key_and_value_together(kx, score_mode):
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((6, 5))
+    query = kx.layers.Dense(8, name="q")(inp)
+    value = kx.layers.Dense(8, name="v")(inp)
+    kwargs = {"score_mode": score_mode} if kx is keras3 else {}
+    y = kx.layers.Attention(use_scale=True, name="attention", **kwargs)([query, value])
+    y = kx.layers.Dense(3, name="head")(kx.layers.GlobalAveragePooling1D()(y))
+    model = kx.Model(inp, y)
+    analysis, small = _assert_compaction_exact(model, target=0.75)
+    group = next(g for g in analysis.graph.prunable_groups if "q" in g.nodes("producer"))
+    assert "v" in group.nodes("producer")  # one group: query, key (= value) and output
+    assert small.get_layer("q").units == small.get_layer("v").units < 8
+    assert analysis.cost.flops == profiler_flops(analysis.traced.graph)

@@ -169,6 +169,9 @@ _SPECS: dict[str, LayerSpec] = {
         name: LayerSpec("merge")
         for name in ("Add", "Multiply", "Subtract", "Average", "Maximum", "Minimum")
     },
+    # Dot-product attention over [query, value(, key)]: query and key channels meet in a
+    # sum (a masked channel adds 0), each output channel is a value channel: one group.
+    "Attention": LayerSpec("merge"),
     **{
         name: LayerSpec("reduce")
         for name in (
