@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "KerasOp",
     "OpArguments",
     "op_arguments",
+    "REDUCTIONS",
     "adapter_for",
     "keras_of",
     "is_keras3_object",
@@ -296,9 +298,9 @@ class OpArguments:
         import numpy as np
 
         if axis is None:
-            axis = kwargs.get("axis", args[1] if op in _REDUCTIONS and len(args) > 1 else None)
+            axis = kwargs.get("axis", args[1] if op in REDUCTIONS and len(args) > 1 else None)
         named = {k: v for k, v in kwargs.items() if k not in ("axis", "keepdims", "name")}
-        values = [*(args[:1] if op in _REDUCTIONS else args), *named.values()]
+        values = [*(args[:1] if op in REDUCTIONS else args), *named.values()]
         scalars = all(
             isinstance(v, (tensor_type, int, float, np.number))
             or (isinstance(v, np.ndarray) and v.ndim == 0)
@@ -309,7 +311,8 @@ class OpArguments:
         return cls(op, tensors, scalars, first, axis)
 
 
-_REDUCTIONS = ("Mean", "Max", "Min", "Sum")
+REDUCTIONS = frozenset({"Mean", "Max", "Min", "Sum"})
+"""Reductions among the operations (their second argument is the axis)."""
 
 # tf_keras records a TensorFlow function called on Keras tensors (``x + 3.0``,
 # ``tf.nn.relu6(x)``) as a ``TFOpLambda`` layer; these are named as Keras 3's ops.
@@ -383,7 +386,7 @@ class KerasOp:
         ('Multiply', 1, True)
     """
 
-    _wrappers: Any = None  # op -> wrapper (weak keys), made once per operation
+    _wrappers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # one per operation
 
     def __init__(self, op: Any, args: Sequence[Any], kwargs: dict, tensor_type: type):
         self.op, self.name, self.op_name = op, op.name, type(op).__name__
@@ -396,10 +399,6 @@ class KerasOp:
 
     @classmethod
     def of(cls, op: Any, node: Any, tensor_type: type) -> KerasOp:
-        import weakref
-
-        if cls._wrappers is None:
-            cls._wrappers = weakref.WeakKeyDictionary()
         if op not in cls._wrappers:
             arguments = node.arguments
             cls._wrappers[op] = cls(op, arguments.args, arguments.kwargs, tensor_type)

@@ -221,9 +221,8 @@ class _Builder:
         out_shape = shapes[call.outputs[0]]
         rank = len(shapes[inputs[0]]) if inputs else None
         spec = spec_for(call.layer, rank)
-        if len(call.outputs) != 1 or not inputs or (call.shared and not _sharable(spec)):
-            spec = LayerSpec("opaque")
-        if call.shared and id(call.layer) in self.opaque_shared:
+        unsharable = call.shared and (not _sharable(spec) or id(call.layer) in self.opaque_shared)
+        if len(call.outputs) != 1 or not inputs or unsharable:
             spec = LayerSpec("opaque")
         out = self.propagate(call, spec, in_layouts, out_shape)
         if call.shared and out is not None:

@@ -36,7 +36,14 @@ from typing import Any
 
 import numpy as np
 
-from tf_balancer._compat import KerasOp, OpArguments, is_layer, op_arguments, weight_attribute
+from tf_balancer._compat import (
+    REDUCTIONS,
+    KerasOp,
+    OpArguments,
+    is_layer,
+    op_arguments,
+    weight_attribute,
+)
 
 __all__ = [
     "WeightAxis",
@@ -319,15 +326,12 @@ _TENSOR_FIRST_OPS = frozenset({"Divide", "TrueDivide"})  # x / c, never c / x
 _MERGE_OPS = frozenset({"Add", "Subtract", "Multiply", "Maximum", "Minimum"})
 
 
-_REDUCE_OPS = frozenset({"Mean", "Max", "Min", "Sum"})  # over axes other than the channels'
-
-
 def _op_spec(op: OpArguments, rank: int | None) -> LayerSpec:
     """An element-wise operation passes channels through or merges them; a reduction
     over other axes than the last (``keras.ops.mean(x, axis=(1, 2))``) keeps them."""
     if not op.scalars:
         return LayerSpec("opaque")
-    if op.op in _REDUCE_OPS and op.tensors == 1 and rank:
+    if op.op in REDUCTIONS and op.tensors == 1 and rank:  # over axes other than the channels'
         axes = [op.axis] if isinstance(op.axis, int) else list(op.axis or ())
         keeps_channels = axes and (rank - 1) not in {int(a) % rank for a in axes}
         return LayerSpec("reduce") if keeps_channels else LayerSpec("opaque")
@@ -349,11 +353,9 @@ def spec_for(layer: Any, rank: int | None = None) -> LayerSpec:
     tf_keras' ``TFOpLambda``) that work element by element pass channels through
     (``x + 3.0``) or merge them (``x * y``).
     """
-    arguments = op_arguments(layer)
+    arguments = op_arguments(layer)  # every KerasOp has them
     if arguments is not None:
         return _op_spec(arguments, rank)
-    if isinstance(layer, KerasOp):
-        return LayerSpec("opaque")
     if is_layer(layer, "InputLayer"):
         return LayerSpec("input")
     wrapped = _wrapped_layers(layer)

@@ -35,6 +35,7 @@ __all__ = [
     "clone_layer",
     "weights_of",
     "set_layer_weights",
+    "training_parameter",
     "IDENTITY",
 ]
 
@@ -280,7 +281,7 @@ def run_calls(walk: Walk, inputs: Sequence[Any], scope: str | None = None) -> li
     tensors: dict[str, Any] = dict(zip(walk.input_keys, inputs, strict=True))
     for i, call in enumerate(walk.calls):
         args, kwargs = _map_arguments(call, walk, tensors)
-        if _accepts_training(call.layer):
+        if training_parameter(call.layer) is not None:
             kwargs["training"] = False
         if scope is None:
             produced = call.layer(*args, **kwargs)
@@ -291,13 +292,14 @@ def run_calls(walk: Walk, inputs: Sequence[Any], scope: str | None = None) -> li
     return [tensors[k] for k in walk.output_keys]
 
 
-def _accepts_training(layer: Any) -> bool:
+def training_parameter(layer: Any) -> Any:
+    """The ``training`` parameter of ``layer.call`` (an ``inspect.Parameter``), or None."""
     import inspect
 
     try:
-        return "training" in inspect.signature(layer.call).parameters
+        return inspect.signature(layer.call).parameters.get("training")
     except (TypeError, ValueError):
-        return False
+        return None
 
 
 def _map_arguments(call: Call, walk: Walk, tensors: dict[str, Any]) -> tuple[list, dict]:

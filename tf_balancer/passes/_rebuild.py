@@ -37,6 +37,7 @@ from tf_balancer.graph.walk import (
     clone_layer,
     rebuild,
     set_layer_weights,
+    training_parameter,
     walk_model,
 )
 
@@ -98,17 +99,8 @@ def forced_training(call: Call) -> bool:
     training = kwargs.get("training")
     if training is None and len(args) > 1:
         training = args[1]
-    return training is True and _training_default(call.layer) is not True
-
-
-def _training_default(layer: Any) -> Any:
-    import inspect
-
-    try:
-        parameter = inspect.signature(layer.call).parameters.get("training")
-    except (TypeError, ValueError):
-        return None
-    return None if parameter is None else parameter.default
+    parameter = training_parameter(call.layer)
+    return training is True and (parameter is None or parameter.default is not True)
 
 
 def single_consumer_producer(

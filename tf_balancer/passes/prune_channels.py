@@ -127,7 +127,7 @@ class PruneChannels(GraphPass):
             return PassResult(model, changed=False, message="no channel to remove")
         weights: dict[str, list[np.ndarray]] = {}
         new_layers: dict[str, Any] = {}
-        shared: dict[int, Any] = {}  # a shared layer stays one layer (it is never resized)
+        shared: dict[int, Any] = {}  # a shared layer stays one layer (same channels per call)
 
         def make(call):
             if call.shared and id(call.layer) in shared:
