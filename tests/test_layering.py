@@ -19,6 +19,7 @@ RANKS = {
     "tf_balancer._compat": 0,
     "tf_balancer._quiet": 0,
     "tf_balancer.hardware": 0,
+    "tf_balancer.input_shapes": 0,
     "tf_balancer.config.checks": 0,
     "tf_balancer.metrics": 0,
     "tf_balancer.report": 1,

@@ -24,7 +24,8 @@ from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, ModelLoadError
 from tf_balancer.graph.cost import CostReport, PlanCoster, flops_source, measured_layer_flops
 from tf_balancer.graph.layer_graph import LayerGraph
-from tf_balancer.graph.trace import TracedGraph, op_flops, trace, trace_keras
+from tf_balancer.graph.trace import TracedGraph, constant_params, op_flops, trace, trace_keras
+from tf_balancer.input_shapes import set_nominal_shapes
 
 __all__ = ["ModelAnalysis", "analyze", "InspectRow", "InspectResult", "inspect", "load_model"]
 
@@ -46,13 +47,27 @@ class ModelAnalysis:
 
 
 @quietly
-def analyze(model: Any, batch_size: int = 1, *, frozen: bool = True) -> ModelAnalysis:
+def analyze(
+    model: Any, batch_size: int = 1, *, frozen: bool = True, input_shape: Any = None
+) -> ModelAnalysis:
     """Trace, build the layer graph and cost a Keras model (not modified).
 
     The :class:`~tf_balancer.graph.cost.PlanCoster` built here is kept: it costs
     the full model and every plan evaluated later. ``frozen=False`` costs the
     same from an unfrozen trace, faster (``analysis.traced`` then reads variables).
+    ``input_shape``: the sizes at which open input axes (``keras.Input((None,))``)
+    are costed - a shape without the batch axis, or a list of them - remembered
+    for the model (:func:`tf_balancer.input_shapes.set_nominal_shapes`).
+
+    Example:
+        >>> from tf_balancer._compat import keras
+        >>> inp = keras.Input((None, 4))
+        >>> model = keras.Model(inp, keras.layers.Dense(2)(inp))
+        >>> analyze(model, input_shape=(10, 4)).cost.flops  # 10 steps x 4 x 2 x 2 + bias
+        180
     """
+    if input_shape is not None:
+        set_nominal_shapes(model, input_shape)
     graph = LayerGraph.from_model(model)
     traced = trace_keras(model, batch_size, frozen=frozen)
     measured = measured_layer_flops(traced)
@@ -224,13 +239,15 @@ def _rows_from_graph(traced: TracedGraph) -> list[InspectRow]:
 
 
 @quietly
-def inspect(model_or_path: Any, batch_size: int = 1) -> InspectResult:
+def inspect(model_or_path: Any, batch_size: int = 1, *, input_shape: Any = None) -> InspectResult:
     """Analyse a tf_keras model or a SavedModel / Keras file path.
 
     Args:
         model_or_path: a tf_keras model, a SavedModel directory, or a ``.keras``
             / ``.h5`` file. Nothing is modified.
         batch_size: batch size FLOPs and activation bytes are counted at.
+        input_shape: the sizes of open input axes (``keras.Input((None,))``) to
+            count at: a shape without the batch axis, or a list of them.
 
     Returns:
         An :class:`InspectResult` (per-layer rows and totals).
@@ -247,7 +264,7 @@ def inspect(model_or_path: Any, batch_size: int = 1) -> InspectResult:
         source = os.fspath(model_or_path)
         model = load_model(model_or_path)
     if model is not None and (is_keras_model(model) or is_keras3_object(model)):
-        analysis = analyze(model, batch_size)
+        analysis = analyze(model, batch_size, input_shape=input_shape)
         groups = [g for g in analysis.graph.groups.values() if g.nodes("producer")]
         return InspectResult(
             source,
@@ -261,21 +278,7 @@ def inspect(model_or_path: Any, batch_size: int = 1) -> InspectResult:
         )
     traced = trace(model_or_path, batch_size)
     rows = _rows_from_graph(traced)
-    params = _graph_params(traced)
+    params = constant_params(traced.graph_def)
     return InspectResult(
         source, batch_size, tuple(rows), sum(r.flops for r in rows), params, 0, 0, 0
     )
-
-
-def _graph_params(traced: TracedGraph) -> int:
-    """Weights in a frozen graph: elements of float constants with rank >= 1."""
-    total = 0
-    for node in traced.graph_def.node:
-        if node.op == "Const" and node.attr["dtype"].type == 1:  # DT_FLOAT
-            dims = [d.size for d in node.attr["value"].tensor.tensor_shape.dim]
-            if dims:
-                n = 1
-                for d in dims:
-                    n *= d
-                total += n
-    return total

@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import adapter_for, is_keras_model
+from tf_balancer.input_shapes import input_shapes
 from tf_balancer.metrics import macro_scores, task_metrics
 
 __all__ = [
@@ -57,7 +58,7 @@ def measure_latency(
 ) -> float:
     """Median wall time (ms) of one inference call at ``batch_size`` (``model``: a Keras
     model, or a callable such as :func:`inference_fn`'s, reused without retracing;
-    ``input_shape``: its input's shape, or a list of them for several inputs).
+    ``input_shape``: its input's shape, or a list of one per input).
 
     ``repeats`` timed calls after a trace and two warm-up calls, but none started
     once ``budget_s`` seconds have been timed (at least 3 calls; None: no budget):
@@ -68,7 +69,7 @@ def measure_latency(
     several = bool(input_shape) and isinstance(input_shape[0], (tuple, list))  # inputs
     shapes = list(input_shape) if several else [input_shape]
     xs = [tf.random.stateless_uniform([batch_size, *s[1:]], seed=(0, 0)) for s in shapes]
-    x = xs if several else xs[0]
+    x = xs if len(xs) > 1 else xs[0]
     for _ in range(3):
         fn(x)  # trace and warm up
     times: list[float] = []
@@ -273,10 +274,11 @@ def evaluate_model(
     """
     single = serve is not None and len(model.inputs) == 1 and len(model.outputs) == 1
     predict = serve if single else None
+    shapes = input_shapes(model)  # open axes at their nominal sizes
     summary = task_scores(model, x, y, classifier, num_classes, multi_label, predict)
     for batch in latency_batches:
         timed = serve if single else model
-        summary[f"latency_ms_b{batch}"] = measure_latency(timed, model.input_shape, batch)
+        summary[f"latency_ms_b{batch}"] = measure_latency(timed, shapes, batch)
     return summary
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import compute_dtype, is_keras_model
+from tf_balancer.input_shapes import input_shapes
 
 __all__ = [
     "Outcome",
@@ -157,13 +158,14 @@ def run_model(model: Any, inputs: Any) -> list[np.ndarray]:
 
 
 def random_inputs(model: Any, batch_size: int = 2, seed: int = 0) -> Any:
-    """Seeded uniform [0, 1) inputs matching a Keras model's input shapes."""
+    """Seeded uniform [0, 1) inputs matching a Keras model's input shapes (open
+    axes at their nominal sizes, :func:`tf_balancer.input_shapes.input_shapes`)."""
     rng = np.random.default_rng(seed)
     arrays = [
-        rng.random((batch_size, *t.shape[1:]), dtype=np.float32).astype(
+        rng.random((batch_size, *shape[1:]), dtype=np.float32).astype(
             tf.as_dtype(t.dtype).as_numpy_dtype
         )
-        for t in model.inputs
+        for shape, t in zip(input_shapes(model), model.inputs, strict=True)
     ]
     return arrays if len(arrays) > 1 else arrays[0]
 

@@ -9,7 +9,8 @@ from conftest import subclassed_model
 
 from tf_balancer._compat import keras
 from tf_balancer.errors import ModelLoadError, UnsupportedModelError
-from tf_balancer.graph.trace import BATCH_NORM_OPS, TracedGraph, op_flops, trace
+from tf_balancer.graph.trace import BATCH_NORM_OPS, TracedGraph, op_flops, trace, trace_keras
+from tf_balancer.input_shapes import set_nominal_shapes
 
 L = keras.layers
 _CORE_OPS = ("Conv2D", "MatMul", "BiasAdd", "DepthwiseConv2dNative")
@@ -240,11 +241,14 @@ def test_trace_rejects_unknown_objects():
         trace(42)
 
 
-def test_trace_rejects_inputs_with_unknown_dimensions():
+def test_trace_of_open_input_axes_needs_their_sizes_and_keeps_them_open_at_open_batch():
     inp = keras.Input((None, 4))
     model = keras.Model(inp, L.Dense(2)(inp))
-    with pytest.raises(UnsupportedModelError, match="unknown dimensions"):
+    with pytest.raises(UnsupportedModelError, match="unknown size.*input_shape="):
         trace(model)
+    assert trace_keras(model, batch_size=None).function.inputs[0].shape.as_list() == [None, None, 4]
+    set_nominal_shapes(model, (6, 4))
+    assert trace(model, batch_size=2).function.inputs[0].shape.as_list() == [2, 6, 4]
 
 
 def test_trace_rejects_subclassed_model_with_a_clear_error():

@@ -35,6 +35,7 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+from tf_balancer.errors import UnsupportedModelError
 from tf_balancer.graph.layer_specs import (
     LayerSpec,
     couples_channels,
@@ -43,6 +44,7 @@ from tf_balancer.graph.layer_specs import (
     width_of,
 )
 from tf_balancer.graph.walk import Call, Walk, walk_model
+from tf_balancer.input_shapes import has_open_axes, open_axes_message
 
 __all__ = ["Segment", "Layout", "Member", "ChannelGroup", "LayerNode", "LayerGraph"]
 
@@ -413,8 +415,17 @@ class LayerGraph:
 
     @classmethod
     def from_model(cls, model: Any) -> LayerGraph:
-        """Analyse a functional or Sequential tf_keras model (not modified)."""
-        builder = _Builder(walk_model(model))
+        """Analyse a functional or Sequential Keras model (not modified).
+
+        Raises:
+            UnsupportedModelError: an input axis is open and has no nominal size
+                (:mod:`tf_balancer.input_shapes`), so layer shapes are unknown.
+        """
+        walk = walk_model(model)
+        declared = [tuple(t.shape) for t in walk.input_tensors]
+        if walk.nominal is None and has_open_axes(declared):
+            raise UnsupportedModelError(open_axes_message(f"model {walk.model_name!r}", declared))
+        builder = _Builder(walk)
         builder.run()
         renumber, groups = builder.groups()
         nodes = [

@@ -31,6 +31,12 @@ from tensorflow.python.framework.convert_to_constants import (
 
 from tf_balancer._compat import is_keras3_object, is_keras_model
 from tf_balancer.errors import ModelLoadError, UnsupportedModelError
+from tf_balancer.input_shapes import (
+    fill_open_axes,
+    has_open_axes,
+    nominal_shapes,
+    open_axes_message,
+)
 
 __all__ = [
     "TracedGraph",
@@ -179,25 +185,29 @@ def constant_params(graph_def: Any) -> int:
 
 
 def _fixed_specs(
-    specs: Iterable[Any], batch_size: int | None, keras_inputs: bool = False
+    specs: Iterable[Any],
+    batch_size: int | None,
+    keras_inputs: bool = False,
+    nominal: list[tuple] | None = None,
+    owner: str = "the function",
 ) -> list[tf.TensorSpec]:
     """Input specs with an open batch axis set to ``batch_size`` (None keeps it open).
 
     ``keras_inputs``: the first axis of each is a Keras model's batch axis, set even
     where the model fixed it (a Sequential ``fit`` built has its first batch's size).
+    Other open axes take their ``nominal`` sizes (:mod:`tf_balancer.input_shapes`);
+    with a fixed ``batch_size`` none may stay open (FLOPs need every size).
     """
+    specs = list(specs)
+    shapes = fill_open_axes([tuple(s.shape) for s in specs], nominal)
     fixed = []
-    for spec in specs:
-        shape = list(spec.shape)
+    for spec, shape in zip(specs, shapes, strict=True):
+        shape = list(shape)
         if shape and (shape[0] is None or keras_inputs):
             shape[0] = batch_size
-        if any(d is None for d in shape[1:]):
-            raise UnsupportedModelError(
-                f"input {spec.name!r} has unknown dimensions {tuple(spec.shape)}; "
-                "give the model a fixed input shape (other than the batch axis): e.g. "
-                "keras.Input((T,)) instead of keras.Input((None,)), with sequences padded to T."
-            )
         fixed.append(tf.TensorSpec(shape, spec.dtype, name=spec.name))
+    if batch_size is not None and has_open_axes([s.shape for s in fixed]):
+        raise UnsupportedModelError(open_axes_message(owner, [tuple(s.shape) for s in specs]))
     return fixed
 
 
@@ -210,12 +220,14 @@ def trace_keras(model: Any, batch_size: int | None = 1, *, frozen: bool = True) 
     layer ``d`` runs under ``d_1``), for nested and shared layers alike. It
     computes exactly what ``model(x, training=False)`` computes.
 
-    ``batch_size=None`` keeps the batch axis open (for deployment; TF's FLOPs
-    statistics need a fixed batch). ``frozen=False`` skips freezing the variables
-    into constants (about half the time on a large model): the graph reads them
-    instead, with the same ops, shapes and FLOPs - enough for costing.
+    ``batch_size=None`` keeps the batch axis open, and any other open input axis
+    (for deployment; TF's FLOPs statistics need a fixed batch). With a fixed
+    batch, open input axes take their nominal sizes (:mod:`tf_balancer.input_shapes`).
+    ``frozen=False`` skips freezing the variables into constants (about half the
+    time on a large model): the graph reads them instead, with the same ops,
+    shapes and FLOPs - enough for costing.
     """
-    from tf_balancer.graph.walk import run_calls, walk_model
+    from tf_balancer.graph.walk import concrete_function, run_calls, walk_model
 
     walk = walk_model(model)  # rejects subclassed models
     specs = _fixed_specs(
@@ -225,6 +237,8 @@ def trace_keras(model: Any, batch_size: int | None = 1, *, frozen: bool = True) 
         ],
         batch_size,
         keras_inputs=True,
+        nominal=walk.nominal if batch_size is not None else None,
+        owner=f"model {walk.model_name!r}",
     )
     scopes = {f"{_CALL_SCOPE}{i}": call.name for i, call in enumerate(walk.calls)}
 
@@ -232,10 +246,7 @@ def trace_keras(model: Any, batch_size: int | None = 1, *, frozen: bool = True) 
         outputs = run_calls(walk, xs, scope=_CALL_SCOPE)
         return outputs if len(outputs) > 1 else outputs[0]
 
-    try:  # without AutoGraph: about 30% faster; built-in layers need no conversion
-        concrete = tf.function(forward, autograph=False).get_concrete_function(*specs)
-    except tf.errors.OperatorNotAllowedInGraphError:  # a custom layer branches on a tensor
-        concrete = tf.function(forward).get_concrete_function(*specs)
+    concrete = concrete_function(forward, specs)
     graph_def, function = freeze(concrete) if frozen else (concrete.graph.as_graph_def(), concrete)
     return TracedGraph(graph_def, function, _map_ops(graph_def, scopes), batch_size)
 
@@ -269,6 +280,7 @@ def serving_function(loaded: Any, signature: str | None = None) -> Any:
 
 def trace_function(fn: Any, batch_size: int = 1) -> TracedGraph:
     """Trace a ``tf.function`` (with input signature), ConcreteFunction or signature."""
+    nominal = nominal_shapes(fn)
     if isinstance(fn, tf.types.experimental.PolymorphicFunction):
         fn = fn.get_concrete_function()
     signature = fn.structured_input_signature
@@ -277,11 +289,12 @@ def trace_function(fn: Any, batch_size: int = 1) -> TracedGraph:
         signature = (args, {})
     args, kwspecs = signature
     if kwspecs:
-        specs = dict(zip(kwspecs, _fixed_specs(kwspecs.values(), batch_size), strict=True))
+        fixed_specs = _fixed_specs(kwspecs.values(), batch_size, nominal=nominal)
+        specs = dict(zip(kwspecs, fixed_specs, strict=True))
         fixed = tf.function(lambda **kw: fn(**kw)).get_concrete_function(**specs)
     else:
         fixed = tf.function(lambda *xs: fn(*xs)).get_concrete_function(
-            *_fixed_specs(args, batch_size)
+            *_fixed_specs(args, batch_size, nominal=nominal)
         )
     graph_def, frozen = freeze(fixed)
     return TracedGraph(graph_def, frozen, _map_scopes(graph_def), batch_size)

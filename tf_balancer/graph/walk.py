@@ -25,11 +25,19 @@ import tensorflow as tf
 
 from tf_balancer._compat import KerasAdapter, KerasOp, adapter_for, ensure_keras_model, keras
 from tf_balancer.errors import UnsupportedModelError
+from tf_balancer.input_shapes import (
+    declared_shapes,
+    fill_open_axes,
+    has_open_axes,
+    nominal_shapes,
+    set_nominal_shapes,
+)
 
 __all__ = [
     "Call",
     "Walk",
     "walk_model",
+    "concrete_function",
     "rebuild",
     "clone_flat",
     "clone_layer",
@@ -93,6 +101,9 @@ class Walk:
     dtypes: dict[str, str]
     input_tensors: tuple[Any, ...]
     adapter: KerasAdapter = dataclasses.field(default=None, compare=False, repr=False)
+    nominal: list[tuple] | None = None
+    """Sizes of the open input axes (no batch axis) at which ``shapes`` were
+    resolved, for a model whose inputs have open axes; None otherwise."""
 
 
 class _Walker:
@@ -159,13 +170,16 @@ def walk_model(model: Any) -> Walk:
 
     Functional and Sequential models are walked as they are; a built subclassed
     model through its :func:`functional_twin` (the same layers, called on
-    symbolic inputs).
+    symbolic inputs). For a model with open input axes and nominal sizes
+    (:mod:`tf_balancer.input_shapes`), ``shapes`` are those of a run at the
+    nominal sizes (one symbolic trace); without nominal sizes they keep None.
 
     Raises:
         UnsupportedModelError: for unbuilt models and subclassed models whose
             ``call`` Keras cannot trace symbolically.
     """
-    model = functional_twin(ensure_keras_model(model))
+    given = ensure_keras_model(model)
+    model = functional_twin(given)
     adapter = adapter_for(model)
     if not adapter.is_graph_network(model):
         raise UnsupportedModelError(
@@ -180,7 +194,7 @@ def walk_model(model: Any) -> Walk:
     walker.walk(model, "")
     output_keys = tuple(walker.key(str(id(t))) for t in adapter.graph_outputs(model))
     calls = _mark_shared(walker.calls)
-    return Walk(
+    walk = Walk(
         model.name,
         calls,
         input_keys,
@@ -190,6 +204,37 @@ def walk_model(model: Any) -> Walk:
         tuple(inputs),
         adapter,
     )
+    nominal = nominal_shapes(given) or nominal_shapes(model)
+    if nominal is None or not has_open_axes(declared_shapes(model)):
+        return walk
+    return dataclasses.replace(walk, shapes=_resolved_shapes(walk, nominal), nominal=nominal)
+
+
+def _resolved_shapes(walk: Walk, nominal: list[tuple]) -> dict[str, tuple]:
+    """Every tensor's shape (batch axis None) when the inputs have the nominal sizes."""
+    declared = [tuple(t.shape) for t in walk.input_tensors]
+    specs = [
+        tf.TensorSpec((1, *shape[1:]), t.dtype)
+        for shape, t in zip(fill_open_axes(declared, nominal), walk.input_tensors, strict=True)
+    ]
+    shapes: dict[str, tuple] = {}
+
+    def forward(*xs):
+        tensors = _run(walk, xs)
+        shapes.update({k: (None, *tuple(t.shape)[1:]) for k, t in tensors.items()})
+        return [tensors[k] for k in walk.output_keys]
+
+    concrete_function(forward, specs)
+    return {**walk.shapes, **shapes}
+
+
+def concrete_function(forward: Callable[..., Any], specs: Sequence[Any]) -> Any:
+    """``forward`` traced at ``specs`` without AutoGraph (about 30% faster; built-in
+    layers need no conversion), with it when a custom layer branches on a tensor."""
+    try:
+        return tf.function(forward, autograph=False).get_concrete_function(*specs)
+    except tf.errors.OperatorNotAllowedInGraphError:
+        return tf.function(forward).get_concrete_function(*specs)
 
 
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -268,9 +313,12 @@ def rebuild(
         tensors.update(zip(call.outputs, produced, strict=True))
     result = [tensors[k] for k in (walk.output_keys if outputs is None else outputs)]
     single = len(new_inputs) == 1  # Keras 3 warns when a one-input list model gets a tensor
-    return adapter.model(
+    model = adapter.model(
         new_inputs[0] if single else new_inputs, result if len(result) > 1 else result[0], name
     )
+    if walk.nominal is not None:  # costed at the same sizes as the model it came from
+        set_nominal_shapes(model, walk.nominal)
+    return model
 
 
 def run_calls(walk: Walk, inputs: Sequence[Any], scope: str | None = None) -> list[Any]:
@@ -278,6 +326,12 @@ def run_calls(walk: Walk, inputs: Sequence[Any], scope: str | None = None) -> li
 
     With ``scope``, call ``i`` runs inside ``tf.name_scope(f"{scope}{i}")``.
     """
+    tensors = _run(walk, inputs, scope)
+    return [tensors[k] for k in walk.output_keys]
+
+
+def _run(walk: Walk, inputs: Sequence[Any], scope: str | None = None) -> dict[str, Any]:
+    """Every tensor of :func:`run_calls`, by key."""
     tensors: dict[str, Any] = dict(zip(walk.input_keys, inputs, strict=True))
     for i, call in enumerate(walk.calls):
         args, kwargs = _map_arguments(call, walk, tensors)
@@ -289,7 +343,7 @@ def run_calls(walk: Walk, inputs: Sequence[Any], scope: str | None = None) -> li
             with tf.name_scope(f"{scope}{i}"):
                 produced = call.layer(*args, **kwargs)
         tensors.update(zip(call.outputs, tf.nest.flatten(produced), strict=True))
-    return [tensors[k] for k in walk.output_keys]
+    return tensors
 
 
 def training_parameter(layer: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 
 from tf_balancer.graph.grappler import DEFAULT_OPTIMIZERS, optimize_concrete_function
 from tf_balancer.graph.trace import trace_keras
+from tf_balancer.input_shapes import nominal_shapes, set_nominal_shapes
 from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
 
 __all__ = ["GrapplerPass"]
@@ -33,5 +34,8 @@ class GrapplerPass(GraphPass):
         optimizers = tuple(ctx.options_for("grappler").get("optimizers", DEFAULT_OPTIMIZERS))
         traced = trace_keras(model, batch_size=None)
         function, stats = optimize_concrete_function(traced.function, optimizers)
+        nominal = nominal_shapes(model)
+        if nominal is not None:  # costed at the same sizes as the model
+            set_nominal_shapes(function, nominal)
         message = f"{stats['nodes_before']} -> {stats['nodes_after']} graph nodes"
         return PassResult(function, changed=True, message=message, stats=stats)

@@ -39,11 +39,18 @@ from tf_balancer.attention.importance import (
 from tf_balancer.attention.streaming import GradientStream
 from tf_balancer.errors import ConfigError, UnsupportedModelError
 from tf_balancer.graph.walk import clone_flat, functional_twin, weights_of
+from tf_balancer.input_shapes import (
+    adopt_data_shapes,
+    declared_shapes,
+    has_open_axes,
+    nominal_shapes,
+    set_nominal_shapes,
+)
 from tf_balancer.metrics import output_task_metrics
 from tf_balancer.report import log_layer_summaries, task_scores
 from tf_balancer.training.cluster import Cluster
 from tf_balancer.training.cluster import supports as cluster_supports
-from tf_balancer.training.data_checks import check_callback_data
+from tf_balancer.training.data_checks import check_callback_data, input_arrays
 from tf_balancer.training.finalize import FinalizeInputs, Finalizer
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
 from tf_balancer.training.hooks import FitHooks
@@ -82,6 +89,17 @@ def _as_probe(data: Any) -> ProbeData | None:
     return ProbeData(data)
 
 
+def _adopt_batch_sizes(model: Any, element_spec: Any) -> None:
+    """Nominal sizes of ``model``'s open input axes from the spec of ``fit``'s
+    batches (``x`` of ``(x, y[, sample_weight])``) where it fixes them."""
+    x = element_spec[0] if isinstance(element_spec, tuple) else element_spec
+    try:
+        arrays = input_arrays(model, "the training data", x)
+    except ConfigError:  # a structure fit maps itself; the analysis error says what to do
+        return
+    adopt_data_shapes(model, arrays)
+
+
 class BalanceCallback(keras.callbacks.Callback):
     """Balance pruning budgets against cost while training, then compact the model.
 
@@ -103,7 +121,9 @@ class BalanceCallback(keras.callbacks.Callback):
 
     A model not built when ``fit`` starts (subclassed and never called, or a
     ``Sequential`` without an ``Input``) is analysed after ``fit``'s first train
-    step builds it; that step trains unmasked and unstreamed.
+    step builds it; that step trains unmasked and unstreamed. So is a model
+    with open input axes, counted at the training batches' sizes (see
+    ``input_shape``).
 
     Each epoch it adds to the Keras ``logs`` (so History, CSVLogger and
     TensorBoard see them; list this callback before those):
@@ -177,6 +197,12 @@ class BalanceCallback(keras.callbacks.Callback):
             convs run fastest at. Defaults to 1 (``"auto"`` for ``target_metric="latency"``).
         power: exponent of the target ramp. Defaults to 3.
         verbose: 0 silent, 1 one line per rebalance. Defaults to 1.
+        input_shape: for a model with open input axes (``keras.Input((None,))``
+            for text of any length, ``(None, None, 3)`` for images of any size),
+            the sizes at which costs are counted: a shape without the batch axis,
+            or a list of them. Defaults to None: the shape of the training
+            batches, read when the first one arrives (that step trains
+            unmasked). The optimized model keeps its open axes.
 
     Raises:
         ConfigError: invalid arguments (at construction), missing probe or
@@ -211,6 +237,7 @@ class BalanceCallback(keras.callbacks.Callback):
         round_to: int | str | None = None,
         power: int = 3,
         verbose: int = 1,
+        input_shape: Any = None,
     ):
         super().__init__()
         self._prepared_for = None
@@ -260,6 +287,7 @@ class BalanceCallback(keras.callbacks.Callback):
             round_to = "auto" if target_metric == "latency" else 1
         self.bounds = Bounds(min_keep, max_prune_fraction, round_to)
         self.power, self.verbose = power, verbose
+        self.input_shape = input_shape
         if verbose:
             _ensure_visible_logging()
         self._reset()
@@ -306,8 +334,11 @@ class BalanceCallback(keras.callbacks.Callback):
         self._reset()
         self._prepared_for = model
         # A model without input shapes yet (subclassed, or Sequential without an
-        # Input, never called) is built by fit's first train step: prepare after it.
-        self._awaiting_build = self.mode == "structured" and not getattr(model, "built", True)
+        # Input, never called) is built by fit's first train step, and one with open
+        # input axes is costed at the first batch's sizes: prepare after that step.
+        self._awaiting_build = self.mode == "structured" and (
+            not getattr(model, "built", True) or self._awaits_sizes(model)
+        )
         if self._awaiting_build:
             return
         try:
@@ -315,8 +346,16 @@ class BalanceCallback(keras.callbacks.Callback):
         except Exception as err:  # re-raised in on_train_begin, where Keras users expect it
             self._prepare_error = err
 
+    def _awaits_sizes(self, model: Any) -> bool:
+        """Open input axes, with no ``input_shape`` given nor nominal sizes known."""
+        if self.input_shape is not None or not getattr(model, "inputs", None):
+            return False
+        return nominal_shapes(model) is None and has_open_axes(declared_shapes(model))
+
     def _prepare(self, model: Any) -> None:
         model = ensure_keras2_model(model) if self.mode == "sparse" else ensure_keras_model(model)
+        if self.input_shape is not None:
+            set_nominal_shapes(model, self.input_shape)
         analysed = model
         if self.mode == "sparse":
             import tensorflow_model_optimization as tfmot
@@ -392,6 +431,8 @@ class BalanceCallback(keras.callbacks.Callback):
             )
 
         def first_step(*args, **kwargs):
+            if args and hasattr(args[0], "element_spec") and self._awaits_sizes(model):
+                _adopt_batch_sizes(model, args[0].element_spec)
             logs = first(*args, **kwargs)
             model.train_function = first
             self._awaiting_build = False

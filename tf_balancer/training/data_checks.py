@@ -36,7 +36,14 @@ import tensorflow as tf
 from tf_balancer.errors import ConfigError
 from tf_balancer.report import is_classifier
 
-__all__ = ["check_callback_data", "check_xy", "check_inputs", "check_labels", "pair"]
+__all__ = [
+    "check_callback_data",
+    "check_xy",
+    "check_inputs",
+    "check_labels",
+    "input_arrays",
+    "pair",
+]
 
 Shape = tuple[int | None, ...]
 
@@ -71,7 +78,7 @@ def _names(model: Any, kind: str) -> list[str]:
     return list(names) if names else [t.name.split("/")[0].split(":")[0] for t in tensors]
 
 
-def _input_arrays(model: Any, name: str, x: Any) -> list[Any]:
+def input_arrays(model: Any, name: str, x: Any) -> list[Any]:
     """``x`` as one array per model input, in the order of ``model.inputs``.
 
     Raises:
@@ -108,7 +115,7 @@ def check_inputs(model: Any, name: str, x: Any) -> int:
     """
     counts = []
     for tensor, input_name, array in zip(
-        model.inputs, _names(model, "input"), _input_arrays(model, name, x), strict=True
+        model.inputs, _names(model, "input"), input_arrays(model, name, x), strict=True
     ):
         shape, expected = _shape(array), tuple(tensor.shape)
         if not shape or not _input_fits(tuple(shape[1:]), expected[1:]):

@@ -305,11 +305,12 @@ class Finalizer:
         """Optimized / dense latency at the latency table's batch size, the two models
         timed alternately (None without a dense model)."""
         from tf_balancer.graph.latency import BATCH_SIZE
+        from tf_balancer.input_shapes import input_shapes
         from tf_balancer.report import inference_fn, measure_latency
 
         if self.inputs.dense_model is None:
             return None
-        shape = model.input_shape
+        shape = input_shapes(model)
         optimized, dense = inference_fn(model), inference_fn(self.inputs.dense_model)  # traced once
         ratios = [
             measure_latency(optimized, shape, BATCH_SIZE)

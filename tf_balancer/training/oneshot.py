@@ -35,8 +35,9 @@ from tf_balancer.attention.balance import Bounds, allocate
 from tf_balancer.attention.coupled import OBJECTIVES
 from tf_balancer.attention.importance import ProbeData, attention_weights, group_scores
 from tf_balancer.errors import ConfigError
+from tf_balancer.input_shapes import adopt_data_shapes, set_nominal_shapes
 from tf_balancer.training.calibrate import best_plan
-from tf_balancer.training.data_checks import check_callback_data, pair
+from tf_balancer.training.data_checks import check_callback_data, input_arrays, pair
 from tf_balancer.training.finalize import STRUCTURED_PASSES, FinalizeInputs, Finalizer
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
 
@@ -59,6 +60,7 @@ def prune(
     learning_rate: float | None = None,
     batch_size: int = 32,
     passes: Sequence[str] | None = None,
+    input_shape: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Prune a trained model once to ``target`` and return the optimized model and report.
 
@@ -86,6 +88,10 @@ def prune(
         batch_size: fine-tuning batch size. Defaults to 32.
         passes: pass names. Defaults to ``prune_channels, strip_training_ops,
             fold_batchnorm, fuse_activation``.
+        input_shape: for a model with open input axes (``keras.Input((None,))``),
+            the sizes at which costs are counted: a shape without the batch axis,
+            or a list of them. Defaults to None: the shape of ``data``'s ``x``.
+            The optimized model keeps its open axes.
 
     Returns:
         ``(optimized model, report)``; the report is the callback's (dense and
@@ -107,6 +113,10 @@ def prune(
     else:
         probe = ProbeData(*pair(data, "data")) if data is not None else None
     check_callback_data(model, probe, validation_data)
+    if input_shape is not None:
+        set_nominal_shapes(model, input_shape)
+    elif probe is not None:
+        adopt_data_shapes(model, input_arrays(model, "data", probe.x))
     if finetune_epochs and getattr(model, "optimizer", None) is None:
         raise ConfigError(
             "fine-tuning needs the model's loss and optimizer: compile the model, "
