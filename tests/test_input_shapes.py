@@ -3,6 +3,9 @@ costed at nominal sizes, pruned, and still taking any size afterwards."""
 
 from __future__ import annotations
 
+import json
+import pathlib
+
 import keras as keras3
 import numpy as np
 import pytest
@@ -179,3 +182,88 @@ def test_one_shot_pruning_reads_the_image_size_from_the_data(kx):
     big = rng.random((2, 24, 20, 3)).astype("float32")
     assert tuple(small.predict(big, verbose=0).shape) == (2, 4)
     assert tuple(model.inputs[0].shape) == (None, None, None, 3)
+
+
+@pytest.fixture(scope="module")
+def open_size_saved_models(tmp_path_factory):
+    """The fully convolutional net trained a step, as a tf_keras SavedModel (Keras
+    metadata: prunable) and a Keras 3 export (a plain SavedModel), plus calibration data."""
+    root = tmp_path_factory.mktemp("open_sizes")
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 16, 16, 3)).astype("float32"), rng.integers(0, 4, 32)
+    paths = {"calibration": str(root / "calibration.npz")}
+    np.savez(paths["calibration"], x=x, y=y)
+    for kx, name in ((keras, "keras_saved_model"), (keras3, "plain_saved_model")):
+        model = _fully_convolutional(kx)
+        model.fit(x, y, epochs=1, verbose=0)
+        paths[name] = str(root / name)
+        if kx is keras:
+            model.save(paths[name])
+        else:
+            model.export(paths[name], verbose=False)
+    return paths
+
+
+def test_a_plain_saved_model_is_optimized_at_the_given_size_and_stays_open(
+    open_size_saved_models, tmp_path
+):
+    from tf_balancer.export.savedmodel import optimize_saved_model
+
+    source = open_size_saved_models["plain_saved_model"]
+    with pytest.raises(UnsupportedModelError, match="--input_shape"):
+        optimize_saved_model(source, str(tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    report = optimize_saved_model(source, str(tmp_path / "at16"), input_shape=(16, 16, 3))
+    at_32 = optimize_saved_model(source, str(tmp_path / "at32"), input_shape=(32, 32, 3))
+    assert at_32["before"]["flops"] == pytest.approx(4 * report["before"]["flops"], rel=0.02)
+    assert report["after"]["flops"] <= report["before"]["flops"]
+    signature = tf.saved_model.load(str(tmp_path / "at16")).signatures["serving_default"]
+    ((spec,),) = [list(signature.structured_input_signature[1].values())]
+    assert spec.shape.as_list() == [None, None, None, 3]
+
+
+def test_the_cli_prunes_a_keras_saved_model_at_the_calibration_size_with_tflite(
+    open_size_saved_models, tmp_path
+):
+    from test_cli import _assert_one_line_error, _run
+
+    source = open_size_saved_models["keras_saved_model"]
+    _assert_one_line_error(
+        _run("inspect", source, "--input_shape", "16,x"), "--input_shape", "integers"
+    )
+    _assert_one_line_error(_run("inspect", source, "--input_shape", "16,16"), "does not fit")
+    output = tmp_path / "out"
+    proc = _run(
+        "optimize",
+        source,
+        "--output",
+        str(output),
+        "--calibration",
+        open_size_saved_models["calibration"],
+        "--config",
+        str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "structured_50_flops.yaml"),
+        "--tflite",
+    )
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((output / "tf_balancer_report.json").read_text())
+    statuses = {r["name"]: r["status"] for r in report["passes"]}
+    assert statuses["prune_channels"] == statuses["fold_batchnorm"] == "applied"
+    assert report["after"]["flops"] <= 0.55 * report["before"]["flops"]
+    assert report["tflite"]["max_abs_diff"] <= 1e-4
+    small = keras.models.load_model(str(output))
+    big = np.random.default_rng(1).random((2, 24, 20, 3)).astype("float32")
+    assert tuple(small.predict(big, verbose=0).shape) == (2, 4)
+
+
+@pytest.mark.slow
+def test_the_callback_exports_an_open_size_model_and_its_tflite_without_data(tmp_path):
+    """No validation data: the TFLite check runs on random images of the nominal size."""
+    model = _fully_convolutional(keras3)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 16, 16, 3)).astype("float32"), rng.integers(0, 4, 64)
+    callback = tfb.BalanceCallback(verbose=0)
+    model.fit(x, y, epochs=3, callbacks=[callback], verbose=0)
+    out = callback.export(str(tmp_path / "out"), tflite=True)
+    report = json.loads((pathlib.Path(out) / "report.json").read_text())
+    assert report["tflite"]["max_abs_diff"] <= 1e-4 and report["tflite"]["samples"] == 8
+    assert report["final"]["flops"] / report["dense"]["flops"] <= 0.505

@@ -51,6 +51,14 @@ _QUANTIZE = flags.DEFINE_enum(
     ["dynamic", "int8"],
     "optimize --tflite: quantize the TFLite model (int8 needs --calibration).",
 )
+_INPUT_SHAPE = flags.DEFINE_string(
+    "input_shape",
+    None,
+    "inspect/optimize: sizes of the input axes the model leaves open besides the batch, "
+    "e.g. 128 (text of any length) or 224,224,3 (images of any size); ';' between inputs. "
+    "FLOPs are counted at them; the output keeps the open axes. Defaults to the "
+    "calibration data's shape.",
+)
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "demo: training epochs.", lower_bound=3)
 
 USAGE_ERROR = 2
@@ -130,7 +138,7 @@ def _cmd_inspect(args: list[str]) -> int:
     _start_tensorflow()
     from tf_balancer.analysis import inspect
 
-    result = inspect(args[0], batch_size=_BATCH_SIZE.value)
+    result = inspect(args[0], batch_size=_BATCH_SIZE.value, input_shape=_input_shape())
     print(result.to_json() if _JSON.value else result.table())
     return 0
 
@@ -155,9 +163,24 @@ def _cmd_optimize(args: list[str]) -> int:
         overwrite=_OVERWRITE.value,
         tflite=_TFLITE.value,
         quantize=_QUANTIZE.value,
+        input_shape=_input_shape(),
     )
     print(format_summary(report))
     return 0
+
+
+def _input_shape() -> list[tuple[int, ...]] | None:
+    """``--input_shape`` as a list of shapes (``"20;32,32,3"`` -> ``[(20,), (32, 32, 3)]``)."""
+    if not _INPUT_SHAPE.value:
+        return None
+    try:
+        shapes = [tuple(int(d) for d in part.split(",")) for part in _INPUT_SHAPE.value.split(";")]
+    except ValueError:
+        raise UsageError(
+            f"--input_shape {_INPUT_SHAPE.value!r}: give sizes as integers, e.g. 128 or "
+            "224,224,3, with ';' between inputs"
+        ) from None
+    return shapes
 
 
 def _cmd_demo(args: list[str]) -> int:

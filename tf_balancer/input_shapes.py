@@ -50,8 +50,8 @@ _NOMINAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FIX = (
     "pass input_shape=... (the size of each input without the batch axis, e.g. (128,) for "
     "token sequences padded to 128, or a list of shapes for several inputs) to "
-    "BalanceCallback, tf_balancer.prune, analyze or inspect: costs are counted at that "
-    "size, and the pruned model still takes any size"
+    "BalanceCallback, tf_balancer.prune, analyze or inspect (CLI: --input_shape 128): "
+    "costs are counted at that size, and the pruned model still takes any size"
 )
 
 
@@ -65,23 +65,25 @@ def declared_shapes(model: Any) -> list[Shape]:
     return [tuple(t.shape) for t in model.inputs]
 
 
-def set_nominal_shapes(obj: Any, shapes: Any) -> None:
+def set_nominal_shapes(obj: Any, shapes: Any, declared: Sequence[Shape] | None = None) -> None:
     """Remember the sizes at which ``obj``'s open input axes are costed.
 
     Args:
         obj: a Keras model, or a traced function (weakly referenced).
         shapes: one shape without the batch axis (a single input), or a list of
-            them in the order of the inputs. For a Keras model each must have
-            its input's rank and agree with every axis the input fixes.
+            them in the order of the inputs. Each must have its input's rank and
+            agree with every axis the input fixes.
+        declared: the inputs' shapes (batch axis first); defaults to a Keras
+            model's ``inputs``' (nothing is checked for other objects).
 
     Raises:
-        ConfigError: a shape that does not fit the model's inputs.
+        ConfigError: a shape that does not fit the inputs.
     """
     nominal = _as_shape_list(shapes)
-    keras_model = hasattr(obj, "layers") and getattr(obj, "inputs", None)
-    declared = declared_shapes(obj) if keras_model else None
+    if declared is None and hasattr(obj, "layers") and getattr(obj, "inputs", None):
+        declared = declared_shapes(obj)
     if declared is not None:
-        _check_fits(nominal, declared)
+        _check_fits(nominal, [tuple(s) for s in declared])
     _NOMINAL[obj] = nominal
 
 
@@ -123,10 +125,10 @@ def open_axes_message(owner: str, declared: Sequence[Shape]) -> str:
     return f"{owner} has input axes of unknown size {text}; {_FIX}"
 
 
-def shapes_from_arrays(model: Any, arrays: Sequence[Any]) -> list[Shape] | None:
-    """Nominal shapes read from data: one array or tensor spec per model input
-    (anything with ``.shape``), or None when an open axis is open there too."""
-    declared = declared_shapes(model)
+def shapes_from_arrays(declared: Sequence[Shape], arrays: Sequence[Any]) -> list[Shape] | None:
+    """Nominal shapes read from data: one array or tensor spec (anything with
+    ``.shape``) per input of shape ``declared``, or None when they do not line up
+    or an axis is open there too."""
     if len(arrays) != len(declared):
         return None
     nominal = [tuple(a.shape)[1:] for a in arrays]
@@ -142,7 +144,7 @@ def adopt_data_shapes(model: Any, arrays: Sequence[Any]) -> None:
     declared = declared_shapes(model)
     if nominal_shapes(model) is not None or not has_open_axes(declared):
         return
-    shapes = shapes_from_arrays(model, arrays)
+    shapes = shapes_from_arrays(declared, arrays)
     if shapes is not None:
         set_nominal_shapes(model, shapes)
 

@@ -33,6 +33,7 @@ from tf_balancer.attention.importance import ProbeData, group_scores
 from tf_balancer.config import OptimizeConfig
 from tf_balancer.errors import ConfigError, UnsupportedModelError
 from tf_balancer.export.signatures import Feed, Run, input_specs, save_signatures
+from tf_balancer.input_shapes import adopt_data_shapes
 from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext
 
@@ -176,6 +177,7 @@ def optimize_keras(
     """
     inputs, outputs = io
     probe = [feed[key] for key in inputs]
+    adopt_data_shapes(model, probe)  # the feed's sizes, for open input axes
     ctx = _pass_context(config, probe if len(probe) > 1 else probe[0])
     records, notes, run = [], [], Run([], [])
     for segment in _segments(config.passes):

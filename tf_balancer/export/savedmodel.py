@@ -51,12 +51,14 @@ from tf_balancer.export.signatures import (
     make_feed,
     plain_specs,
     save_signatures,
+    size_open_axes,
     source_endpoints,
     verify_signatures,
 )
 from tf_balancer.export.tflite import check_options as check_tflite_options
 from tf_balancer.export.writers import atomic_directory
 from tf_balancer.graph.trace import load_saved_model
+from tf_balancer.input_shapes import nominal_shapes, set_nominal_shapes
 from tf_balancer.report import directory_size, write_json
 
 __all__ = ["optimize_saved_model", "format_summary", "REPORT_NAME", "KERAS_ONLY_PASSES"]
@@ -204,6 +206,7 @@ def optimize_saved_model(
     overwrite: bool = False,
     tflite: bool = False,
     quantize: str | None = None,
+    input_shape: Any = None,
 ) -> dict[str, Any]:
     """Optimize the SavedModel ``src`` into ``dst`` (same signatures) and report.
 
@@ -223,6 +226,11 @@ def optimize_saved_model(
             seeded random inputs); its result is the report's ``tflite`` entry.
         quantize: with ``tflite``: None (float32), ``"dynamic"`` or ``"int8"``
             (``"int8"`` calibrates on ``calibration_data``, which it then needs).
+        input_shape: for inputs with open axes besides the batch (text of any
+            length, images of any size), the sizes FLOPs are counted and random
+            inputs made at: a shape without the batch axis, or a list of them in
+            the order of the signature's input keys. Defaults to the calibration
+            data's shape. The output keeps the open axes.
 
     Returns:
         The report, also written to ``dst/tf_balancer_report.json``: ``kind``
@@ -257,6 +265,8 @@ def optimize_saved_model(
     signatures = dict(loaded.signatures)
     if not signatures:
         raise ModelLoadError(f"{src}: the SavedModel has no signatures; export one to optimize")
+    for signature in signatures.values():
+        size_open_axes(signature, input_shape, calibration)
     feeds = {
         n: make_feed(s, calibration, config.verify.probe_batch_size) for n, s in signatures.items()
     }
@@ -271,6 +281,9 @@ def optimize_saved_model(
         else:
             run = optimize_keras(model, io, signatures, feeds[main][0], config, calibration, tmp)
         output = tf.saved_model.load(tmp)
+        for name, signature in output.signatures.items():  # counted at the source's sizes
+            if name in signatures and nominal_shapes(signatures[name]) is not None:
+                set_nominal_shapes(signature, nominal_shapes(signatures[name]))
         verification = verify_signatures(run, signatures, output, feeds, config.verify)
         report = {
             "source": src,

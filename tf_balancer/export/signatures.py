@@ -25,6 +25,13 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer.errors import ConfigError, VerificationError
+from tf_balancer.input_shapes import (
+    fill_open_axes,
+    has_open_axes,
+    nominal_shapes,
+    set_nominal_shapes,
+    shapes_from_arrays,
+)
 from tf_balancer.verify import tolerance_for
 
 __all__ = [
@@ -32,6 +39,7 @@ __all__ = [
     "Run",
     "input_specs",
     "make_feed",
+    "size_open_axes",
     "call_signature",
     "save_signatures",
     "source_endpoints",
@@ -59,11 +67,34 @@ def input_specs(signature: Any) -> dict[str, tf.TensorSpec]:
     return dict(signature.structured_input_signature[1])
 
 
+def size_open_axes(signature: Any, input_shape: Any, calibration: Any) -> None:
+    """Nominal sizes (:mod:`tf_balancer.input_shapes`) for a signature whose inputs
+    leave axes other than the batch open: ``input_shape`` (one shape per input, in
+    the order of :func:`input_specs`), else the calibration samples' shapes.
+    Without either its FLOPs cannot be counted (the error says so)."""
+    specs = input_specs(signature)
+    declared = [tuple(spec.shape) for spec in specs.values()]
+    if not has_open_axes(declared):
+        return
+    if input_shape is not None:
+        set_nominal_shapes(signature, input_shape, declared)
+        return
+    x = None if calibration is None else calibration[0]
+    if isinstance(x, Mapping) and set(specs) <= set(x):
+        arrays = [np.asarray(x[key]) for key in specs]
+    else:
+        arrays = [np.asarray(x)] if x is not None and len(specs) == 1 else []
+    shapes = shapes_from_arrays(declared, arrays)
+    if shapes is not None:
+        set_nominal_shapes(signature, shapes, declared)
+
+
 def make_feed(signature: Any, calibration: Any, batch: int, seed: int = 0) -> tuple[Feed, str]:
     """Inputs for one signature: the first ``batch`` calibration samples, else seeded random.
 
     Random inputs are uniform in [0, 1) for float inputs and zeros otherwise; an
-    unknown batch axis gets ``batch`` rows and any other unknown dimension 1.
+    unknown batch axis gets ``batch`` rows and any other unknown dimension its
+    nominal size (:func:`size_open_axes`), else 1.
     Returns the feed and where it came from (``"calibration"`` or ``"random"``).
     """
     specs = input_specs(signature)
@@ -83,9 +114,10 @@ def make_feed(signature: Any, calibration: Any, batch: int, seed: int = 0) -> tu
         return feed, "calibration"
     rng = np.random.default_rng(seed)
     feed = {}
+    declared = [(None,) if s.shape.rank is None else tuple(s.shape) for s in specs.values()]
+    sized = dict(zip(specs, fill_open_axes(declared, nominal_shapes(signature)), strict=True))
     for key, spec in sorted(specs.items()):
-        dims = [batch] if spec.shape.rank is None else list(spec.shape)
-        shape = [batch if i == 0 and d is None else (d or 1) for i, d in enumerate(dims)]
+        shape = [batch if i == 0 and d is None else (d or 1) for i, d in enumerate(sized[key])]
         if spec.dtype.is_floating:
             feed[key] = rng.random(shape).astype(spec.dtype.as_numpy_dtype)
         else:  # zeros are valid indices, ids and strings

@@ -33,7 +33,7 @@ import re
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ import tensorflow as tf
 from tf_balancer._compat import adapter_for, is_keras3_object, is_keras_model
 from tf_balancer.errors import ConfigError, ExportError, VerificationError
 from tf_balancer.graph.trace import freeze
+from tf_balancer.input_shapes import input_shapes
 
 __all__ = [
     "TFLiteResult",
@@ -194,7 +195,7 @@ def _reference_fn(model: Any) -> tuple[Callable[[np.ndarray], np.ndarray], tuple
     """The source as ``x -> outputs``, and its input shape."""
     if is_keras_model(model) or is_keras3_object(model):
         run = lambda x: np.asarray(model.predict(x, verbose=0, batch_size=256), np.float32)  # noqa: E731
-        return run, tuple(model.inputs[0].shape)
+        return run, input_shapes(model)[0]  # open axes at their nominal sizes
     signature = _serving_signature(os.fspath(model))
     ((key, spec),) = signature.structured_input_signature[1].items()
 
@@ -272,11 +273,13 @@ def _conversion_problem(err: Exception) -> str:
     return first[:200]
 
 
-def _interpreter(flatbuffer: bytes, batch: int) -> Any:
+def _interpreter(flatbuffer: bytes, shape: Sequence[int]) -> Any:
+    """An interpreter whose input takes ``shape`` (where the model leaves axes open:
+    the batch, or a length or image size)."""
     interpreter = tf.lite.Interpreter(model_content=flatbuffer)
     detail = interpreter.get_input_details()[0]
-    if detail["shape_signature"][0] < 0:  # an open batch axis
-        interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+    if any(d < 0 for d in detail["shape_signature"]):
+        interpreter.resize_tensor_input(detail["index"], list(shape))
     interpreter.allocate_tensors()
     return interpreter
 
@@ -295,7 +298,7 @@ def _interpret(flatbuffer: bytes, x: np.ndarray, chunk: int) -> np.ndarray:
     for start in range(0, len(x), chunk):
         batch = np.asarray(x[start : start + chunk], np.float32)
         if len(batch) not in interpreters:
-            interpreters[len(batch)] = _interpreter(flatbuffer, len(batch))
+            interpreters[len(batch)] = _interpreter(flatbuffer, batch.shape)
         interpreter = interpreters[len(batch)]
         interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch)
         interpreter.invoke()
@@ -338,7 +341,7 @@ def _verify(
 
 
 def _latency_ms(flatbuffer: bytes, x: np.ndarray, repeats: int = 50) -> float:
-    interpreter = _interpreter(flatbuffer, 1)
+    interpreter = _interpreter(flatbuffer, np.shape(x))
     index = interpreter.get_input_details()[0]["index"]
     interpreter.set_tensor(index, np.asarray(x, np.float32))
     interpreter.invoke()

@@ -18,6 +18,7 @@ from tf_balancer._compat import adapter_for, is_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.errors import ExportError
 from tf_balancer.report import markdown_table, summary_markdown, write_json, write_report_png
+from tf_balancer.verify import random_inputs
 
 __all__ = ["atomic_directory", "export_result"]
 
@@ -91,6 +92,10 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _has_data(options: Mapping[str, Any]) -> bool:
+    return any(options.get(k) is not None for k in ("validation_data", "calibration"))
+
+
 @quietly
 def export_result(
     path: str,
@@ -105,6 +110,9 @@ def export_result(
     with atomic_directory(path, overwrite) as tmp:
         if is_keras_model(model):
             adapter_for(model).save_saved_model(model, os.path.join(tmp, "saved_model"))
+        if tflite is not None and is_keras_model(model) and not _has_data(tflite):
+            # no data: seeded random inputs, open axes at their nominal sizes
+            tflite = {**tflite, "validation_data": random_inputs(model, batch_size=8)}
         if tflite is not None:
             from tf_balancer.export.tflite import export_tflite
 
