@@ -317,6 +317,17 @@ def test_a_layer_shared_with_differently_shaped_calls_stays_whole():
     assert shared_groups == [] or not any(g.prunable for g in shared_groups)
     q = next(g for g in graph.groups.values() if "q" in g.nodes("producer"))
     assert not q.prunable and any("shares its weights" in r or "shared" in r for r in q.reasons)
+    reasons = {r for g in graph.groups.values() for r in g.reasons}
+    assert any("shared by calls whose channels differ" in r for r in reasons)
+
+
+def test_a_shared_layer_opaque_by_its_type_is_named_for_its_type_not_for_sharing():
+    norm = keras3.layers.LayerNormalization(name="norm")
+    a, b = keras3.Input((6,)), keras3.Input((6,))
+    y = keras3.layers.Add()([norm(keras3.layers.Dense(6)(a)), norm(keras3.layers.Dense(6)(b))])
+    graph = analyze(keras3.Model([a, b], keras3.layers.Dense(2)(y))).graph
+    reasons = [r for g in graph.groups.values() for r in g.reasons if "'norm'" in r]
+    assert reasons and not any("channels differ" in r for r in reasons)
 
 
 def test_a_masked_lstm_after_embedding_mask_zero_is_pruned_on_both_kerases(kx):
@@ -479,3 +490,73 @@ def test_dot_product_attention_prunes_query_key_and_value_together(kx, score_mod
     assert "v" in group.nodes("producer")  # one group: query, key (= value) and output
     assert small.get_layer("q").units == small.get_layer("v").units < 8
     assert analysis.cost.flops == profiler_flops(analysis.traced.graph)
+
+
+def _two_heads(kx, as_dict):
+    """A classifier head and a regression head on one trunk, outputs as a dict or a list."""
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((16,), name="x")
+    h = kx.layers.Dense(32, activation="relu")(kx.layers.Dense(32, activation="relu")(inp))
+    cls, reg = kx.layers.Dense(3, name="cls")(h), kx.layers.Dense(1, name="reg")(h)
+    model = kx.Model(inp, {"cls": cls, "reg": reg} if as_dict else [cls, reg])
+    losses = {"cls": kx.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"}
+    model.compile("adam", losses if as_dict else list(losses.values()))
+    return model
+
+
+@pytest.mark.parametrize("as_dict", [True, False])
+def test_a_model_with_two_heads_is_scored_per_head_during_and_after_training(kx, as_dict):
+    """Before: the first epoch end raised (a dict of predictions scored as regression)."""
+    rng = np.random.default_rng(0)
+    x, xv = rng.random((128, 16)).astype("float32"), rng.random((64, 16)).astype("float32")
+    labels = [rng.integers(0, 3, 128), x.sum(1, keepdims=True)]
+    val = [rng.integers(0, 3, 64), xv.sum(1, keepdims=True)]
+    y, yv = (dict(zip(("cls", "reg"), v, strict=True)) if as_dict else v for v in (labels, val))
+    model = _two_heads(kx, as_dict)
+    callback = tfb.BalanceCallback(verbose=0, validation_data=(xv, yv))
+    history = model.fit(x, y, epochs=3, batch_size=32, verbose=0, callbacks=[callback])
+    assert len(history.history["balancer/val_cls_f1"]) == 3
+    final = callback.report["final"]
+    predicted = callback.optimized_model.predict(xv, verbose=0)
+    cls, reg = (predicted["cls"], predicted["reg"]) if as_dict else predicted
+    assert final["cls_accuracy"] == pytest.approx(float((cls.argmax(1) == val[0]).mean()))
+    assert final["reg_mae"] == pytest.approx(float(np.abs(reg - val[1]).mean()), rel=1e-5)
+    assert "latency_ms_b1" in final and callback.report["final_flops_ratio"] <= 0.505
+
+
+def _token_classifier(kx):
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((12,), dtype="int32")
+    y = kx.layers.Embedding(40, 16, name="embed")(inp)
+    y = kx.layers.GlobalAveragePooling1D()(kx.layers.Conv1D(24, 3, activation="relu")(y))
+    model = kx.Model(inp, kx.layers.Dense(3)(kx.layers.Dense(16, activation="relu")(y)))
+    model.compile("adam", kx.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def test_token_models_are_pruned_one_shot_and_timed_on_token_ids(kx):
+    """Before: probe-batch Taylor failed on the Embedding's sparse gradient, and the
+    report timed the int32 serving function on float inputs."""
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 40, (96, 12)).astype("int32"), rng.integers(0, 3, 96)
+    model = _token_classifier(kx)
+    model.fit(x, y, epochs=1, verbose=0)
+    small, report = tfb.prune(model, 0.5, data=(x, y), validation_data=(x[:32], y[:32]))
+    assert report["final_flops_ratio"] <= 0.505
+    assert report["final"]["latency_ms_b1"] > 0 and "accuracy" in report["final"]
+    assert small.get_layer("embed").output_dim < 16
+
+
+def test_taylor_of_an_embedding_from_its_sparse_gradient_equals_the_dense_product():
+    """The streamed and probe paths multiply only the rows a batch touched."""
+    from tf_balancer.attention.streaming import weight_times_gradient
+
+    rng = np.random.default_rng(0)
+    table = tf.constant(rng.normal(size=(10, 4)).astype("float32"))
+    values = tf.constant(rng.normal(size=(5, 4)).astype("float32"))
+    sparse = tf.IndexedSlices(values, tf.constant([1, 3, 3, 7, 0]), tf.constant([10, 4]))
+    dense = table * tf.convert_to_tensor(sparse)
+    np.testing.assert_allclose(
+        tf.reduce_sum(weight_times_gradient(table, sparse, [1]), 0), tf.reduce_sum(dense, 0), 1e-5
+    )
+    np.testing.assert_allclose(weight_times_gradient(table, sparse, [0]), dense, 1e-6)

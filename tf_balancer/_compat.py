@@ -137,6 +137,35 @@ class KerasAdapter:
         outputs = model.call(inputs[0] if len(inputs) == 1 else inputs)
         return self.keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs, name=model.name)
 
+    def layer_twin(self, layer: Any, node: Any) -> Any | None:
+        r"""A functional model computing one call (``node``) of a custom layer, or None.
+
+        ``layer.call`` is run on symbolic inputs shaped like the call's, which records
+        the Keras layers and operations it is made of (a Transformer block of
+        ``MultiHeadAttention``, ``Dense`` and ``LayerNormalization``; a swish written
+        with ``keras.ops``) as a functional graph of the same layer objects. A
+        ``training`` parameter is left to its default, as fit would. None when the
+        call cannot be recorded that way, or the layer owns weights no sublayer
+        does (the graph would not hold them).
+        """
+        import tensorflow as tf
+
+        tensors = self.node_inputs(node)
+        inputs = [self.keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype) for t in tensors]
+        by_id = {id(t): new for t, new in zip(tensors, inputs, strict=True)}
+        args, kwargs = tf.nest.map_structure(lambda v: by_id.get(id(v), v), self.node_call(node))
+        kwargs.pop("training", None)
+        try:
+            outputs = layer.call(*args, **kwargs)
+            twin = self.keras.Model(inputs[0] if len(inputs) == 1 else inputs, outputs)
+        except Exception:  # noqa: BLE001 - whatever Keras cannot record symbolically
+            return None
+        own = {id(w) for w in layer.weights}
+        outputs = self.node_outputs(node)
+        if own != {id(w) for w in twin.weights} or len(twin.outputs) != len(outputs):
+            return None
+        return twin
+
     def _built_input_shapes(self, model: Any) -> list[tuple] | None:
         if self.version == 2:
             spec = model.save_spec() if getattr(model, "built", False) else None
@@ -206,6 +235,27 @@ class KerasAdapter:
         if self.version == 2:
             return 1.0
         return optimizer.scale_loss(1.0)
+
+    @property
+    def optimizer_update_method(self) -> str:
+        """The optimizer method every update of a train step goes through: Keras 3's
+        ``apply`` (its ``apply_gradients`` calls it, and custom train steps written
+        as Keras' guide writes them call it directly), tf_keras' ``apply_gradients``
+        (``minimize`` calls it)."""
+        return "apply_gradients" if self.version == 2 else "apply"
+
+    def gradient_pairs(self, optimizer: Any, args: tuple, kwargs: dict) -> tuple[tuple, list]:
+        """The ``(gradient, variable)`` pairs of one call of
+        :attr:`optimizer_update_method`, and its positional arguments to pass on (a
+        ``zip`` given to ``apply_gradients`` can be read once: it is replaced by a list)."""
+        if self.version == 2:
+            pairs = list(args[0] if args else kwargs.pop("grads_and_vars"))
+            return (pairs, *args[1:]), pairs
+        grads = args[0] if args else kwargs["grads"]
+        variables = args[1] if len(args) > 1 else kwargs.get("trainable_variables")
+        if variables is None:  # Keras 3: the variables the optimizer was built with
+            variables = optimizer._trainable_variables
+        return args, list(zip(grads, variables, strict=True))
 
     @property
     def epoch_logs_method(self) -> str:

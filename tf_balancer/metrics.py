@@ -52,6 +52,7 @@ __all__ = [
     "macro_scores",
     "task_metrics",
     "output_task_metrics",
+    "output_tasks",
     "OutputMetric",
     "per_output",
 ]
@@ -549,3 +550,39 @@ def output_task_metrics(model: Any, outputs: Any = None) -> list[Any]:
         for metric in _head_metrics(head_loss, tensor.shape[-1], prefix=f"{name}_"):
             metrics.append(OutputMetric(metric, index, name))
     return metrics
+
+
+def output_tasks(model: Any) -> list[dict[str, Any]]:
+    """Each output's task, in output order: ``{"name", "classifier", "multi_label"}``.
+
+    Read from the compiled loss as :func:`output_task_metrics` reads it; an output
+    without a loss (or a model not compiled) is taken for a classifier, as
+    :func:`~tf_balancer.report.is_classifier` does.
+
+    Example:
+        >>> inp = keras.Input((4,))
+        >>> model = keras.Model(inp, [keras.layers.Dense(3, name="cls")(inp),
+        ...                           keras.layers.Dense(1, name="reg")(inp)])
+        >>> model.compile(loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"})
+        >>> [(t["name"], t["classifier"]) for t in output_tasks(model)]
+        [('cls', True), ('reg', False)]
+    """
+    from tf_balancer._compat import adapter_for
+
+    loss = getattr(model, "loss", None)
+    tasks = []
+    for index, (name, tensor) in enumerate(
+        zip(adapter_for(model).output_names(model), model.outputs, strict=True)
+    ):
+        head_loss = per_output(loss, index, name)
+        metrics = _head_metrics(head_loss, tensor.shape[-1]) if head_loss is not None else None
+        tasks.append(
+            {
+                "name": name,
+                "classifier": True if metrics is None else bool(metrics),
+                "multi_label": any(
+                    getattr(m, "label_mode", "") == "multi_label" for m in metrics or []
+                ),
+            }
+        )
+    return tasks

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from tf_balancer._compat import adapter_for, is_keras_model
 from tf_balancer.input_shapes import input_shapes
-from tf_balancer.metrics import macro_scores, task_metrics
+from tf_balancer.metrics import macro_scores, output_tasks, task_metrics
 
 __all__ = [
     "measure_latency",
@@ -55,6 +55,7 @@ def measure_latency(
     batch_size: int,
     repeats: int = 20,
     budget_s: float | None = 1.0,
+    dtypes: Sequence[Any] | None = None,
 ) -> float:
     """Median wall time (ms) of one inference call at ``batch_size`` (``model``: a Keras
     model, or a callable such as :func:`inference_fn`'s, reused without retracing;
@@ -63,12 +64,16 @@ def measure_latency(
     ``repeats`` timed calls after a trace and two warm-up calls, but none started
     once ``budget_s`` seconds have been timed (at least 3 calls; None: no budget):
     a small model gets all 20, ResNet50 at batch 64 the median of 3-5 calls of
-    0.2-0.4 s each.
+    0.2-0.4 s each. ``dtypes``: each input's dtype (default float32); float inputs
+    get uniform [0, 1) values, others zeros (valid token ids and indices).
     """
     fn = inference_fn(model)
     several = bool(input_shape) and isinstance(input_shape[0], (tuple, list))  # inputs
     shapes = list(input_shape) if several else [input_shape]
-    xs = [tf.random.stateless_uniform([batch_size, *s[1:]], seed=(0, 0)) for s in shapes]
+    xs = [
+        _timing_input([batch_size, *shape[1:]], tf.as_dtype(dtype))
+        for shape, dtype in zip(shapes, dtypes or [tf.float32] * len(shapes), strict=True)
+    ]
     x = xs if len(xs) > 1 else xs[0]
     for _ in range(3):
         fn(x)  # trace and warm up
@@ -77,9 +82,15 @@ def measure_latency(
         if budget_s is not None and len(times) >= 3 and sum(times) >= budget_s:
             break
         start = time.perf_counter()
-        np.asarray(fn(x))
+        [np.asarray(t) for t in tf.nest.flatten(fn(x))]  # wait for every output
         times.append(time.perf_counter() - start)
     return 1000.0 * float(np.median(times))
+
+
+def _timing_input(shape: list[int], dtype: tf.DType) -> tf.Tensor:
+    if dtype.is_floating:
+        return tf.cast(tf.random.stateless_uniform(shape, seed=(0, 0)), dtype)
+    return tf.zeros(shape, dtype)
 
 
 def directory_size(path: str) -> int:
@@ -126,7 +137,13 @@ def classification_scores(
     (thresholded the same way); accuracy is the exact-match (subset) accuracy and
     recall/F1 are macro over labels, as sklearn computes them on indicator arrays.
     """
-    logits = np.asarray(_predict(model, x, predict))
+    return _classification_of(np.asarray(_predict(model, x, predict)), y, num_classes, multi_label)
+
+
+def _classification_of(
+    logits: np.ndarray, y: Any, num_classes: int | None, multi_label: bool
+) -> dict[str, float]:
+    """:func:`classification_scores` of predictions already made."""
     if multi_label:
         return _multi_label_scores(logits, np.asarray(y))
     if logits.ndim == 1 or logits.shape[-1] == 1:
@@ -179,7 +196,11 @@ def regression_scores(
         >>> regression_scores(model, x_val, y_val)  # doctest: +SKIP
         {'mae': 0.41, 'rmse': 0.55}
     """
-    predicted = np.asarray(_predict(model, x, predict), dtype=np.float64)
+    return _regression_of(np.asarray(_predict(model, x, predict), dtype=np.float64), y)
+
+
+def _regression_of(predicted: np.ndarray, y: Any) -> dict[str, float]:
+    """:func:`regression_scores` of predictions already made."""
     target = np.asarray(y, dtype=np.float64)
     if target.shape != predicted.shape and target.size == predicted.size:
         target = target.reshape(predicted.shape)
@@ -223,8 +244,14 @@ def task_scores(
     num_classes: int | None = None,
     multi_label: bool | None = None,
     predict: Callable[[Any], Any] | None = None,
+    heads: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, float]:
     """``accuracy``/``recall``/``f1`` for classifiers, ``mae``/``rmse`` otherwise.
+
+    A model with several outputs is scored per output, with the output's name as
+    prefix (``cls_accuracy``, ``reg_mae``): ``y`` a dict by output name or a list in
+    output order; ``heads`` each output's task (:func:`~tf_balancer.metrics.output_tasks`,
+    read from ``model`` when None).
 
     Args:
         model: the model to score.
@@ -245,6 +272,8 @@ def task_scores(
         >>> sorted(task_scores(model, x_val, y_val))  # doctest: +SKIP
         ['mae', 'rmse']
     """
+    if len(getattr(model, "outputs", None) or []) > 1:
+        return _scores_per_output(model, x, y, heads or output_tasks(model))
     if classifier is None or multi_label is None:
         task = task_of(model)
         classifier = task["classifier"] if classifier is None else classifier
@@ -252,6 +281,24 @@ def task_scores(
     if classifier:
         return classification_scores(model, x, y, num_classes, multi_label, predict)
     return regression_scores(model, x, y, predict)
+
+
+def _scores_per_output(
+    model: Any, x: Any, y: Any, heads: Sequence[Mapping[str, Any]]
+) -> dict[str, float]:
+    predicted = model.predict(x, verbose=0, batch_size=256)
+    names = [head["name"] for head in heads]
+    if isinstance(predicted, Mapping):
+        predicted = [predicted[name] for name in names]
+    labels = [y[name] for name in names] if isinstance(y, Mapping) else list(y)
+    scores = {}
+    for head, out, target in zip(heads, predicted, labels, strict=True):
+        if head["classifier"]:
+            part = _classification_of(np.asarray(out), target, None, head["multi_label"])
+        else:
+            part = _regression_of(np.asarray(out, dtype=np.float64), target)
+        scores.update({f"{head['name']}_{k}": v for k, v in part.items()})
+    return scores
 
 
 def evaluate_model(
@@ -263,6 +310,7 @@ def evaluate_model(
     classifier: bool | None = None,
     multi_label: bool | None = None,
     serve: Any = None,
+    heads: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Task scores on ``(x, y)`` (:func:`task_scores`), plus latency per batch size.
 
@@ -275,10 +323,12 @@ def evaluate_model(
     single = serve is not None and len(model.inputs) == 1 and len(model.outputs) == 1
     predict = serve if single else None
     shapes = input_shapes(model)  # open axes at their nominal sizes
-    summary = task_scores(model, x, y, classifier, num_classes, multi_label, predict)
+    summary = task_scores(model, x, y, classifier, num_classes, multi_label, predict, heads)
     for batch in latency_batches:
         timed = serve if single else model
-        summary[f"latency_ms_b{batch}"] = measure_latency(timed, shapes, batch)
+        summary[f"latency_ms_b{batch}"] = measure_latency(
+            timed, shapes, batch, dtypes=[t.dtype for t in model.inputs]
+        )
     return summary
 
 

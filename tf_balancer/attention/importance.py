@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer.attention.streaming import GradientStream, producer_weights
+from tf_balancer.attention.streaming import GradientStream, producer_weights, weight_times_gradient
 from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.layer_specs import per_channel, spec_for, weights_on
@@ -199,7 +199,8 @@ def taylor(graph: LayerGraph, probe: ProbeData | GradientStream | None) -> dict[
         channels: dict[str, Any] = {}
         for (name, var, axis), grad in zip(owners, grads, strict=True):
             if grad is not None:
-                contrib = _sum_except(var.numpy() * np.asarray(grad), axis.axis)
+                product = weight_times_gradient(var, grad, [axis.axis]).numpy()
+                contrib = _sum_except(product, axis.axis)
                 channels[name] = channels.get(name, 0.0) + per_channel(contrib, axis.blocks)
         for name, value in channels.items():
             scores[name] = scores[name] + np.abs(value)

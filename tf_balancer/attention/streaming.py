@@ -36,7 +36,7 @@ from tf_balancer._compat import assign_local, unwrap_variable
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.layer_specs import WeightAxis, spec_for, weights_on
 
-__all__ = ["GradientStream", "producer_weights"]
+__all__ = ["GradientStream", "producer_weights", "weight_times_gradient"]
 
 
 def producer_weights(graph: LayerGraph) -> list[tuple[str, Any, WeightAxis]]:
@@ -51,6 +51,23 @@ def producer_weights(graph: LayerGraph) -> list[tuple[str, Any, WeightAxis]]:
                 (name, weight, axis) for axis, weight in weights_on(node.layer, spec.out_axes)
             )
     return out
+
+
+def weight_times_gradient(weight: Any, grad: Any, axes: Iterable[int] = ()) -> tf.Tensor:
+    """``w * dL/dw`` in float32: the terms first-order Taylor importance sums per channel.
+
+    A sparse gradient (``tf.IndexedSlices``, an ``Embedding``'s) gives the products
+    of the rows it touches, ``gather(w, indices) * values``: summed over every axis
+    but a channel axis they equal the dense product's sums, without a
+    vocabulary-sized tensor per step. ``axes``: the channel axes the products are
+    summed for; a sparse gradient is made dense when one of them is axis 0 (rows).
+    """
+    w = tf.cast(tf.convert_to_tensor(weight), tf.float32)
+    if isinstance(grad, tf.IndexedSlices):
+        if 0 not in list(axes):
+            return tf.gather(w, grad.indices) * tf.cast(grad.values, tf.float32)
+        grad = tf.convert_to_tensor(grad)
+    return w * tf.cast(grad, tf.float32)
 
 
 def _sum_except(tensor: tf.Tensor, axis: int) -> tf.Tensor:
@@ -117,17 +134,16 @@ class GradientStream:
         tf.cond(self.active > 0.5, lambda: self._accumulate(pairs, scale), lambda: None)
 
     def _accumulate(self, pairs: list[tuple[Any, Any]], scale: Any) -> None:
-        dense = [g for g, _ in pairs if not isinstance(g, tf.IndexedSlices)]
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in dense] or [True])
+        values = [g.values if isinstance(g, tf.IndexedSlices) else g for g, _ in pairs]
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in values] or [True])
         per_channel: dict[str, tf.Tensor] = {}
         for grad, var in pairs:
-            if isinstance(grad, tf.IndexedSlices):
-                continue
             owners = self._by_variable.get(_key(var), ())
             if not owners:
                 continue
             weight = self.owners[owners[0]][1]  # one product per variable, however many axes
-            product = tf.cast(tf.convert_to_tensor(weight), tf.float32) * tf.cast(grad, tf.float32)
+            axes = [self.owners[i][2].axis for i in owners]
+            product = weight_times_gradient(weight, grad, axes)
             for index in owners:
                 name, _, axis = self.owners[index]
                 contribution = _sum_except(product, axis.axis)

@@ -281,8 +281,10 @@ class _Builder:
 
     @staticmethod
     def opaque_why(call: Call, rank: int | None) -> str:
-        if call.shared:
-            return f"a layer shared by calls whose channels differ, {why_opaque(call.layer, rank)}"
+        """Why ``call`` is opaque: its layer's type, or (a layer tf_balancer prunes when
+        called once) calls of a shared layer whose channels differ."""
+        if call.shared and _sharable(spec_for(call.layer, rank)):
+            return "a layer shared by calls whose channels differ"
         return why_opaque(call.layer, rank)
 
     def propagate(

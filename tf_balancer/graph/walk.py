@@ -101,6 +101,10 @@ class Walk:
     dtypes: dict[str, str]
     input_tensors: tuple[Any, ...]
     adapter: KerasAdapter = dataclasses.field(default=None, compare=False, repr=False)
+    output_structure: Any = None
+    """The model's ``output`` with each tensor replaced by its index in ``output_keys``
+    (a dict by the user's keys, a list, a tuple), so rebuilt models return the same
+    structure; None for a single output."""
     nominal: list[tuple] | None = None
     """Sizes of the open input axes (no batch axis) at which ``shapes`` were
     resolved, for a model whose inputs have open axes; None otherwise."""
@@ -134,18 +138,21 @@ class _Walker:
             for node in nodes[depth]:
                 if node.is_input:
                     continue
-                if self.adapter.is_graph_network(self.adapter.node_layer(node)):
-                    self._walk_nested(node, scope)
+                layer = self.adapter.node_layer(node)
+                if self.adapter.is_graph_network(layer):
+                    self._walk_nested(node, scope, layer, layer.name)
+                elif (twin := composite_twin(self.adapter, layer, node)) is not None:
+                    self._walk_nested(node, scope, twin, layer.name)
                 else:
                     self._add_call(node, scope)
 
-    def _walk_nested(self, node: Any, scope: str) -> None:
-        inner = self.adapter.node_layer(node)
-        inner_scope = f"{scope}{inner.name}/"
+    def _walk_nested(self, node: Any, scope: str, inner: Any, name: str) -> None:
+        """The calls of a nested model, or of a custom layer's twin, as ``name/...``."""
+        inner_scope = f"{scope}{name}/"
         calls = self.scopes.get(inner_scope, 0)
         self.scopes[inner_scope] = calls + 1
         if calls:
-            inner_scope = f"{scope}{inner.name}#{calls}/"
+            inner_scope = f"{scope}{name}#{calls}/"
         inner_inputs = self.adapter.graph_inputs(inner)
         for inner_in, outer_in in zip(inner_inputs, self.adapter.node_inputs(node), strict=True):
             self.alias[inner_scope + str(id(inner_in))] = self.record(outer_in, scope)
@@ -203,11 +210,22 @@ def walk_model(model: Any) -> Walk:
         walker.dtypes,
         tuple(inputs),
         adapter,
+        _output_structure(model, adapter.graph_outputs(model)),
     )
     nominal = nominal_shapes(given) or nominal_shapes(model)
     if nominal is None or not has_open_axes(declared_shapes(model)):
         return walk
     return dataclasses.replace(walk, shapes=_resolved_shapes(walk, nominal), nominal=nominal)
+
+
+def _output_structure(model: Any, outputs: Sequence[Any]) -> Any:
+    """``model.output`` with its tensors replaced by their index in ``outputs``."""
+    index = {id(t): i for i, t in enumerate(outputs)}
+    try:
+        structure = tf.nest.map_structure(lambda t: index[id(t)], model.output)
+    except (AttributeError, KeyError, ValueError, TypeError):  # no single structure to keep
+        return None
+    return None if isinstance(structure, int) else structure
 
 
 def _resolved_shapes(walk: Walk, nominal: list[tuple]) -> dict[str, tuple]:
@@ -238,6 +256,53 @@ def concrete_function(forward: Callable[..., Any], specs: Sequence[Any]) -> Any:
 
 
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LAYER_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # node -> twin or None
+_KERAS_PACKAGES = ("keras", "tf_keras", "tensorflow", "tensorflow_model_optimization")
+
+
+def composite_twin(adapter: KerasAdapter, layer: Any, node: Any) -> Any | None:
+    """For one call of a custom layer made of Keras layers and operations, a functional
+    twin (:meth:`~tf_balancer._compat.KerasAdapter.layer_twin`) whose outputs equal the
+    layer's on a sample batch; walked in its place like a nested model, so the layers
+    inside are analysed and pruned. None for Keras' own layers and for what cannot
+    be recorded (the layer then stays one opaque call). Made once per call.
+    """
+    if isinstance(layer, KerasOp) or type(layer).__module__.split(".")[0] in _KERAS_PACKAGES:
+        return None
+    if node not in _LAYER_TWINS:
+        twin = adapter.layer_twin(layer, node)
+        _LAYER_TWINS[node] = (
+            twin if twin is not None and _same_outputs(adapter, layer, node, twin) else None
+        )
+    return _LAYER_TWINS[node]
+
+
+def _same_outputs(adapter: KerasAdapter, layer: Any, node: Any, twin: Any) -> bool:
+    """The twin computes the layer's call on a seeded sample batch (inference mode)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    tensors = adapter.node_inputs(node)
+    values = []
+    for t in tensors:
+        shape = [2 if i == 0 else (d or 4) for i, d in enumerate(t.shape)]
+        dtype = tf.as_dtype(t.dtype)
+        values.append(
+            tf.constant(rng.random(shape), dtype) if dtype.is_floating else tf.zeros(shape, dtype)
+        )
+    by_id = {id(t): v for t, v in zip(tensors, values, strict=True)}
+    args, kwargs = tf.nest.map_structure(lambda v: by_id.get(id(v), v), adapter.node_call(node))
+    if training_parameter(layer) is not None:
+        kwargs["training"] = False
+    try:
+        expected = tf.nest.flatten(layer(*args, **kwargs))
+        actual = tf.nest.flatten(twin(values[0] if len(values) == 1 else values, training=False))
+    except Exception:  # noqa: BLE001 - a call the twin cannot make is no twin
+        return False
+    return len(expected) == len(actual) and all(
+        np.allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5)
+        for a, e in zip(actual, expected, strict=True)
+    )
 
 
 def functional_twin(model: Any) -> Any:
@@ -312,10 +377,12 @@ def rebuild(
         produced = tf.nest.flatten(new_layer(*args, **kwargs))
         tensors.update(zip(call.outputs, produced, strict=True))
     result = [tensors[k] for k in (walk.output_keys if outputs is None else outputs)]
+    if outputs is None and walk.output_structure is not None:  # the model's dict or list
+        packed = tf.nest.map_structure(lambda i: result[i], walk.output_structure)
+    else:
+        packed = result if len(result) > 1 else result[0]
     single = len(new_inputs) == 1  # Keras 3 warns when a one-input list model gets a tensor
-    model = adapter.model(
-        new_inputs[0] if single else new_inputs, result if len(result) > 1 else result[0], name
-    )
+    model = adapter.model(new_inputs[0] if single else new_inputs, packed, name)
     if walk.nominal is not None:  # costed at the same sizes as the model it came from
         set_nominal_shapes(model, walk.nominal)
     return model

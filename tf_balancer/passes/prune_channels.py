@@ -82,8 +82,8 @@ def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, An
     layer = node.layer
     spec = spec_for(layer, len(node.input_shapes[0]))
     keep_own = _own_kept(node, plan)
-    keep_in = _kept_indices(node.in_layouts[0], plan, int(node.input_shapes[0][-1]))
-    keep_out = _kept_indices(node.out_layout, plan, int(node.output_shape[-1]))
+    keep_in = _kept_indices(node.in_layouts[0], plan, _width(node.input_shapes[0]))
+    keep_out = _kept_indices(node.out_layout, plan, _width(node.output_shape))
     by_var: dict[int, list[tuple[int, np.ndarray]]] = {}
     for axes, index in (
         (spec.out_axes, keep_own),
@@ -102,10 +102,16 @@ def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, An
     return arrays, plan_overrides(layer, spec.role, len(keep_own), len(keep_out))
 
 
+def _width(shape: tuple) -> int:
+    """Channels of a tensor of ``shape`` as the layer graph counts them (a scalar or a
+    vector such as ``tf.range(n)``'s has one)."""
+    return int(shape[-1]) if len(shape) > 1 and shape[-1] is not None else 1
+
+
 def _own_kept(node: Any, plan: Any) -> np.ndarray:
     """Kept channels of the node's own group (output channels, units or heads)."""
     if node.channel_layout is None:
-        return np.arange(int(node.output_shape[-1]))
+        return np.arange(_width(node.output_shape))
     own = node.channel_layout.segments[0]
     return np.asarray(plan.keep.get(own.group, np.arange(own.size)), dtype=np.int64)
 

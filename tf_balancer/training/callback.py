@@ -318,6 +318,8 @@ class BalanceCallback(keras.callbacks.Callback):
         self._floor = 0.0  # the lowest reachable fraction of the metric
         self._awaiting_build = False
         self._first_step = None  # fit's train function while waiting for the build
+        self._hooks_epoch = -1  # hooks installed during this epoch (-1: before the first)
+        self._bypass_warned = False
         self._epoch: int | None = None
 
     def set_model(self, model: Any) -> None:
@@ -461,6 +463,7 @@ class BalanceCallback(keras.callbacks.Callback):
             in_step,
         )
         self.hooks.install()
+        self._hooks_epoch = -1 if self._epoch is None else self._epoch
         if self.log_dir:  # other workers than the chief write a temporary copy
             self._log_dir_written = self.cluster.write_dir(self.log_dir)
             self._writer = tf.summary.create_file_writer(self._log_dir_written)
@@ -648,6 +651,7 @@ class BalanceCallback(keras.callbacks.Callback):
             self._check_loss(logs)
         if self._step_callback is not None and not self._diverged:
             self._step_callback.on_epoch_end(epoch, logs)
+        self._check_updates_seen(epoch)
         if logs is None or self.state is None:
             return
         flops, params, sparsity = self.current_ratios()
@@ -663,6 +667,27 @@ class BalanceCallback(keras.callbacks.Callback):
             logs.update({f"balancer/val_{k}": v for k, v in scores.items()})
         if self._writer is not None:
             self._write_summaries(epoch)
+
+    def _check_updates_seen(self, epoch: int) -> None:
+        """A train step that updates the weights without ``model.optimizer`` (a custom
+        ``train_step`` assigning them itself) bypasses the in-step masks and the
+        gradient stream: say so once, and mask after every epoch from then on."""
+        hooks = self.hooks
+        if hooks is None or hooks.after_update is None or self._hooks_epoch >= epoch:
+            return
+        if int(hooks.updates.numpy()) == 0:
+            if not self._bypass_warned:
+                warnings.warn(
+                    "the train step updated the weights without going through "
+                    "model.optimizer (apply_gradients/apply), so tf_balancer cannot mask "
+                    "pruned channels inside it or read its gradients: masks are applied "
+                    "after each epoch and rebalances use magnitude importance. Update the "
+                    "weights with self.optimizer.apply_gradients(...) in train_step.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._bypass_warned = True
+            self.applier.apply()
 
     def _write_summaries(self, epoch: int) -> None:
         graph = self.analysis.graph
@@ -698,6 +723,8 @@ class BalanceCallback(keras.callbacks.Callback):
             logger.warning("training diverged; skipping compaction and the report")
             return
         self._warn_if_stopped_early()
+        if self.applier is not None:  # the model ends as the masked network compacted
+            self.applier.apply()
         # Evaluating the user's model (predict) makes Keras attach a new History to it,
         # and fit returns model.history: keep the one this fit filled.
         history = getattr(self.model, "history", None)

@@ -23,6 +23,7 @@ from tf_balancer._compat import adapter_for, is_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.analysis import ModelAnalysis, analyze
 from tf_balancer.attention.balance import KeepPlan
+from tf_balancer.metrics import output_tasks
 from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext
 from tf_balancer.report import (
@@ -224,7 +225,13 @@ class Finalizer:
         if validation is not None:
             # The task is read from the trained (compiled) model; compacted copies are not compiled.
             task = task_of(self.inputs.model)
-            summary.update(evaluate_model(model, validation[0], validation[1], **task, serve=serve))
+            several = len(getattr(model, "outputs", None) or []) > 1
+            heads = output_tasks(self.inputs.model) if several else None
+            summary.update(
+                evaluate_model(
+                    model, validation[0], validation[1], **task, serve=serve, heads=heads
+                )
+            )
         sizes = saved_model_size(model, serve)
         summary["saved_model_bytes"], summary["saved_model_gzip_bytes"] = (
             sizes["bytes"],
@@ -312,9 +319,10 @@ class Finalizer:
             return None
         shape = input_shapes(model)
         optimized, dense = inference_fn(model), inference_fn(self.inputs.dense_model)  # traced once
+        dtypes = [t.dtype for t in model.inputs]
         ratios = [
-            measure_latency(optimized, shape, BATCH_SIZE)
-            / measure_latency(dense, shape, BATCH_SIZE)
+            measure_latency(optimized, shape, BATCH_SIZE, dtypes=dtypes)
+            / measure_latency(dense, shape, BATCH_SIZE, dtypes=dtypes)
             for _ in range(3)
         ]
         return float(np.median(ratios))

@@ -1,10 +1,11 @@
 """What the callback adds inside ``fit``'s own train and test steps, and takes away after.
 
 Keras callbacks see neither gradients nor labels. Two documented extension points
-of ``Model`` do: the optimizer's ``apply_gradients`` (called by ``train_step`` in
-tf_keras and in Keras 3) and ``Model.compute_metrics`` (called by ``train_step``
-and ``test_step``; Keras documents overriding it to add metrics). :class:`FitHooks`
-wraps both *on the instances*, for the duration of one ``fit``, so that
+of ``Model`` do: the optimizer's update (``apply_gradients`` in tf_keras; ``apply``
+in Keras 3, which its ``apply_gradients`` and custom train steps call) and
+``Model.compute_metrics`` (called by ``train_step`` and ``test_step``; Keras
+documents overriding it to add metrics). :class:`FitHooks` wraps both *on the
+instances*, for the duration of one ``fit``, so that
 
 * the :class:`~tf_balancer.attention.streaming.GradientStream` receives every
   training batch's gradients (streamed Taylor importance), and
@@ -42,7 +43,7 @@ __all__ = ["FitHooks"]
 
 
 class FitHooks:
-    """Instance-level wrappers around ``apply_gradients``, ``compute_metrics`` and the
+    """Instance-level wrappers around the optimizer's update, ``compute_metrics`` and the
     method that builds epoch logs.
 
     Args:
@@ -66,6 +67,25 @@ class FitHooks:
         self.metrics = list(metrics)
         self.after_update = after_update
         self.batch_size = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_size")
+        self.updates = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name="optimizer_updates",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        """Optimizer updates the wrapper saw: 0 after a train step means the step
+        updates the weights some other way (a custom ``train_step``)."""
+        self.metric_updates = tf.Variable(
+            0,
+            dtype=tf.int64,
+            trainable=False,
+            name="task_metric_updates",
+            aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA,
+        )
+        """Batches the task metrics saw since their reset: 0 when a custom
+        ``train_step`` does not call ``compute_metrics`` (their keys are then left out)."""
+        self._update_method = ""
         self._optimizer = None
         self._epoch_logs = ""
         self.installed = False
@@ -76,20 +96,23 @@ class FitHooks:
             return
         if self.stream is not None or self.after_update is not None:
             self._optimizer = self.model.optimizer
-            original_apply = self._optimizer.apply_gradients
+            adapter = adapter_for(self.model)
+            self._update_method = adapter.optimizer_update_method
+            original = getattr(self._optimizer, self._update_method)
             stream, after_update = self.stream, self.after_update
-            optimizer, adapter = self._optimizer, adapter_for(self.model)
+            optimizer, updates = self._optimizer, self.updates
 
-            def apply_gradients(grads_and_vars, *args, **kwargs):
-                pairs = list(grads_and_vars)
+            def update(*args, **kwargs):
+                args, pairs = adapter.gradient_pairs(optimizer, args, kwargs)
                 if stream is not None:  # before the update, which may change the loss scale
                     stream.update(pairs, scale=adapter.gradient_scale(optimizer))
-                result = original_apply(pairs, *args, **kwargs)
+                result = original(*args, **kwargs)
                 if after_update is not None:  # tf.function keeps stateful ops in order
                     after_update()
+                updates.assign_add(1)
                 return result
 
-            self._optimizer.apply_gradients = apply_gradients
+            setattr(self._optimizer, self._update_method, update)
         original_metrics = self.model.compute_metrics
 
         def compute_metrics(x, y, y_pred, sample_weight=None):
@@ -103,7 +126,7 @@ class FitHooks:
 
         def epoch_logs(logs):
             logs = original_logs(logs)
-            if not self.metrics or not isinstance(logs, dict):
+            if not self.metrics or not isinstance(logs, dict) or not self.metric_updates.numpy():
                 return logs
             return {**logs, **{m.name: float(m.result()) for m in self.metrics}}
 
@@ -116,18 +139,20 @@ class FitHooks:
         self.batch_size.assign(tf.maximum(self.batch_size, rows))
         for metric in self.metrics:
             metric.update_state(y, y_pred, sample_weight)
+        self.metric_updates.assign_add(1)
 
     def reset_metrics(self) -> None:
         """Zero the task metrics (at each epoch's and each evaluation's start)."""
         for metric in self.metrics:
             metric.reset_state()
+        self.metric_updates.assign(0)
 
     def remove(self) -> None:
         """Take the wrappers off and re-trace, so later ``fit``/``evaluate`` calls are plain."""
         if not self.installed:
             return
         if self._optimizer is not None:
-            self._optimizer.__dict__.pop("apply_gradients", None)
+            self._optimizer.__dict__.pop(self._update_method, None)
         self.model.__dict__.pop("compute_metrics", None)
         self.model.__dict__.pop(self._epoch_logs, None)
         self.installed = False
