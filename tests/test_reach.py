@@ -161,16 +161,31 @@ def test_an_unbuilt_subclassed_model_written_with_keras_ops_is_pruned():
     )
 
 
-def test_a_lambda_layer_is_copied_and_its_neighbours_pruned_on_both_kerases(kx):
+def test_a_lambda_layer_is_recorded_as_its_operations_and_pruned_through(kx):
+    """Its function runs on symbolic inputs: ``t * 2.0`` passes channels through, so the
+    conv before it is pruned too (before: the Lambda was copied, opaque)."""
     kx.utils.set_random_seed(0)
     inp = kx.Input((8, 8, 1))
-    y = kx.layers.Conv2D(16, 3, activation="relu")(inp)
+    y = kx.layers.Conv2D(16, 3, activation="relu", name="before")(inp)
     y = kx.layers.Lambda(lambda t: t * 2.0, name="double")(y)
     y = kx.layers.Conv2D(16, 3, activation="relu", name="after")(y)
     model = kx.Model(inp, kx.layers.Dense(4)(kx.layers.GlobalAveragePooling2D()(y)))
     _, small = _assert_compaction_exact(model)
+    assert small.get_layer("after").filters < 16 and small.get_layer("before").filters < 16
+    assert "Lambda" not in {type(layer).__name__ for layer in small.layers}
+
+
+def test_a_lambda_keras_cannot_record_is_copied_and_its_neighbours_pruned():
+    """Keras 3 refuses TensorFlow functions on symbolic tensors: the Lambda stays a copy."""
+    keras3.utils.set_random_seed(0)
+    inp = keras3.Input((8, 8, 1))
+    y = keras3.layers.Conv2D(16, 3, activation="relu")(inp)
+    y = keras3.layers.Lambda(lambda t: tf.nn.relu6(t), name="clip")(y)
+    y = keras3.layers.Conv2D(16, 3, activation="relu", name="after")(y)
+    model = keras3.Model(inp, keras3.layers.Dense(4)(keras3.layers.GlobalAveragePooling2D()(y)))
+    _, small = _assert_compaction_exact(model)
     assert small.get_layer("after").filters < 16
-    assert type(small.get_layer("double")).__name__ == "Lambda"
+    assert type(small.get_layer("clip")).__name__ == "Lambda"
 
 
 def test_an_adapted_normalization_keeps_its_statistics_in_the_compacted_model(kx):

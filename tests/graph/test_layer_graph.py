@@ -131,10 +131,20 @@ def test_depthwise_conv_passes_channels_through():
     assert graph.nodes["dw"].role == "passthrough"
 
 
+class _OwnScale(L.Layer):
+    """A custom layer with a weight of its own (not made of Keras layers): opaque."""
+
+    def build(self, shape):
+        self.gamma = self.add_weight(name="gamma", shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.gamma
+
+
 @pytest.mark.parametrize(
     "make_unknown, name, why",
     [
-        (lambda: L.Lambda(lambda t: t * 2.0, name="mystery"), "mystery", "does not understand"),
+        (lambda: _OwnScale(name="mystery"), "mystery", "does not understand"),
         (
             lambda: L.Reshape((4, 12, 1), name="reshaper"),  # moves channels
             "reshaper",

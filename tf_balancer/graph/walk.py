@@ -264,10 +264,12 @@ def composite_twin(adapter: KerasAdapter, layer: Any, node: Any) -> Any | None:
     """For one call of a custom layer made of Keras layers and operations, a functional
     twin (:meth:`~tf_balancer._compat.KerasAdapter.layer_twin`) whose outputs equal the
     layer's on a sample batch; walked in its place like a nested model, so the layers
-    inside are analysed and pruned. None for Keras' own layers and for what cannot
-    be recorded (the layer then stays one opaque call). Made once per call.
+    inside are analysed and pruned. A ``Lambda`` is treated the same way (its
+    function's operations are recorded). None for Keras' other layers and for what
+    cannot be recorded (the layer then stays one opaque call). Made once per call.
     """
-    if isinstance(layer, KerasOp) or type(layer).__module__.split(".")[0] in _KERAS_PACKAGES:
+    keras_own = type(layer).__module__.split(".")[0] in _KERAS_PACKAGES
+    if isinstance(layer, KerasOp) or (keras_own and type(layer).__name__ != "Lambda"):
         return None
     if node not in _LAYER_TWINS:
         twin = adapter.layer_twin(layer, node)
@@ -441,6 +443,8 @@ def clone_layer(source: Any, /, **config_overrides: Any) -> Any:
     (a wrapper's ``layer`` entry may be overridden too)."""
     if isinstance(source, KerasOp):  # stateless: the same operation serves the copy
         return source
+    if type(source).__name__ == "Lambda" and not source.weights and not config_overrides:
+        return source  # weightless too; rebuilt from its config, Keras 3 may not run it
     config = source.get_config()
     config.update(config_overrides)
     return adapter_for(source).layer_from_config(type(source), config)
