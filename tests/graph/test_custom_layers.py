@@ -163,3 +163,23 @@ def test_the_keras_example_transformer_trains_pruned_with_the_default_callback(k
         1e-4,
         1e-5,
     )
+
+
+def test_a_custom_layer_that_adds_a_loss_stays_whole(kx):
+    """The twin would drop the ``add_loss`` term (training the optimized model without it)."""
+    mean = keras3.ops.mean if kx is keras3 else tf.reduce_mean
+
+    class ActivityPenalty(kx.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.dense = kx.layers.Dense(16, activation="relu")
+
+        def call(self, x):
+            y = self.dense(x)
+            self.add_loss(0.01 * mean(y**2))
+            return y
+
+    inp = kx.Input((8,))
+    y = ActivityPenalty(name="penalised")(inp)
+    graph = analyze(kx.Model(inp, kx.layers.Dense(3)(y))).graph
+    assert "penalised" in graph.nodes and graph.nodes["penalised"].role == "opaque"

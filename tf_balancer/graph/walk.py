@@ -280,7 +280,8 @@ def composite_twin(adapter: KerasAdapter, layer: Any, node: Any) -> Any | None:
 
 
 def _same_outputs(adapter: KerasAdapter, layer: Any, node: Any, twin: Any) -> bool:
-    """The twin computes the layer's call on a seeded sample batch (inference mode)."""
+    """The twin computes the layer's call on a seeded sample batch (inference mode), and
+    the layer adds no loss of its own (``add_loss``) that the twin would not."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -300,6 +301,8 @@ def _same_outputs(adapter: KerasAdapter, layer: Any, node: Any, twin: Any) -> bo
         expected = tf.nest.flatten(layer(*args, **kwargs))
         actual = tf.nest.flatten(twin(values[0] if len(values) == 1 else values, training=False))
     except Exception:  # noqa: BLE001 - a call the twin cannot make is no twin
+        return False
+    if len(layer.losses) > len(twin.losses):  # add_loss in call: the twin would drop it
         return False
     return len(expected) == len(actual) and all(
         np.allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5)
