@@ -508,13 +508,14 @@ def test_dot_product_attention_prunes_query_key_and_value_together(kx, score_mod
 
 
 def _two_heads(kx, as_dict):
-    """A classifier head and a regression head on one trunk, outputs as a dict or a list."""
+    """A classifier head and a regression head on one trunk, outputs as a dict (keyed
+    ``label``/``value``, not by the layers' names) or a list (named ``cls``/``reg``)."""
     kx.utils.set_random_seed(0)
     inp = kx.Input((16,), name="x")
     h = kx.layers.Dense(32, activation="relu")(kx.layers.Dense(32, activation="relu")(inp))
     cls, reg = kx.layers.Dense(3, name="cls")(h), kx.layers.Dense(1, name="reg")(h)
-    model = kx.Model(inp, {"cls": cls, "reg": reg} if as_dict else [cls, reg])
-    losses = {"cls": kx.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"}
+    model = kx.Model(inp, {"label": cls, "value": reg} if as_dict else [cls, reg])
+    losses = {"label": kx.losses.SparseCategoricalCrossentropy(from_logits=True), "value": "mse"}
     model.compile("adam", losses if as_dict else list(losses.values()))
     return model
 
@@ -526,16 +527,19 @@ def test_a_model_with_two_heads_is_scored_per_head_during_and_after_training(kx,
     x, xv = rng.random((128, 16)).astype("float32"), rng.random((64, 16)).astype("float32")
     labels = [rng.integers(0, 3, 128), x.sum(1, keepdims=True)]
     val = [rng.integers(0, 3, 64), xv.sum(1, keepdims=True)]
-    y, yv = (dict(zip(("cls", "reg"), v, strict=True)) if as_dict else v for v in (labels, val))
+    names = ("label", "value") if as_dict else ("cls", "reg")
+    y, yv = (dict(zip(names, v, strict=True)) if as_dict else v for v in (labels, val))
     model = _two_heads(kx, as_dict)
     callback = tfb.BalanceCallback(verbose=0, validation_data=(xv, yv))
     history = model.fit(x, y, epochs=3, batch_size=32, verbose=0, callbacks=[callback])
-    assert len(history.history["balancer/val_cls_f1"]) == 3
+    assert len(history.history[f"balancer/val_{names[0]}_f1"]) == 3
+    assert len(history.history[f"{names[0]}_macro_f1"]) == 3  # the in-step metrics too
     final = callback.report["final"]
     predicted = callback.optimized_model.predict(xv, verbose=0)
-    cls, reg = (predicted["cls"], predicted["reg"]) if as_dict else predicted
-    assert final["cls_accuracy"] == pytest.approx(float((cls.argmax(1) == val[0]).mean()))
-    assert final["reg_mae"] == pytest.approx(float(np.abs(reg - val[1]).mean()), rel=1e-5)
+    cls, reg = (predicted["label"], predicted["value"]) if as_dict else predicted
+    accuracy = float((cls.argmax(1) == val[0]).mean())
+    assert final[f"{names[0]}_accuracy"] == pytest.approx(accuracy)
+    assert final[f"{names[1]}_mae"] == pytest.approx(float(np.abs(reg - val[1]).mean()), rel=1e-5)
     assert "latency_ms_b1" in final and callback.report["final_flops_ratio"] <= 0.505
 
 

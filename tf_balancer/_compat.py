@@ -111,10 +111,19 @@ class KerasAdapter:
         return list(self.functional_of(model).outputs)
 
     def output_names(self, model: Any) -> list[str]:
-        """Names of the layers producing the model's outputs (Keras' output names)."""
+        """The names ``compile`` keys losses by and ``predict`` returns, in the order of
+        ``model.outputs``: the keys of a dict of outputs, else the names of the layers
+        producing them."""
+        outputs = self.graph_outputs(model)
         if self.version == 2:
-            return list(model.output_names)
-        return [t._keras_history.operation.name for t in self.graph_outputs(model)]
+            names = list(model.output_names)
+        else:
+            names = [t._keras_history.operation.name for t in outputs]
+        structure = getattr(model, "output", None)
+        if isinstance(structure, dict):
+            key_of = {id(t): key for key, t in structure.items()}
+            names = [key_of.get(id(t), name) for t, name in zip(outputs, names, strict=True)]
+        return names
 
     def input_names(self, model: Any) -> list[str]:
         """Names of the model's input layers."""

@@ -68,13 +68,13 @@ _COMMANDS = {
     "inspect": (
         "PATH",
         "Print a per-layer table (params, FLOPs, activation bytes, channel group, prunable) of a SavedModel or Keras file.",
-        ["json", "batch_size"],
+        ["json", "batch_size", "input_shape"],
     ),
     "optimize": (
         "SAVEDMODEL --output DIR",
         "Optimize a SavedModel with a recipe's passes and write a SavedModel with the same "
         "signatures, verified against the source, plus tf_balancer_report.json.",
-        ["output", "config", "calibration", "overwrite", "tflite", "quantize"],
+        ["output", "config", "calibration", "overwrite", "tflite", "quantize", "input_shape"],
     ),
     "demo": (
         "",

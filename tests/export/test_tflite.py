@@ -187,3 +187,28 @@ def test_keras3_recurrent_models_convert_at_batch_one_and_match(digits, tmp_path
 def test_models_with_an_open_batch_axis_keep_it(trained, digits, tmp_path):
     result = export_tflite(trained, tmp_path / "cnn.tflite", validation_data=digits.x_val[:70])
     assert result.fixed_batch is None and result.samples == 70
+
+
+@pytest.mark.parametrize("with_data", [True, False])
+def test_a_token_id_model_is_checked_on_integer_inputs(tmp_path, with_data):
+    """Before: every check batch was cast to float32 and the interpreter refused it."""
+    keras3.utils.set_random_seed(0)
+    inp = keras3.Input((20,), dtype="int32")
+    y = keras3.layers.GlobalAveragePooling1D()(keras3.layers.Embedding(50, 8)(inp))
+    model = keras3.Model(inp, keras3.layers.Dense(3)(y))
+    x = np.random.default_rng(0).integers(0, 50, (16, 20)).astype("int32")
+    data = (x, np.zeros(16, "int64")) if with_data else None
+    result = export_tflite(model, tmp_path / "tokens.tflite", validation_data=data)
+    assert result.max_abs_diff <= 1e-5
+    np.testing.assert_allclose(
+        _interpret(str(tmp_path / "tokens.tflite"), x[:4]), model.predict(x[:4], verbose=0), 1e-5
+    )
+
+
+def test_a_model_with_two_inputs_is_refused_in_one_line(tmp_path):
+    a, b = keras3.Input((4,)), keras3.Input((4,))
+    model = keras3.Model([a, b], keras3.layers.Dense(2)(keras3.layers.Concatenate()([a, b])))
+    x = np.zeros((4, 4), "float32")
+    with pytest.raises(ConfigError, match="one input tensor; this one has 2"):
+        export_tflite(model, tmp_path / "two.tflite", validation_data=([x, x], None))
+    assert list(tmp_path.iterdir()) == []

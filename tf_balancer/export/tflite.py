@@ -151,6 +151,7 @@ def export_tflite(
         VerificationError: the converted model is outside tolerance (nothing written).
     """
     path = os.path.abspath(os.fspath(path))
+    _require_one_input(model if reference is None else reference)
     calib_x, calib_y = _split(calibration)
     check_options(True, quantize, calib_x is not None)
     check_x, check_y = _split(validation_data)
@@ -158,10 +159,12 @@ def export_tflite(
         check_x, check_y = calib_x, calib_y
     if os.path.lexists(path) and not overwrite:
         raise ExportError(f"{path} already exists; pass overwrite=True or choose another path")
-    reference, input_shape = _reference_fn(model if reference is None else reference)
-    if check_x is None:  # no data: seeded random inputs still check the arithmetic
+    reference, input_shape, dtype = _reference_fn(model if reference is None else reference)
+    if check_x is None:  # no data: seeded random inputs (token ids 0) check the arithmetic
+        shape = (8, *input_shape[1:])
         rng = np.random.default_rng(0)
-        check_x = rng.uniform(size=(8, *input_shape[1:])).astype(np.float32)
+        check_x = rng.uniform(size=shape) if dtype.is_floating else np.zeros(shape)
+        check_x = check_x.astype(dtype.as_numpy_dtype)
     flatbuffer = _convert(model, quantize, calib_x)
     check_x, check_y = (
         check_x[:VERIFY_SAMPLES],
@@ -183,6 +186,11 @@ def export_tflite(
     )
 
 
+def _model_input(x: np.ndarray) -> np.ndarray:
+    """Samples as a model takes them: floats as float32, integers (token ids) as int32."""
+    return x.astype(np.float32 if np.issubdtype(x.dtype, np.floating) else np.int32)
+
+
 def _split(data: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     if data is None:
         return None, None
@@ -191,11 +199,22 @@ def _split(data: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     return np.asarray(data), None
 
 
-def _reference_fn(model: Any) -> tuple[Callable[[np.ndarray], np.ndarray], tuple]:
-    """The source as ``x -> outputs``, and its input shape."""
+def _require_one_input(model: Any) -> None:
+    """A Keras model with several inputs cannot be exported (the interpreter checks feed
+    one tensor); a SavedModel's signature is checked when it is loaded."""
+    if (is_keras_model(model) or is_keras3_object(model)) and len(model.inputs) != 1:
+        raise ConfigError(
+            f"TFLite export supports models with one input tensor; this one has "
+            f"{len(model.inputs)}: export without tflite, or convert with tf.lite yourself"
+        )
+
+
+def _reference_fn(model: Any) -> tuple[Callable[[np.ndarray], np.ndarray], tuple, tf.DType]:
+    """The source as ``x -> outputs``, its input shape and its input dtype."""
     if is_keras_model(model) or is_keras3_object(model):
         run = lambda x: np.asarray(model.predict(x, verbose=0, batch_size=256), np.float32)  # noqa: E731
-        return run, input_shapes(model)[0]  # open axes at their nominal sizes
+        # open axes at their nominal sizes
+        return run, input_shapes(model)[0], tf.as_dtype(model.inputs[0].dtype)
     signature = _serving_signature(os.fspath(model))
     ((key, spec),) = signature.structured_input_signature[1].items()
 
@@ -203,7 +222,7 @@ def _reference_fn(model: Any) -> tuple[Callable[[np.ndarray], np.ndarray], tuple
         outputs = signature(**{key: tf.constant(x, spec.dtype)})
         return np.asarray(outputs[min(outputs)], np.float32)  # the interpreter's pick too
 
-    return run, tuple(spec.shape)
+    return run, tuple(spec.shape), spec.dtype
 
 
 def _serving_signature(path: str) -> Any:
@@ -251,7 +270,7 @@ def _run_converter(converter: Any, quantize: str | None, calib_x: np.ndarray | N
     if quantize is not None:
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     if quantize == "int8":
-        samples = np.asarray(calib_x[:CALIBRATION_SAMPLES], np.float32)
+        samples = _model_input(np.asarray(calib_x[:CALIBRATION_SAMPLES]))
         converter.representative_dataset = lambda: ([s[None]] for s in samples)
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     try:
@@ -296,11 +315,12 @@ def _interpret(flatbuffer: bytes, x: np.ndarray, chunk: int) -> np.ndarray:
     interpreters: dict[int, Any] = {}  # one per batch length (the last may be shorter)
     outputs = []
     for start in range(0, len(x), chunk):
-        batch = np.asarray(x[start : start + chunk], np.float32)
+        batch = np.asarray(x[start : start + chunk])
         if len(batch) not in interpreters:
             interpreters[len(batch)] = _interpreter(flatbuffer, batch.shape)
         interpreter = interpreters[len(batch)]
-        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], batch)
+        detail = interpreter.get_input_details()[0]
+        interpreter.set_tensor(detail["index"], batch.astype(detail["dtype"]))
         interpreter.invoke()
         outputs.append(interpreter.get_tensor(_first_output(interpreter)))
     return np.concatenate(outputs).astype(np.float32)
@@ -342,8 +362,8 @@ def _verify(
 
 def _latency_ms(flatbuffer: bytes, x: np.ndarray, repeats: int = 50) -> float:
     interpreter = _interpreter(flatbuffer, np.shape(x))
-    index = interpreter.get_input_details()[0]["index"]
-    interpreter.set_tensor(index, np.asarray(x, np.float32))
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], np.asarray(x).astype(detail["dtype"]))
     interpreter.invoke()
     times = []
     for _ in range(repeats):
