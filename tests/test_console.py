@@ -22,6 +22,7 @@ TF_INTERNAL = re.compile(
     r"|WARNING:tensorflow"
     r"|Found untraced functions"
     r"|Sharding callback"
+    r"|INFO: Created TensorFlow Lite"  # the TFLite runtime, whatever TF_CPP_MIN_LOG_LEVEL says
     r"|is deprecated",
     re.MULTILINE,
 )
@@ -41,7 +42,7 @@ _FIT_SCRIPT = textwrap.dedent(
     callback = tfb.BalanceCallback(validation_data=(data.x_val[:128], data.y_val[:128]))
     model.fit(data.x_train[:512], data.y_train[:512], epochs=3, batch_size=64, verbose=0,
               callbacks=[callback])
-    callback.export(sys.argv[1])
+    callback.export(sys.argv[1], tflite=True)
     """
 )
 
@@ -61,9 +62,10 @@ def test_tf_internal_pattern_matches_the_lines_it_must_catch():
         "I0000 00:00:1795 port.cc:153] oneDNN custom operations are on.\n"
         "WARNING:tensorflow:From nn_ops.py: tensor_shape_from_node_def_name is deprecated\n"
         "Instructions for updating:\n"
+        "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n"
         "tf_balancer: epoch 2: rebalanced to target 0.815 flops\n"
     )
-    assert len(_internal_lines(sample)) == 4
+    assert len(_internal_lines(sample)) == 5
     assert not _internal_lines("tf_balancer: end of training\n| FLOPs | 1 | 1 | 1x |\n")
 
 

@@ -9,8 +9,9 @@ functions"). They come from tf_balancer's calls, not the user's code, so
 * the ``tensorflow`` and ``absl`` Python loggers pass only ERROR and above
   (a filter, removed afterwards);
 * TensorFlow's deprecation notices are silenced (``deprecation.silence``);
-* C++ INFO lines (``I0000 ...``) written to stderr are dropped, other lines are
-  passed on, when ``TF_CPP_MIN_LOG_LEVEL`` does not already hide them;
+* C++ INFO and WARNING lines (``I0000 ...``, ``W0000 ...``; TFLite's "INFO:
+  Created TensorFlow Lite XNNPACK delegate") written to stderr are dropped, other
+  lines (errors) are passed on;
 * absl's ``logging.basicConfig()`` (called on a message when the root logger
   has no handler) is kept from configuring the user's root logger.
 
@@ -36,7 +37,10 @@ from typing import Any, TypeVar
 
 __all__ = ["quiet_tensorflow", "quietly", "quiet_tensorflow_startup"]
 
-_INFO_LINE = re.compile(rb"^I\d{4} ")
+# TensorFlow's C++ INFO and WARNING lines (the TFLite converter's "Ignored
+# output_format"), and TFLite's runtime line (printed whatever TF_CPP_MIN_LOG_LEVEL
+# says) when an interpreter first runs; errors pass
+_INFO_LINE = re.compile(rb"^([IW]\d{4} |INFO: Created TensorFlow Lite )")
 _lock = threading.RLock()
 _depth = 0
 
@@ -49,9 +53,6 @@ def _errors_only(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def _cpp_info_dropped(everything: bool = False) -> Iterator[None]:
-    if not everything and os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("", "0"):
-        yield  # the user already hides C++ INFO lines
-        return
     try:
         fd = sys.stderr.fileno()
     except (AttributeError, ValueError, OSError):  # e.g. a notebook's captured stderr

@@ -33,6 +33,7 @@ import re
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import adapter_for, is_keras3_object, is_keras_model
+from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, ExportError, VerificationError
 from tf_balancer.graph.trace import freeze
 from tf_balancer.input_shapes import input_shapes
@@ -113,6 +115,7 @@ def check_options(tflite: bool, quantize: str | None, has_calibration: bool) -> 
         )
 
 
+@quietly
 def export_tflite(
     model: Any,
     path: str | os.PathLike,
@@ -292,10 +295,18 @@ def _conversion_problem(err: Exception) -> str:
     return first[:200]
 
 
+def _lite_interpreter(flatbuffer: bytes) -> Any:
+    """``tf.lite.Interpreter`` without its notice that it moves to the LiteRT package
+    (a TensorFlow-internal warning on every construction, not the user's business)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated")
+        return tf.lite.Interpreter(model_content=flatbuffer)
+
+
 def _interpreter(flatbuffer: bytes, shape: Sequence[int]) -> Any:
     """An interpreter whose input takes ``shape`` (where the model leaves axes open:
     the batch, or a length or image size)."""
-    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    interpreter = _lite_interpreter(flatbuffer)
     detail = interpreter.get_input_details()[0]
     if any(d < 0 for d in detail["shape_signature"]):
         interpreter.resize_tensor_input(detail["index"], list(shape))
@@ -305,7 +316,7 @@ def _interpreter(flatbuffer: bytes, shape: Sequence[int]) -> Any:
 
 def _fixed_batch(flatbuffer: bytes) -> int | None:
     """The batch size a TFLite model was converted at, or None when it is open."""
-    detail = tf.lite.Interpreter(model_content=flatbuffer).get_input_details()[0]
+    detail = _lite_interpreter(flatbuffer).get_input_details()[0]
     size = int(detail["shape_signature"][0])
     return None if size < 0 else size
 
