@@ -237,9 +237,13 @@ def _resolved_shapes(walk: Walk, nominal: list[tuple]) -> dict[str, tuple]:
     ]
     shapes: dict[str, tuple] = {}
 
+    def batch_open(key: str, shape: tuple) -> tuple:  # a batch axis as Keras records it
+        has_batch = shape and (walk.shapes.get(key) or (None,))[0] is None
+        return (None, *shape[1:]) if has_batch else shape
+
     def forward(*xs):
         tensors = _run(walk, xs)
-        shapes.update({k: (None, *tuple(t.shape)[1:]) for k, t in tensors.items()})
+        shapes.update({k: batch_open(k, tuple(t.shape)) for k, t in tensors.items()})
         return [tensors[k] for k in walk.output_keys]
 
     concrete_function(forward, specs)
