@@ -579,3 +579,31 @@ def test_taylor_of_an_embedding_from_its_sparse_gradient_equals_the_dense_produc
         tf.reduce_sum(weight_times_gradient(table, sparse, [1]), 0), tf.reduce_sum(dense, 0), 1e-5
     )
     np.testing.assert_allclose(weight_times_gradient(table, sparse, [0]), dense, 1e-6)
+
+
+def test_a_frozen_backbone_is_kept_whole_and_untouched_while_the_head_is_pruned(kx):
+    """Transfer learning: ``base.trainable = False``. Before: the base was pruned with
+    all-zero Taylor scores (no gradients), by channel index, and zeroed in place."""
+    kx.utils.set_random_seed(0)
+    base_in = kx.Input((16, 16, 3))
+    y = kx.layers.Conv2D(16, 3, padding="same", activation="relu", name="b1")(base_in)
+    y = kx.layers.Conv2D(32, 3, padding="same", activation="relu", name="b2")(y)
+    base = kx.Model(base_in, y, name="pretrained")
+    base.trainable = False
+    inp = kx.Input((16, 16, 3))
+    y = kx.layers.GlobalAveragePooling2D()(base(inp, training=False))
+    model = kx.Model(inp, kx.layers.Dense(10)(kx.layers.Dense(64, activation="relu", name="h")(y)))
+    model.compile("adam", kx.losses.SparseCategoricalCrossentropy(from_logits=True))
+    groups = analyze(model).graph.groups.values()
+    frozen = [g for g in groups if {"pretrained/b1", "pretrained/b2"} & set(g.nodes("producer"))]
+    assert len(frozen) == 2 and not any(g.prunable for g in frozen)
+    assert all(any("frozen (trainable=False)" in r for r in g.reasons) for g in frozen)
+    before = [w.copy() for w in base.get_weights()]
+    x, labels = _x((16, 16, 3), batch=96), np.arange(96) % 10
+    callback = tfb.BalanceCallback(verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, labels, epochs=3, batch_size=32, callbacks=[callback], verbose=0)
+    assert any("out of reach" in str(w.message) for w in caught)
+    assert all(np.array_equal(a, b) for a, b in zip(before, base.get_weights(), strict=True))
+    assert callback.optimized_model.get_layer("h").units < 64

@@ -150,6 +150,14 @@ def _sharable(spec: LayerSpec) -> bool:
     return spec.role in ("producer", "passthrough", "reduce", "flatten", "merge", "concat")
 
 
+def _frozen(call: Call) -> str | None:
+    """Why a producer's channels stay: it is frozen (``trainable=False``, e.g. a
+    transfer-learning backbone), so pruning would change weights nothing retrains."""
+    if getattr(call.layer, "trainable", True):
+        return None
+    return f"{call.name!r} is frozen (trainable=False): its weights are kept as they are"
+
+
 def _same_shape(a: Layout, b: Layout) -> bool:
     """Two layouts with segments of the same sizes, in the same order and spacing."""
     return (
@@ -325,7 +333,7 @@ class _Builder:
         if channels % size:
             return None
         coupled = couples_channels(call.layer)
-        layout = self.new_group(size, coupled and "softmax output")
+        layout = self.new_group(size, (coupled and "softmax output") or _frozen(call))
         self.add_members(call.name, "producer", layout)
         return Layout(layout.segments * (channels // size))
 
@@ -335,7 +343,7 @@ class _Builder:
         why = f"attention {call.name!r} reads and writes the model width, which stays whole"
         for layout in ins:
             self.block(layout, why)
-        heads = self.new_group(width_of(call.layer))
+        heads = self.new_group(width_of(call.layer), _frozen(call))
         config = call.layer.get_config()
         self.units[heads.segments[0].group] = int(config.get("value_dim") or config["key_dim"])
         self.add_members(call.name, "producer", heads)
