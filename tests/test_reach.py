@@ -7,6 +7,7 @@ and models where little or nothing can be pruned.
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import keras as keras3
@@ -607,3 +608,32 @@ def test_a_frozen_backbone_is_kept_whole_and_untouched_while_the_head_is_pruned(
     assert any("out of reach" in str(w.message) for w in caught)
     assert all(np.array_equal(a, b) for a, b in zip(before, base.get_weights(), strict=True))
     assert callback.optimized_model.get_layer("h").units < 64
+
+
+def test_a_model_that_starts_with_text_vectorization_is_pruned_and_exported(kx, tmp_path):
+    """String inputs, an adapted vocabulary in a lookup table. Before: Keras 3 rolled the
+    compaction back (float verification inputs; the copy's table empty) and then failed
+    saving the report's SavedModel (an untracked table); tf_keras failed on the
+    vocabulary handler in the layer's weights."""
+    kx.utils.set_random_seed(0)
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(60)]
+    texts = [" ".join(rng.choice(words, 8)) for _ in range(96)]
+    x, y = tf.constant([[t] for t in texts]), rng.integers(0, 2, 96)
+    vectorize = kx.layers.TextVectorization(max_tokens=100, output_sequence_length=12)
+    vectorize.adapt(texts)
+    inp = kx.Input((1,), dtype="string")
+    h = kx.layers.GlobalAveragePooling1D()(kx.layers.Embedding(100, 16)(vectorize(inp)))
+    model = kx.Model(inp, kx.layers.Dense(2)(kx.layers.Dense(32, activation="relu")(h)))
+    model.compile("adam", kx.losses.SparseCategoricalCrossentropy(from_logits=True))
+    callback = tfb.BalanceCallback(verbose=0, validation_data=(x[:32], y[:32]))
+    model.fit(x, y, epochs=3, batch_size=32, callbacks=[callback], verbose=0)
+    assert callback.report["final_flops_ratio"] <= 0.505
+    assert "accuracy" in callback.report["final"]
+    np.testing.assert_allclose(
+        callback.optimized_model.predict(x[:8], verbose=0),
+        model.predict(x[:8], verbose=0),
+        1e-4,
+        1e-5,
+    )
+    assert os.path.isdir(os.path.join(callback.export(str(tmp_path / "out")), "saved_model"))

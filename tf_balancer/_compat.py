@@ -329,7 +329,16 @@ class KerasAdapter:
         serve = serve or self.serving_function(model)
         root = tf.Module()
         root.captured = list(model.variables)  # tracked, so saved with the signature
-        tf.saved_model.save(root, path, signatures=serve)
+        try:
+            tf.saved_model.save(root, path, signatures=serve)
+        except AssertionError as err:  # a resource beyond the variables: a lookup table
+            if "untracked" not in str(err):
+                raise
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+            root.model = model  # tracks every resource (slower: tf_keras traces its layers)
+            tf.saved_model.save(root, path, signatures=serve)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -311,10 +311,12 @@ class _Outputs:
 
 
 def _weights_of(model: Any) -> list[tuple[Any, np.ndarray]] | None:
-    """Every variable of a Keras model with a copy of its value (None for other models)."""
+    """Every variable of a Keras model with a copy of its value (None for other models).
+    Entries of ``weights`` that are not variables (tf_keras' lookup layers list a
+    vocabulary handler there) are left out."""
     if not is_keras_model(model):
         return None
-    return [(v, np.array(v.numpy(), copy=True)) for v in model.weights]
+    return [(v, np.array(v.numpy(), copy=True)) for v in model.weights if hasattr(v, "numpy")]
 
 
 def _restore_if_mutated(model: Any, snapshot: list[tuple[Any, np.ndarray]] | None) -> None:

@@ -159,14 +159,18 @@ def run_model(model: Any, inputs: Any) -> list[np.ndarray]:
 
 def random_inputs(model: Any, batch_size: int = 2, seed: int = 0) -> Any:
     """Seeded uniform [0, 1) inputs matching a Keras model's input shapes (open
-    axes at their nominal sizes, :func:`tf_balancer.input_shapes.input_shapes`)."""
+    axes at their nominal sizes, :func:`tf_balancer.input_shapes.input_shapes`);
+    a string input (a model starting with ``TextVectorization``) gets short texts."""
     rng = np.random.default_rng(seed)
-    arrays = [
-        rng.random((batch_size, *shape[1:]), dtype=np.float32).astype(
-            tf.as_dtype(t.dtype).as_numpy_dtype
-        )
-        for shape, t in zip(input_shapes(model), model.inputs, strict=True)
-    ]
+    arrays = []
+    for shape, t in zip(input_shapes(model), model.inputs, strict=True):
+        dtype = tf.as_dtype(t.dtype)
+        size = (batch_size, *shape[1:])
+        if dtype == tf.string:
+            words = rng.choice(["the", "model", "prunes", "channels"], size=(*size, 3))
+            arrays.append(tf.constant(np.apply_along_axis(" ".join, -1, words)))
+        else:
+            arrays.append(rng.random(size, dtype=np.float32).astype(dtype.as_numpy_dtype))
     return arrays if len(arrays) > 1 else arrays[0]
 
 

@@ -262,6 +262,7 @@ def concrete_function(forward: Callable[..., Any], specs: Sequence[Any]) -> Any:
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _LAYER_TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # node -> twin or None
 _KERAS_PACKAGES = ("keras", "tf_keras", "tensorflow", "tensorflow_model_optimization")
+_STATE_OUTSIDE_WEIGHTS = frozenset({"TextVectorization", "StringLookup", "IntegerLookup"})
 
 
 def composite_twin(adapter: KerasAdapter, layer: Any, node: Any) -> Any | None:
@@ -452,6 +453,8 @@ def clone_layer(source: Any, /, **config_overrides: Any) -> Any:
         return source
     if type(source).__name__ == "Lambda" and not source.weights and not config_overrides:
         return source  # weightless too; rebuilt from its config, Keras 3 may not run it
+    if type(source).__name__ in _STATE_OUTSIDE_WEIGHTS and not config_overrides:
+        return source  # an adapted vocabulary lives in a lookup table: shared, never pruned
     config = source.get_config()
     config.update(config_overrides)
     return adapter_for(source).layer_from_config(type(source), config)

@@ -95,6 +95,8 @@ def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, An
             by_var.setdefault(id(weight), []).append((axis.axis, at))
     arrays = []
     for weight in layer.weights:
+        if not hasattr(weight, "numpy"):  # tf_keras lookup layers list a vocabulary handler
+            continue
         array = weight.numpy()
         for axis, index in by_var.get(id(weight), ()):
             array = np.take(array, index, axis=axis)
@@ -139,10 +141,11 @@ class PruneChannels(GraphPass):
             if call.shared and id(call.layer) in shared:
                 return shared[id(call.layer)]
             node = graph.nodes[call.name]
-            weights[call.name], overrides = _slice_weights(node, plan)
-            new_layers[call.name] = clone_layer(call.layer, **overrides)
-            shared[id(call.layer)] = new_layers[call.name]
-            return new_layers[call.name]
+            sliced, overrides = _slice_weights(node, plan)
+            new = shared[id(call.layer)] = clone_layer(call.layer, **overrides)
+            if new is not call.layer:  # not a stateless op or a lookup layer used as it is
+                weights[call.name], new_layers[call.name] = sliced, new
+            return new
 
         new_model = rebuild(graph.walk, make, name=model.name)
         for name, layer in new_layers.items():
