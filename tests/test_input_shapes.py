@@ -78,6 +78,7 @@ def test_an_open_axis_without_a_size_is_refused_with_the_fix(kx):
         ([(20,), (20,)], "2 shape"),  # one input, two shapes
         ((0,), "positive int"),
         ((None,), "positive int"),
+        ((True,), "positive int"),
         ("20", "a shape such as"),
     ],
 )
@@ -91,8 +92,9 @@ def test_a_size_must_agree_with_the_axes_the_input_fixes():
     model = keras.Model(inp, keras.layers.Dense(2)(inp))
     with pytest.raises(ConfigError, match="equal to the input's"):
         set_nominal_shapes(model, (10, 9))
-    set_nominal_shapes(model, (10, 8))
+    set_nominal_shapes(model, (np.int64(10), 8))  # a size computed with NumPy
     assert input_shapes(model) == [(None, 10, 8)]
+    assert all(type(d) is int for d in input_shapes(model)[0][1:])
 
 
 def test_costs_at_a_nominal_length_equal_those_of_the_fixed_length_model(kx):

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -157,12 +158,22 @@ def _as_shape_list(shapes: Any) -> list[Shape]:
     several = all(isinstance(s, (list, tuple)) for s in shapes)
     listed = list(shapes) if several else [shapes]
     for shape in listed:
-        if not all(isinstance(d, int) and d > 0 for d in shape):
+        if not all(_is_size(d) for d in shape):
             raise ConfigError(
                 f"input_shape {tuple(shape)}: every size must be a positive int (no batch "
                 "axis, no None)"
             )
-    return [tuple(int(d) for d in s) for s in listed]
+    return [tuple(operator.index(d) for d in s) for s in listed]
+
+
+def _is_size(value: Any) -> bool:
+    """A positive integer: a Python or NumPy int (``np.int64(128)``), not a bool."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return operator.index(value) > 0
+    except TypeError:
+        return False
 
 
 def _check_fits(nominal: list[Shape], declared: list[Shape]) -> None:
