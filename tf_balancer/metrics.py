@@ -536,20 +536,26 @@ def output_task_metrics(model: Any, outputs: Any = None) -> list[Any]:
         ['cls_macro_recall', 'cls_macro_f1']
     """
     outputs = outputs or getattr(model, "outputs", None) or []
-    loss = getattr(model, "loss", None)
-    if len(outputs) <= 1 or loss is None:
+    if len(outputs) <= 1 or getattr(model, "loss", None) is None:
         return task_metrics(model, outputs)
+    return [
+        OutputMetric(metric, index, name)
+        for index, name, tensor, head_loss in _heads(model, outputs)
+        if head_loss is not None
+        for metric in _head_metrics(head_loss, tensor.shape[-1], prefix=f"{name}_")
+    ]
+
+
+def _heads(model: Any, outputs: Any) -> list[tuple[int, str, Any, Any]]:
+    """``(index, name, output tensor, its compiled loss or None)`` per output."""
     from tf_balancer._compat import adapter_for
 
     names = adapter_for(model).output_names(model)
-    metrics = []
-    for index, (name, tensor) in enumerate(zip(names, outputs, strict=True)):
-        head_loss = per_output(loss, index, name)
-        if head_loss is None:
-            continue
-        for metric in _head_metrics(head_loss, tensor.shape[-1], prefix=f"{name}_"):
-            metrics.append(OutputMetric(metric, index, name))
-    return metrics
+    loss = getattr(model, "loss", None)
+    return [
+        (index, name, tensor, per_output(loss, index, name))
+        for index, (name, tensor) in enumerate(zip(names, outputs, strict=True))
+    ]
 
 
 def output_tasks(model: Any) -> list[dict[str, Any]]:
@@ -567,22 +573,14 @@ def output_tasks(model: Any) -> list[dict[str, Any]]:
         >>> [(t["name"], t["classifier"]) for t in output_tasks(model)]
         [('cls', True), ('reg', False)]
     """
-    from tf_balancer._compat import adapter_for
-
-    loss = getattr(model, "loss", None)
     tasks = []
-    for index, (name, tensor) in enumerate(
-        zip(adapter_for(model).output_names(model), model.outputs, strict=True)
-    ):
-        head_loss = per_output(loss, index, name)
-        metrics = _head_metrics(head_loss, tensor.shape[-1]) if head_loss is not None else None
+    for _, name, tensor, head_loss in _heads(model, model.outputs):
+        metrics = [] if head_loss is None else _head_metrics(head_loss, tensor.shape[-1])
         tasks.append(
             {
                 "name": name,
-                "classifier": True if metrics is None else bool(metrics),
-                "multi_label": any(
-                    getattr(m, "label_mode", "") == "multi_label" for m in metrics or []
-                ),
+                "classifier": head_loss is None or bool(metrics),
+                "multi_label": any(getattr(m, "label_mode", "") == "multi_label" for m in metrics),
             }
         )
     return tasks

@@ -449,15 +449,19 @@ def _map_arguments(call: Call, walk: Walk, tensors: dict[str, Any]) -> tuple[lis
 def clone_layer(source: Any, /, **config_overrides: Any) -> Any:
     """A fresh, unbuilt copy of layer ``source`` from its config, with overrides applied
     (a wrapper's ``layer`` entry may be overridden too)."""
-    if isinstance(source, KerasOp):  # stateless: the same operation serves the copy
-        return source
-    if type(source).__name__ == "Lambda" and not source.weights and not config_overrides:
-        return source  # weightless too; rebuilt from its config, Keras 3 may not run it
-    if type(source).__name__ in _STATE_OUTSIDE_WEIGHTS and not config_overrides:
-        return source  # an adapted vocabulary lives in a lookup table: shared, never pruned
+    if isinstance(source, KerasOp) or (not config_overrides and _used_as_is(source)):
+        return source  # an operation is stateless: the same one serves the copy
     config = source.get_config()
     config.update(config_overrides)
     return adapter_for(source).layer_from_config(type(source), config)
+
+
+def _used_as_is(layer: Any) -> bool:
+    """Layers a copy without config changes shares instead of rebuilding from config: a
+    weightless ``Lambda`` (Keras 3 may not run one rebuilt from config), and lookup
+    layers (an adapted vocabulary lives in a table the config does not hold)."""
+    name = type(layer).__name__
+    return (name == "Lambda" and not layer.weights) or name in _STATE_OUTSIDE_WEIGHTS
 
 
 def set_layer_weights(layer: Any, values: Sequence[Any]) -> None:

@@ -225,8 +225,7 @@ class Finalizer:
         if validation is not None:
             # The task is read from the trained (compiled) model; compacted copies are not compiled.
             task = task_of(self.inputs.model)
-            several = len(getattr(model, "outputs", None) or []) > 1
-            heads = output_tasks(self.inputs.model) if several else None
+            heads = output_tasks(self.inputs.model)  # read when there are several outputs
             summary.update(
                 evaluate_model(
                     model, validation[0], validation[1], **task, serve=serve, heads=heads
