@@ -129,6 +129,20 @@ class Bounds:
             -(-self.min_keep // unit), self.max_prune_fraction, max(1, self.round_to // unit)
         )
 
+    def for_group(self, group: Any) -> Bounds:
+        """These bounds for a :class:`~tf_balancer.graph.layer_graph.ChannelGroup`:
+        :meth:`for_unit` of its unit, with keep counts also multiples of its
+        ``blocks`` (the groups of the grouped convolutions that read or write it).
+
+        Example:
+            >>> Bounds(round_to=8).for_group(ChannelGroup(0, 96, (), blocks=12)).round_to
+            24
+        """
+        bounds = self.for_unit(group.unit)
+        if group.blocks == 1:
+            return bounds
+        return dataclasses.replace(bounds, round_to=math.lcm(bounds.round_to, group.blocks))
+
 
 @dataclasses.dataclass(frozen=True)
 class KeepPlan:
@@ -258,7 +272,8 @@ def allocate(
     full = coster.total(None, target_metric)
     budget = target * full
     cost = lambda counts: coster.total(counts, target_metric)  # noqa: E731
-    limits = {g: bounds.for_unit(analysis.graph.groups[g].unit) for g in sizes}
+    groups = analysis.graph.groups
+    limits = {g: bounds.for_group(groups[g]) for g in sizes}
     lows = {g: limits[g].lower(n) for g, n in sizes.items()}
     if cost(lows) > budget * (1 + 1e-12):
         raise BalanceError(
@@ -270,7 +285,7 @@ def allocate(
         )
     else:
         threshold, counts = _baseline(strategy, scores, sizes, limits, cost, budget)
-    keep = {g: np.sort(np.argsort(-scores[g], kind="stable")[: counts[g]]) for g in scores}
+    keep = {g: _best(scores[g], counts[g], groups[g].blocks) for g in scores}
     achieved = cost(counts) / full
     return Allocation(keep, sizes, strategy, target, target_metric, achieved, threshold, objective)
 
@@ -289,9 +304,25 @@ def lowest_reachable(analysis: Any, target_metric: str = "flops", bounds: Bounds
         return 1.0
     if target_metric == "latency" and analysis.coster.latency is None:
         measure_latency(analysis)
-    lows = {g.id: bounds.for_unit(g.unit).lower(g.size) for g in groups}
+    lows = {g.id: bounds.for_group(g).lower(g.size) for g in groups}
     full = analysis.coster.total(None, target_metric)
     return analysis.coster.total(lows, target_metric) / full
+
+
+def _best(scores: np.ndarray, count: int, blocks: int = 1) -> np.ndarray:
+    """Sorted indices of the ``count`` best channels; with ``blocks`` > 1, the best
+    ``count / blocks`` of each of that many equal consecutive runs.
+
+    Example:
+        >>> _best(np.array([1.0, 4, 3, 2, 9, 8]), 2, blocks=2).tolist()
+        [1, 4]
+    """
+    run = len(scores) // blocks
+    picks = [
+        b * run + np.argsort(-scores[b * run : (b + 1) * run], kind="stable")[: count // blocks]
+        for b in range(blocks)
+    ]
+    return np.sort(np.concatenate(picks))
 
 
 def _baseline(strategy, scores, sizes, limits, cost, budget) -> tuple[float, dict[int, int]]:

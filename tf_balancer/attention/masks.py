@@ -21,7 +21,15 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer.graph.layer_graph import LayerGraph
-from tf_balancer.graph.layer_specs import axis_index, spec_for, weight_of, weights_on
+from tf_balancer.graph.layer_specs import (
+    WeightAxis,
+    axis_index,
+    group_outputs,
+    grouped_index,
+    spec_for,
+    weight_of,
+    weights_on,
+)
 from tf_balancer.graph.walk import clone_flat
 
 __all__ = ["channel_masks", "apply_masks", "masked_copy"]
@@ -44,12 +52,21 @@ def channel_masks(graph: LayerGraph, plan: Any) -> dict[tuple[str, str], np.ndar
                     (member.node, axis.attr),
                     np.ones(weight.shape, dtype=tf.as_dtype(weight.dtype).as_numpy_dtype),
                 )
-                index = [slice(None)] * len(weight.shape)
-                index[axis.axis] = axis_index(
-                    member.indices(pruned), weight.shape[axis.axis], axis.blocks
-                )
-                mask[tuple(index)] = 0
+                _zero(mask, axis, member.indices(pruned))
     return masks
+
+
+def _zero(mask: np.ndarray, axis: WeightAxis, channels: np.ndarray) -> None:
+    """Zero ``channels`` along ``axis`` of ``mask``: a slice of the axis, or for a grouped
+    convolution's input axis, each channel's position in the outputs of its group."""
+    index: list[Any] = [slice(None)] * mask.ndim
+    if axis.groups == 1:
+        index[axis.axis] = axis_index(channels, mask.shape[axis.axis], axis.blocks)
+        mask[tuple(index)] = 0
+        return
+    for block, positions in grouped_index(channels, axis, mask.shape).items():
+        index[axis.axis], index[-1] = positions, group_outputs(block, axis, mask.shape)
+        mask[tuple(index)] = 0
 
 
 def apply_masks(

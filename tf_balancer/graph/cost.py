@@ -36,7 +36,13 @@ from typing import Any
 import numpy as np
 
 from tf_balancer.graph.layer_graph import LayerGraph, LayerNode
-from tf_balancer.graph.layer_specs import RECURRENT_GATES, spec_for, weights_on, width_of
+from tf_balancer.graph.layer_specs import (
+    RECURRENT_GATES,
+    is_depthwise_grouped,
+    spec_for,
+    weights_on,
+    width_of,
+)
 from tf_balancer.graph.trace import TracedGraph, op_flops, trace_keras
 
 __all__ = [
@@ -105,7 +111,10 @@ def core_coefficients(node: LayerNode, batch: int) -> tuple[float, float, float,
         rows = batch * math.prod(int(d) for d in in_shape[1:-1])
         return 2 * rows, 0, rows if config.get("use_bias") else 0, 0
     if cls in ("Conv1D", "Conv2D", "Conv3D"):
-        return 2 * positions * kernel, 0, bias, 0
+        if is_depthwise_grouped(wrapped):  # one input channel per output channel
+            return 0, 0, 2 * positions * kernel + bias, 0
+        # each output channel reads the cin / groups channels of its group
+        return 2 * positions * kernel / config.get("groups", 1), 0, bias, 0
     if cls in ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"):
         # every input position scatters a window of products into the output
         inputs = batch * math.prod(int(d) for d in in_shape[1:-1])

@@ -62,7 +62,7 @@ def measure_latency(analysis: Any, batch_size: int = BATCH_SIZE) -> tuple[np.nda
     """
     coster = analysis.coster
     graph = analysis.graph
-    half = {g.id: max(1, g.size // 2) for g in graph.prunable_groups}
+    half = {g.id: max(g.blocks, g.size // 2 // g.blocks * g.blocks) for g in graph.prunable_groups}
     rows = coster.work_rows()
     work = coster.evaluate(rows, None), coster.evaluate(rows, half)
     cache = _load_cache()

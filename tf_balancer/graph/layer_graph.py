@@ -114,6 +114,10 @@ class ChannelGroup:
     reasons: tuple[str, ...] = ()
     unit: int = 1
     """Channels each element of the group stands for: 1, or an attention head's width."""
+    blocks: int = 1
+    """The group's channels are ``blocks`` equal consecutive runs, and a plan keeps as
+    many channels of each: a grouped convolution reads or writes them (its groups,
+    or a multiple of them when several grouped convolutions share the group)."""
 
     @property
     def prunable(self) -> bool:
@@ -201,6 +205,7 @@ class _Builder:
         self.nodes: list[LayerNode] = []
         self.inner: dict[str, Layout] = {}
         self.units: dict[int, int] = {}
+        self.blocks: list[tuple[int, int]] = []  # (group, conv groups it must split into)
         self.first_call: dict[int, tuple[Layout, Layout]] = {}  # shared layer -> (in, out)
         self.opaque_shared: set[int] = set()  # shared layers one of whose calls is opaque
 
@@ -303,10 +308,14 @@ class _Builder:
             return None
         first = ins[0]
         if spec.role == "producer":
-            if len(ins) != 1:
+            if len(ins) != 1 or (spec.groups > 1 and not _one_group(first)):
                 return None
             self.add_members(call.name, "consumer", first)
-            return self.produce(call, out_shape)
+            out = self.produce(call, out_shape)
+            if spec.groups > 1 and out is not None:
+                for layout in (first, out):
+                    self.blocks.append((layout.segments[0].group, spec.groups))
+            return out
         if spec.role == "attention":
             return self.attend(call, ins, out_shape)
         if spec.role in ("passthrough", "reduce"):
@@ -375,16 +384,31 @@ class _Builder:
         reasons: dict[int, list[str]] = {g: [] for g in roots.values()}
         sizes = {renumber[g]: size for g, size in self.sizes.items()}
         units = {renumber[g]: unit for g, unit in self.units.items()}
+        blocks: dict[int, int] = {}  # sizes divide by every count, so by their lcm
+        for gid, count in self.blocks:
+            blocks[renumber[gid]] = math.lcm(blocks.get(renumber[gid], 1), count)
         for gid, member in self.members:
             members[renumber[gid]].append(member)
         for gid, reason in self.reasons:
             if reason not in reasons[renumber[gid]]:
                 reasons[renumber[gid]].append(reason)
         groups = tuple(
-            ChannelGroup(g, sizes[g], tuple(members[g]), tuple(reasons[g]), units.get(g, 1))
+            ChannelGroup(
+                g,
+                sizes[g],
+                tuple(members[g]),
+                tuple(reasons[g]),
+                units.get(g, 1),
+                blocks.get(g, 1),
+            )
             for g in sorted(roots.values())
         )
         return renumber, groups
+
+
+def _one_group(layout: Layout) -> bool:
+    """A layout that is one group's channels, once (what a grouped conv can read)."""
+    return len(layout.segments) == 1 and layout.spatial == 1
 
 
 def _channels(shape: tuple) -> int:

@@ -51,6 +51,10 @@ __all__ = [
     "RECURRENT_GATES",
     "spec_for",
     "opaque_reason",
+    "is_depthwise_grouped",
+    "conv_groups",
+    "grouped_index",
+    "group_outputs",
     "why_opaque",
     "couples_channels",
     "keeps_channel_axis",
@@ -79,6 +83,10 @@ class WeightAxis:
     attr: str
     axis: int
     blocks: int = 1
+    groups: int = 1
+    """A grouped convolution's input axis (``groups > 1``): it holds a channel's
+    position within its conv group, and group ``b``'s output channels are the
+    ``b``-th of ``groups`` runs along the weight's last axis."""
 
 
 def _axes(**axes: int) -> tuple[WeightAxis, ...]:
@@ -96,6 +104,10 @@ class LayerSpec:
         in_axes: where a consumer's input channels sit.
         ch_axes: where a pass-through layer's channels sit.
         width_key: the config entry holding a producer's channel count.
+        groups: a grouped convolution's groups: its input and its output channels
+            are each split in ``groups`` equal runs, and a plan keeps as many
+            channels of every run (see :attr:`ChannelGroup.blocks
+            <tf_balancer.graph.layer_graph.ChannelGroup.blocks>`).
     """
 
     role: str
@@ -103,6 +115,7 @@ class LayerSpec:
     in_axes: tuple[WeightAxis, ...] = ()
     ch_axes: tuple[WeightAxis, ...] = ()
     width_key: str | None = None
+    groups: int = 1
 
 
 _CONV = LayerSpec("producer", _axes(kernel=-1, bias=0), _axes(kernel=-2), width_key="filters")
@@ -118,6 +131,9 @@ _SEPARABLE = LayerSpec(
     width_key="filters",
 )
 _DEPTHWISE = LayerSpec("passthrough", ch_axes=_axes(depthwise_kernel=-2, bias=0))
+# Conv(filters=C, groups=C) on C channels is a depthwise conv written as a grouped one
+# (ConvNeXt's blocks): its kernel is (*window, 1, C).
+_GROUPED_DEPTHWISE = LayerSpec("passthrough", ch_axes=_axes(kernel=-1, bias=0))
 _BATCHNORM = LayerSpec(
     "passthrough", ch_axes=_axes(gamma=0, beta=0, moving_mean=0, moving_variance=0)
 )
@@ -240,7 +256,7 @@ def opaque_reason(layer: Any, rank: int | None = None) -> str | None:
     config = layer.get_config()
     if config.get("data_format") == "channels_first":
         return "channels_first data format (only channels_last is supported)"
-    if config.get("groups", 1) != 1:
+    if config.get("groups", 1) != 1 and type(layer).__name__ not in _GROUPABLE:
         return "grouped convolution"
     if config.get("depth_multiplier", 1) != 1:
         return "depth_multiplier != 1"
@@ -267,6 +283,39 @@ _CROSS_CHANNEL = {
     "UnitNormalization": "normalises across channels",
     "Softmax": "couples channels",
 }
+
+
+_GROUPABLE = ("Conv1D", "Conv2D", "Conv3D")
+
+
+def conv_groups(layer: Any) -> int:
+    """The groups of a grouped ``Conv1D/2D/3D`` (1 for other layers, and for a
+    grouped conv that is a depthwise one: :func:`is_depthwise_grouped`)."""
+    if type(layer).__name__ not in _GROUPABLE or is_depthwise_grouped(layer):
+        return 1
+    return int(layer.get_config().get("groups", 1))
+
+
+def is_depthwise_grouped(layer: Any) -> bool:
+    """True for a ``Conv1D/2D/3D`` whose groups each hold one input and one output
+    channel (``filters == groups ==`` input channels): a depthwise conv.
+
+    Example:
+        >>> conv = keras.layers.Conv2D(8, 3, groups=8)
+        >>> conv.build((None, 16, 16, 8))
+        >>> is_depthwise_grouped(conv)
+        True
+    """
+    config = layer.get_config()
+    groups = config.get("groups", 1)
+    kernel = getattr(layer, "kernel", None)
+    return (
+        type(layer).__name__ in _GROUPABLE
+        and groups > 1
+        and config.get("filters") == groups
+        and kernel is not None
+        and int(kernel.shape[-2]) == 1
+    )
 
 
 def why_opaque(layer: Any, rank: int | None = None) -> str:
@@ -364,6 +413,13 @@ def spec_for(layer: Any, rank: int | None = None) -> LayerSpec:
     spec = _SPECS.get(type(layer).__name__)
     if spec is None or opaque_reason(layer, rank) is not None:
         return LayerSpec("opaque")
+    if is_depthwise_grouped(layer):
+        spec = _GROUPED_DEPTHWISE
+    elif conv_groups(layer) > 1:
+        groups = conv_groups(layer)
+        spec = dataclasses.replace(
+            spec, in_axes=(WeightAxis("kernel", -2, groups=groups),), groups=groups
+        )
     if type(layer).__name__ == "PReLU" and _channels_share_slope(layer, rank):
         return _PASS  # one slope for every channel: nothing to slice
     return _with_layer_attributes(spec, layer)
@@ -391,7 +447,7 @@ def _wrapper_spec(layer: Any, wrapped: dict[str, Any], rank: int | None) -> Laye
         for attr, inner in wrapped.items()
     }
     first = next(iter(specs.values()))
-    if first.role != "producer" or any(s != first for s in specs.values()):
+    if first.role != "producer" or first.groups > 1 or any(s != first for s in specs.values()):
         return LayerSpec("opaque")
     if bidirectional and type(wrapped["forward_layer"]).__name__ not in RECURRENT_GATES:
         return LayerSpec("opaque")
@@ -458,6 +514,30 @@ def axis_index(channels: Any, length: int, blocks: int = 1) -> np.ndarray:
     return np.concatenate([b * step + channels for b in range(blocks)])
 
 
+def grouped_index(channels: Any, axis: WeightAxis, shape: tuple) -> dict[int, np.ndarray]:
+    """Where input ``channels`` of a grouped convolution sit in its kernel, per conv
+    group: ``{group b: positions on axis.axis}``; group ``b``'s output channels are
+    the ``b``-th run of ``shape[-1] / axis.groups`` along the last axis.
+
+    Example:
+        >>> axis = WeightAxis("kernel", 2, groups=2)   # kernel (3, 3, 4, 8): 8 inputs
+        >>> {b: p.tolist() for b, p in grouped_index([1, 5, 6], axis, (3, 3, 4, 8)).items()}
+        {0: [1], 1: [1, 2]}
+    """
+    per = int(shape[axis.axis])
+    found: dict[int, list[int]] = {}
+    for c in np.asarray(channels, dtype=np.int64).tolist():
+        found.setdefault(c // per, []).append(c % per)
+    return {b: np.asarray(p, dtype=np.int64) for b, p in sorted(found.items())}
+
+
+def group_outputs(block: int, axis: WeightAxis, shape: tuple) -> slice:
+    """The last-axis slice of a grouped convolution's kernel that conv group
+    ``block`` writes."""
+    run = int(shape[-1]) // axis.groups
+    return slice(block * run, (block + 1) * run)
+
+
 def per_channel(values: Any, blocks: int = 1, reduce: Any = np.sum) -> Any:
     """Fold one value per axis position into one per channel (``reduce`` over blocks)."""
     return reduce(np.reshape(values, (blocks, -1)), axis=0)
@@ -481,6 +561,8 @@ def plan_overrides(layer: Any, role: str, own: int, out: int) -> dict[str, Any]:
         return resized_config(layer, own)
     if role == "passthrough" and type(layer).__name__ == "Reshape":
         return resized_config(layer, out)
+    if role == "passthrough" and is_depthwise_grouped(layer):
+        return {"filters": out, "groups": out}
     return {}
 
 

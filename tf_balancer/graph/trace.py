@@ -81,7 +81,26 @@ class TracedGraph:
 def freeze(concrete_function: Any) -> tuple[Any, Any]:
     """Freeze variables into constants; returns ``(graph_def, frozen_function)``."""
     frozen = convert_variables_to_constants_v2(concrete_function)
+    _restore_static_shapes(frozen.graph, concrete_function.graph)
     return frozen.graph.as_graph_def(), frozen
+
+
+def _restore_static_shapes(frozen: tf.Graph, original: tf.Graph) -> None:
+    """Give the frozen graph's tensors the static shapes the original graph knew.
+
+    Freezing rebuilds the graph from its ``GraphDef``, and a function call's
+    outputs (Keras 3 runs a grouped convolution as one) come back with no shape,
+    and so does everything downstream of them: the profiler then counts their
+    element-wise ops as 0 FLOPs. Ops keep their names, so the shapes are copied.
+    """
+    for op in frozen.get_operations():
+        try:
+            known = original.get_operation_by_name(op.name).outputs
+        except KeyError:
+            continue
+        for tensor, shape in zip(op.outputs, (t.shape for t in known), strict=False):
+            if not tensor.shape.is_fully_defined() and tensor.shape.is_compatible_with(shape):
+                tensor.set_shape(shape)
 
 
 BATCH_NORM_OPS = frozenset(

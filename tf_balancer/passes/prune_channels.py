@@ -28,7 +28,10 @@ from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import masked_copy
 from tf_balancer.graph.layer_graph import LayerGraph, Layout
 from tf_balancer.graph.layer_specs import (
+    WeightAxis,
     axis_index,
+    group_outputs,
+    grouped_index,
     per_channel,
     plan_overrides,
     spec_for,
@@ -58,6 +61,8 @@ def plan_from_masks(graph: LayerGraph) -> KeepPlan:
             spec = spec_for(node.layer, len(node.input_shapes[0]))
             axes = spec.out_axes if member.role == "producer" else spec.in_axes
             for axis, weight in weights_on(node.layer, axes):
+                if axis.groups > 1:  # a grouped conv's inputs: its producers decide
+                    continue
                 zero = per_channel(_zero_along(weight, axis.axis), axis.blocks, np.all)
                 at = member.indices(np.arange(group.size))
                 dead &= zero[at].reshape(-1, group.size).all(0)
@@ -84,24 +89,38 @@ def _slice_weights(node: Any, plan: Any) -> tuple[list[np.ndarray], dict[str, An
     keep_own = _own_kept(node, plan)
     keep_in = _kept_indices(node.in_layouts[0], plan, _width(node.input_shapes[0]))
     keep_out = _kept_indices(node.out_layout, plan, _width(node.output_shape))
-    by_var: dict[int, list[tuple[int, np.ndarray]]] = {}
+    by_var: dict[int, list[tuple[WeightAxis, np.ndarray]]] = {}
     for axes, index in (
         (spec.out_axes, keep_own),
         (spec.in_axes, keep_in),
         (spec.ch_axes, keep_out),
     ):
         for axis, weight in weights_on(layer, axes):
-            at = axis_index(index, weight.shape[axis.axis], axis.blocks)
-            by_var.setdefault(id(weight), []).append((axis.axis, at))
+            by_var.setdefault(id(weight), []).append((axis, index))
     arrays = []
     for weight in layer.weights:
         if not hasattr(weight, "numpy"):  # tf_keras lookup layers list a vocabulary handler
             continue
         array = weight.numpy()
-        for axis, index in by_var.get(id(weight), ()):
-            array = np.take(array, index, axis=axis)
+        # a grouped conv's input axis is sliced per conv group, after its outputs are
+        for axis, index in sorted(by_var.get(id(weight), ()), key=lambda item: item[0].groups):
+            array = _take(array, axis, index)
         arrays.append(array)
     return arrays, plan_overrides(layer, spec.role, len(keep_own), len(keep_out))
+
+
+def _take(array: np.ndarray, axis: WeightAxis, kept: np.ndarray) -> np.ndarray:
+    """``array`` with only the ``kept`` channels along ``axis``. A grouped conv's
+    input axis keeps, for each conv group, that group's kept inputs (as many in
+    every group) in the columns of that group's outputs."""
+    if axis.groups == 1:
+        return np.take(array, axis_index(kept, array.shape[axis.axis], axis.blocks), axis=axis.axis)
+    per_group = {b: p for b, p in grouped_index(kept, axis, array.shape).items()}
+    parts = [
+        np.take(array[..., group_outputs(b, axis, array.shape)], per_group[b], axis=axis.axis)
+        for b in range(axis.groups)
+    ]
+    return np.concatenate(parts, axis=-1)
 
 
 def _width(shape: tuple) -> int:
