@@ -293,7 +293,7 @@ def conv_groups(layer: Any) -> int:
     grouped conv that is a depthwise one: :func:`is_depthwise_grouped`)."""
     if type(layer).__name__ not in _GROUPABLE or is_depthwise_grouped(layer):
         return 1
-    return int(layer.get_config().get("groups", 1))
+    return int(layer.groups)
 
 
 def is_depthwise_grouped(layer: Any) -> bool:
@@ -306,16 +306,10 @@ def is_depthwise_grouped(layer: Any) -> bool:
         >>> is_depthwise_grouped(conv)
         True
     """
-    config = layer.get_config()
-    groups = config.get("groups", 1)
+    if type(layer).__name__ not in _GROUPABLE or getattr(layer, "groups", 1) == 1:
+        return False  # (attributes: get_config is slow, and this runs for every call)
     kernel = getattr(layer, "kernel", None)
-    return (
-        type(layer).__name__ in _GROUPABLE
-        and groups > 1
-        and config.get("filters") == groups
-        and kernel is not None
-        and int(kernel.shape[-2]) == 1
-    )
+    return layer.filters == layer.groups and kernel is not None and int(kernel.shape[-2]) == 1
 
 
 def why_opaque(layer: Any, rank: int | None = None) -> str:
