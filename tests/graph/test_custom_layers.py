@@ -94,6 +94,28 @@ def test_a_custom_layer_written_with_keras_ops_passes_channels_through():
     assert any("conv" in g.nodes("producer") for g in groups)
 
 
+def test_a_custom_layer_keras_applications_define_is_walked_like_a_users():
+    """InceptionResNetV2's ``CustomScaleLayer`` (``x + y * scale``, in ``keras.src``): the
+    two convs it merges become one prunable group and compact exactly."""
+    from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+
+    keras3.utils.set_random_seed(0)
+    inp = keras3.Input((8, 8, 3))
+    a = keras3.layers.Conv2D(16, 1, name="a")(inp)
+    b = keras3.layers.Conv2D(16, 3, padding="same", name="b")(inp)
+    y = CustomScaleLayer(0.17, name="scale")([a, b])
+    model = keras3.Model(inp, keras3.layers.Dense(2)(keras3.layers.GlobalAveragePooling2D()(y)))
+    analysis = analyze(model)
+    group = analysis.graph.group_of("a")
+    assert group == analysis.graph.group_of("b")
+    assert analysis.graph.groups[group].prunable
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.5)
+    result = PruneChannels().run(model, analysis.graph, PassContext(plan=plan))
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 3)).astype("float32")
+    expected = np.asarray(masked_copy(analysis.graph, plan)(x))
+    np.testing.assert_allclose(np.asarray(result.model(x)), expected, rtol=1e-4, atol=1e-5)
+
+
 class _Scale(keras.layers.Layer):
     """A per-channel weight of its own: the twin could not hold it."""
 

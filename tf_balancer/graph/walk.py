@@ -273,7 +273,10 @@ def composite_twin(adapter: KerasAdapter, layer: Any, node: Any) -> Any | None:
     function's operations are recorded). None for Keras' other layers and for what
     cannot be recorded (the layer then stays one opaque call). Made once per call.
     """
-    keras_own = type(layer).__module__.split(".")[0] in _KERAS_PACKAGES
+    module = type(layer).__module__
+    # Keras' own layers, but not the custom ones its applications define (e.g.
+    # InceptionResNetV2's CustomScaleLayer, ``x + y * scale``)
+    keras_own = module.split(".")[0] in _KERAS_PACKAGES and ".applications." not in module
     if isinstance(layer, KerasOp) or (keras_own and type(layer).__name__ != "Lambda"):
         return None
     if node not in _LAYER_TWINS:
