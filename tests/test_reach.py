@@ -405,6 +405,43 @@ def test_an_early_stop_before_the_ramp_ends_says_what_target_was_reached():
     assert ratio <= reached * 1.01
 
 
+@pytest.mark.parametrize("early_stopping_first", [False, True])
+def test_weights_restored_after_the_callback_finished_are_pointed_out(early_stopping_first):
+    """``EarlyStopping(restore_best_weights=True)`` after the callback puts an earlier
+    epoch's weights back into the model once the optimized model is made from the last
+    epoch's: reading ``optimized_model`` warns once. Listed first, it restores before the
+    callback finishes, and the optimized model is the model's masked weights."""
+    model = _small_cnn()
+    rng = np.random.default_rng(0)
+    x, y = rng.random((128, 8, 8, 1), np.float32), rng.integers(0, 10, 128)
+    callback = tfb.BalanceCallback(verbose=0)
+    # val_loss rises from the first prune on: the best epoch is one before the last
+    stopper = keras3.callbacks.EarlyStopping(
+        "loss", mode="min", patience=20, restore_best_weights=True, start_from_epoch=-1
+    )
+    stopper.on_epoch_end = _worsening(stopper.on_epoch_end)
+    order = [stopper, callback] if early_stopping_first else [callback, stopper]
+    model.fit(x, y, epochs=6, batch_size=32, callbacks=order, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optimized = callback.optimized_model
+        again = callback.optimized_model
+    changed = [w for w in caught if "weights changed after the optimized model" in str(w.message)]
+    assert optimized is again is not None
+    assert len(changed) == (0 if early_stopping_first else 1)
+    gap = np.abs(np.asarray(optimized(x[:16])) - np.asarray(model(x[:16]))).max()
+    assert (gap < 1e-4) == early_stopping_first
+
+
+def _worsening(on_epoch_end):
+    """``EarlyStopping.on_epoch_end`` seeing a loss that is best at epoch 1, then rises."""
+
+    def wrapped(epoch, logs=None):
+        return on_epoch_end(epoch, {**(logs or {}), "loss": abs(epoch - 1) + 1.0})
+
+    return wrapped
+
+
 def _small_cnn():
     keras3.utils.set_random_seed(0)
     inp = keras3.Input((8, 8, 1))

@@ -88,8 +88,10 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
             old = self.tmp + ".old"
             os.replace(self.path, old)
         os.replace(self.tmp, self.path)
-        if old:
+        if old and os.path.isdir(old) and not os.path.islink(old):
             shutil.rmtree(old, ignore_errors=True)
+        elif old:  # a file (or link) stood at the path
+            os.remove(old)
 
 
 def _has_data(options: Mapping[str, Any]) -> bool:

@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import ensure_keras2_model, ensure_keras_model, keras
@@ -297,7 +299,8 @@ class BalanceCallback(keras.callbacks.Callback):
         self.analysis: ModelAnalysis | None = None
         self.state: BalanceState | None = None
         self.applier: MaskApplier | None = None
-        self.optimized_model = None
+        self._optimized_model = None
+        self._trained_digest: bytes | None = None  # the model's weights when it was made
         self.report: dict[str, Any] | None = None
         self.dense_weights: dict[str, list[Any]] | None = None  # cloned at train end
         self.dense_epoch: int | None = None
@@ -730,9 +733,35 @@ class BalanceCallback(keras.callbacks.Callback):
         history = getattr(self.model, "history", None)
         try:
             self.optimized_model, self.report = Finalizer(self.finalize_inputs()).run()
+            self._trained_digest = _weights_digest(self.model)
         finally:
             if history is not None:
                 self.model.history = history
+
+    @property
+    def optimized_model(self) -> Any:
+        """The compacted, folded and fused model ``fit`` ended with (None before).
+
+        Warns once if the trained model's weights changed after it was made (e.g. by
+        ``EarlyStopping(restore_best_weights=True)`` listed after this callback): the
+        optimized model stays the last epoch's pruned network.
+        """
+        if self._trained_digest is not None and _weights_digest(self.model) != self._trained_digest:
+            self._trained_digest = None  # said once
+            warnings.warn(
+                "BalanceCallback: the model's weights changed after the optimized model was "
+                "made from them (EarlyStopping(restore_best_weights=True) listed after "
+                "BalanceCallback?): optimized_model and the report are the last epoch's pruned "
+                "network, not the model's current weights. List EarlyStopping before "
+                "BalanceCallback: the weights it restores are then pruned to the final plan",
+                UserWarning,
+                stacklevel=2,
+            )
+        return self._optimized_model
+
+    @optimized_model.setter
+    def optimized_model(self, model: Any) -> None:
+        self._optimized_model = model
 
     def _warn_if_stopped_early(self) -> None:
         """``fit`` ended before the last scheduled rebalance (``EarlyStopping``, a
@@ -845,3 +874,12 @@ class BalanceCallback(keras.callbacks.Callback):
             if x is not None:
                 return x
         return None
+
+
+def _weights_digest(model: Any) -> bytes:
+    """A fingerprint of a model's weight values (to notice a later change)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for weight in model.weights:
+        if hasattr(weight, "numpy"):
+            digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    return digest.digest()
