@@ -59,6 +59,21 @@ def test_atomic_directory_leaves_nothing_on_exception(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("existing", ["file", "directory"])
+def test_atomic_directory_replaces_what_stood_there_and_leaves_nothing_else(tmp_path, existing):
+    path = tmp_path / "out"
+    if existing == "file":
+        path.write_text("old")
+    else:
+        path.mkdir()
+        (path / "old.txt").write_text("old")
+    with atomic_directory(path, overwrite=True) as tmp:
+        with open(os.path.join(tmp, "new.txt"), "w") as handle:
+            handle.write("new")
+    assert os.listdir(path) == ["new.txt"]
+    assert os.listdir(tmp_path) == ["out"]
+
+
 def test_atomic_directory_refuses_an_existing_path(tmp_path):
     path = tmp_path / "out"
     path.mkdir()
