@@ -29,9 +29,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import tf_keras as keras
 
 from tf_balancer.errors import KERAS3_FIX, UnsupportedModelError
@@ -515,6 +516,39 @@ def is_keras3_object(obj: Any) -> bool:
     if keras3 is None or not str(getattr(keras3, "__version__", "")).startswith("3"):
         return False  # Keras 3 was never imported, so no Keras 3 object can exist.
     return isinstance(obj, keras3.Layer)
+
+
+def keras3_weights_saveable(variables: Callable[[], list[Any]]) -> Any:
+    """An object that Keras 3's weight files (``save_weights``, ``.keras``, hence
+    ``BackupAndRestore``) save and restore ``variables()`` with, once set as an
+    attribute of a Keras 3 model. Keras 3 walks a model's attributes for such
+    objects; unlike TF checkpoints it ignores ``tf.train.Checkpoint`` ones.
+    A file written without it (another model's, or before training) restores
+    nothing into it rather than failing the load.
+    """
+    from keras.src.saving.keras_saveable import KerasSaveable
+
+    class _Saveable(KerasSaveable):
+        def _obj_type(self) -> str:
+            return "Operation"  # one of the types Keras knows how to walk (no children)
+
+        def save_own_variables(self, store: Any) -> None:
+            for i, variable in enumerate(variables()):
+                store[str(i)] = variable.numpy()
+
+        def load_own_variables(self, store: Any) -> None:
+            values = variables()
+            try:
+                saved = [store[str(i)] for i in range(len(values))]
+            except (KeyError, ValueError, TypeError):
+                return  # not saved with this state (or saved with another layout)
+            if all(
+                tuple(v.shape) == tuple(np.shape(x)) for v, x in zip(values, saved, strict=True)
+            ):
+                for variable, value in zip(values, saved, strict=True):
+                    variable.assign(np.asarray(value))
+
+    return _Saveable()
 
 
 def is_keras_model(obj: Any) -> bool:

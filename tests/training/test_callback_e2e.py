@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras as keras3
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -207,45 +208,49 @@ def test_finetune_epochs_runs_and_reports(digits):
 # ------------------------------------------------------------------- resume
 
 
-def _plain_cnn(seed: int):
+def _plain_cnn(seed: int, kx=keras):
     """A small functional CNN without dropout, compiled (deterministic training)."""
-    keras.utils.set_random_seed(seed)
-    layers = keras.layers
-    inp = keras.Input((16, 16, 1))
+    kx.utils.set_random_seed(seed)
+    layers = kx.layers
+    inp = kx.Input((16, 16, 1))
     x = layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv1")(inp)
     x = layers.ReLU()(layers.BatchNormalization(name="bn1")(x))
     x = layers.Conv2D(12, 3, padding="same", name="conv2")(x)
     x = layers.MaxPooling2D()(layers.ReLU()(x))
     x = layers.Dense(24, activation="relu", name="fc")(layers.Flatten()(x))
-    model = keras.Model(inp, layers.Dense(10, name="logits")(x))
+    model = kx.Model(inp, layers.Dense(10, name="logits")(x))
     model.compile(
-        optimizer=keras.optimizers.Adam(3e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        optimizer=kx.optimizers.Adam(3e-3),
+        loss=kx.losses.SparseCategoricalCrossentropy(from_logits=True),
     )
     return model
 
 
-class _EpochRecorder(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.epochs = []
+def _epoch_callbacks(kx):
+    """``(recorder, interrupter)`` callback classes of Keras ``kx``."""
 
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epochs.append(epoch)
+    class EpochRecorder(kx.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.epochs = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.epochs.append(epoch)
+
+    class Interrupt(kx.callbacks.Callback):
+        def __init__(self, epoch: int):
+            super().__init__()
+            self.epoch = epoch
+
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == self.epoch:
+                raise RuntimeError("interrupted on purpose")
+
+    return EpochRecorder, Interrupt
 
 
-class _Interrupt(keras.callbacks.Callback):
-    def __init__(self, epoch: int):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_begin(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise RuntimeError("interrupted on purpose")
-
-
-def _resume_fit(digits, callbacks, seed: int = 0):
-    model = _plain_cnn(seed)
+def _resume_fit(digits, callbacks, seed: int = 0, kx=keras):
+    model = _plain_cnn(seed, kx)
     model.fit(
         digits.x_train[:512],
         digits.y_train[:512],
@@ -271,33 +276,38 @@ def _resume_callback(digits) -> BalanceCallback:
     )
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(digits):
+@pytest.fixture(scope="module", params=["tf_keras", "keras3"])
+def uninterrupted(request, digits):
+    """``(Keras, callback of an uninterrupted run)``: Keras 3's BackupAndRestore writes
+    ``.weights.h5`` files, tf_keras' TF checkpoints; the state must survive both."""
+    kx = keras3 if request.param == "keras3" else keras
     callback = _resume_callback(digits)
-    _resume_fit(digits, [callback])
-    return callback
+    _resume_fit(digits, [callback], kx=kx)
+    return kx, callback
 
 
 @pytest.mark.parametrize("order", ["backup_first", "balancer_first"])
 def test_resume_with_backup_and_restore_matches_uninterrupted_run(
     digits, uninterrupted, tmp_path, order
 ):
+    kx, uninterrupted = uninterrupted
+    recorder_type, interrupt = _epoch_callbacks(kx)
     backup_dir = str(tmp_path / "backup")
 
     def callbacks(balancer, extra=()):
-        backup = keras.callbacks.BackupAndRestore(backup_dir)
+        backup = kx.callbacks.BackupAndRestore(backup_dir)
         pair = [backup, balancer] if order == "backup_first" else [balancer, backup]
         return [*pair, *extra]
 
     interrupted = _resume_callback(digits)
     with pytest.raises(RuntimeError, match="interrupted on purpose"):
-        _resume_fit(digits, callbacks(interrupted, [_Interrupt(2)]))
+        _resume_fit(digits, callbacks(interrupted, [interrupt(2)]), kx=kx)
     # the balancer ran before the crash at epoch 2; the backup holds the end of epoch 1
     assert int(interrupted.state.rebalances.numpy()) == 3
 
     resumed = _resume_callback(digits)  # fresh instance and model, as after a restart
-    recorder = _EpochRecorder()
-    _resume_fit(digits, callbacks(resumed, [recorder]))
+    recorder = recorder_type()
+    _resume_fit(digits, callbacks(resumed, [recorder]), kx=kx)
     assert recorder.epochs == [2, 3]  # really resumed, not restarted from scratch
     assert int(resumed.state.rebalances.numpy()) == EPOCHS
     assert int(resumed.state.epoch.numpy()) == EPOCHS - 1

@@ -4,7 +4,9 @@ The state lives in ``tf.Variable``\\ s grouped in a ``tf.train.Checkpoint`` that
 is attached to the model as ``model._tf_balancer_state``: it is then saved and
 restored with the model's TF-format checkpoints (``BackupAndRestore``,
 ``ModelCheckpoint`` with TF-format weights) without appearing in
-``model.weights``.
+``model.weights``; on a Keras 3 model a Keras saveable attached next to it
+carries the same variables in Keras 3's weight files (its ``BackupAndRestore``
+writes ``.weights.h5``).
 
 Masks are re-applied after every training batch by one ``tf.function`` whose
 mask tensors are variables too, so a rebalance changes values, never the
@@ -21,7 +23,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import assign_local, local_copies, unwrap_variable
+from tf_balancer._compat import (
+    assign_local,
+    is_keras3_object,
+    keras3_weights_saveable,
+    local_copies,
+    unwrap_variable,
+)
 from tf_balancer.attention.balance import KeepPlan
 from tf_balancer.attention.masks import channel_masks
 from tf_balancer.graph.layer_graph import LayerGraph
@@ -64,7 +72,17 @@ class BalanceState:
             delattr(self.checkpoint, name)
 
     def attach(self, model: Any) -> None:
+        """Save and restore this state with ``model``'s checkpoints: TF-format ones
+        (tf_keras) through the ``tf.train.Checkpoint``, Keras 3's weight files
+        (``BackupAndRestore``, ``save_weights``) through a Keras saveable."""
         setattr(model, STATE_ATTRIBUTE, self.checkpoint)
+        if is_keras3_object(model):
+            setattr(model, STATE_ATTRIBUTE + "_keras", keras3_weights_saveable(self.variables))
+
+    def variables(self) -> list[tf.Variable]:
+        """Every variable of the state and of what it tracks, in a fixed order."""
+        found = tf.train.TrackableView(self.checkpoint).descendants()
+        return [v for v in found if isinstance(v, tf.Variable)]
 
     def keep_indices(self) -> dict[int, np.ndarray]:
         return {g: np.flatnonzero(v.numpy() > 0.5) for g, v in self.keep.items()}
