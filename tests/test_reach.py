@@ -265,6 +265,9 @@ def test_an_unreachable_target_prunes_as_far_as_it_can_and_says_so():
     floor = lowest_reachable(callback.analysis, "flops", callback.bounds)
     assert 0.5 < floor < 1.0
     assert len(messages) == 1 and f"keeps {floor:.3f}" in messages[0]
+    # the costlier conv (16 -> 16) is the one GroupNormalization blocks: named with its share
+    assert "(GroupNormalization), which normalises across channels" in messages[0]
+    assert "the most FLOPs (" in messages[0]
     assert history.history["balancer/flops_ratio"][-1] == pytest.approx(floor, abs=1e-6)
     assert model.get_layer("hidden").kernel.shape[-1] == 32  # masked, then compacted:
     assert callback.optimized_model.get_layer("hidden").units < 32

@@ -509,8 +509,9 @@ class BalanceCallback(keras.callbacks.Callback):
             warnings.warn(
                 f"BalanceCallback: target {self.target:g} of {self.target_metric} is out of "
                 f"reach: with every prunable group at its lower bound the model keeps "
-                f"{floor:.3f} (the rest is in layers that cannot be pruned, see `tf-balancer "
-                f"inspect`, or held by min_keep/max_prune_fraction); pruning to {floor:.3f}",
+                f"{floor:.3f} (the rest is in layers that cannot be pruned{_largest_blocked(self.analysis)}"
+                f"; see `tf-balancer inspect`; or held by min_keep/max_prune_fraction); "
+                f"pruning to {floor:.3f}",
                 UserWarning,
                 stacklevel=3,
             )
@@ -883,3 +884,24 @@ def _weights_digest(model: Any) -> bytes:
         if hasattr(weight, "numpy"):
             digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
     return digest.digest()
+
+
+def _largest_blocked(analysis: ModelAnalysis) -> str:
+    """``", the most FLOPs (N%) behind: <reason>"`` for the non-prunable channel group
+    whose layers cost the most, or "" when there is none."""
+    graph, layers = analysis.graph, analysis.cost.layers
+    plain = ("model input", "reaches a model output")
+    flops: dict[int, int] = {}
+    for node in graph.nodes.values():
+        gid = graph.group_of(node.name)
+        if gid is not None and node.role in ("producer", "attention", "opaque"):
+            flops[gid] = flops.get(gid, 0) + layers[node.name].flops
+    blocked = {
+        g: f for g, f in flops.items() if any(r not in plain for r in graph.groups[g].reasons)
+    }
+    if not blocked:
+        return ""
+    worst = max(blocked, key=blocked.get)
+    reason = next(r for r in graph.groups[worst].reasons if r not in plain)
+    share = blocked[worst] / max(analysis.cost.flops, 1)
+    return f", the most FLOPs ({share:.0%}) behind: {reason}"
