@@ -518,6 +518,15 @@ def is_keras3_object(obj: Any) -> bool:
     return isinstance(obj, keras3.Layer)
 
 
+def resumed_by_backup(model: Any) -> bool:
+    """True while ``BackupAndRestore`` is resuming ``model``'s ``fit`` at a later epoch
+    (rather than the user passing ``initial_epoch``): Keras 3 sets the epoch to start
+    from on the model, tf_keras gives it a training state to restore counters from."""
+    if getattr(model, "_training_state", None) is not None:  # tf_keras
+        return True
+    return getattr(model, "_initial_epoch", None) is not None  # Keras 3
+
+
 def keras3_weights_saveable(variables: Callable[[], list[Any]]) -> Any:
     """An object that Keras 3's weight files (``save_weights``, ``.keras``, hence
     ``BackupAndRestore``) save and restore ``variables()`` with, once set as an

@@ -20,6 +20,7 @@ from tf_balancer.analysis import analyze
 from tf_balancer.demo import build_digits_cnn, compile_classifier
 from tf_balancer.errors import ExportError
 from tf_balancer.training.callback import BalanceCallback
+from tf_balancer.training.ramp import default_schedule
 
 pytestmark = pytest.mark.slow
 
@@ -322,6 +323,45 @@ def test_resume_with_backup_and_restore_matches_uninterrupted_run(
     )
     assert resumed.optimized_model is not None
     assert not os.path.exists(os.path.join(backup_dir, "chief"))  # cleaned up after success
+
+
+def test_fit_from_initial_epoch_ramps_over_the_epochs_it_runs(digits):
+    """A model trained dense, then ``fit(initial_epoch=4, epochs=8)``: the default
+    schedule spans epochs 4..7 as it would 0..3 (was epochs 4-5 of the 0..7 one: one
+    jump to the target from magnitude scores)."""
+    model = _plain_cnn(0, keras3)
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    model.fit(x, y, epochs=4, batch_size=64, verbose=0)
+    callback = BalanceCallback(verbose=0)
+    history = model.fit(
+        x, y, initial_epoch=4, epochs=8, batch_size=64, verbose=0, callbacks=[callback]
+    )
+    assert callback.schedule == [4 + e for e in default_schedule(4)] == [5, 6]
+    ratios = history.history["balancer/flops_ratio"]
+    assert ratios[0] == 1.0 and 0.5 < ratios[1] < 1.0 and ratios[-1] <= 0.5
+
+
+def test_a_resumed_fit_keeps_the_schedule_of_the_interrupted_one(digits, tmp_path):
+    """BackupAndRestore restarting at epoch 3 is not an ``initial_epoch``: the schedule
+    stays the one of ``fit(epochs=6)`` (Keras 3 marks the resume on the model)."""
+    recorder_type, interrupt = _epoch_callbacks(keras3)
+    backup_dir = str(tmp_path / "backup")
+    x, y = digits.x_train[:256], digits.y_train[:256]
+
+    def run(extra):
+        model = _plain_cnn(0, keras3)
+        callback = BalanceCallback(verbose=0)
+        backup = keras3.callbacks.BackupAndRestore(backup_dir)
+        model.fit(x, y, epochs=6, batch_size=64, verbose=0, callbacks=[backup, callback, *extra])
+        return callback
+
+    with pytest.raises(RuntimeError, match="interrupted on purpose"):
+        run([interrupt(3)])
+    recorder = recorder_type()
+    resumed = run([recorder])
+    assert recorder.epochs == [3, 4, 5]
+    assert resumed.schedule == default_schedule(6)
+    assert int(resumed.state.rebalances.numpy()) == len(default_schedule(6))
 
 
 # ------------------------------------------------------------ distribution

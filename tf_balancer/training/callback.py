@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import ensure_keras2_model, ensure_keras_model, keras
+from tf_balancer._compat import (
+    ensure_keras2_model,
+    ensure_keras_model,
+    keras,
+    resumed_by_backup,
+)
 from tf_balancer.analysis import ModelAnalysis, analyze
 from tf_balancer.attention.balance import (
     METRICS,
@@ -454,10 +459,7 @@ class BalanceCallback(keras.callbacks.Callback):
         self._check_ready()
         self._floor = self._lowest_reachable()
         self.cluster = Cluster.current()
-        epochs = int(self.params.get("epochs", 1)) if self.params else 1
-        self.schedule = default_schedule(
-            epochs, self.begin_epoch, self.end_epoch, self.every_n_epochs
-        )
+        self.schedule = self._make_schedule(self._epoch or 0)
         in_step = self.applier.apply_in_step if self._masks_in_step() else None
         self.hooks = FitHooks(
             self.model,
@@ -531,7 +533,23 @@ class BalanceCallback(keras.callbacks.Callback):
         if self.hooks is not None:
             self.hooks.reset_metrics()
 
+    def _make_schedule(self, first: int) -> list[int]:
+        """Rebalance epochs. The default schedule spans the epochs this ``fit`` runs:
+        from ``initial_epoch`` (``first``) on, so a model trained dense before is
+        pruned on the same ramp; ``begin_epoch``/``end_epoch`` are absolute."""
+        epochs = int(self.params.get("epochs", 1)) if self.params else 1
+        default = self.begin_epoch is None and self.end_epoch is None
+        offset = min(first, max(epochs - 1, 0)) if default else 0
+        relative = default_schedule(
+            epochs - offset, self.begin_epoch, self.end_epoch, self.every_n_epochs
+        )
+        return [offset + e for e in relative]
+
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
+        if self._epoch is None and epoch > 0 and self.schedule:
+            # fit(initial_epoch=...) starts here; a resumed fit keeps its first schedule
+            if not resumed_by_backup(self.model):
+                self.schedule = self._make_schedule(epoch)
         self._epoch = epoch
         if self.hooks is not None:
             self.hooks.reset_metrics()
