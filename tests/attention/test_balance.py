@@ -268,6 +268,23 @@ def test_allocation_is_deterministic(analyses, data):
     assert first.to_dict() == second.to_dict()
 
 
+@pytest.mark.parametrize("strategy", ["balanced", "uniform", "global"])
+def test_a_plan_within_an_earlier_one_keeps_none_of_the_channels_it_cut(analyses, strategy):
+    """``within``: the channels a gradual schedule cut before stay cut, even where they
+    now score higher than some kept ones, and the target is still met."""
+    analysis = analyses["digits"]
+    rng = np.random.default_rng(0)
+    scores = {g: rng.random(n) for g, n in _sizes(analysis).items()}
+    earlier = allocate(analysis, scores, 0.6, strategy=strategy)
+    flipped = {g: 1.0 - s for g, s in scores.items()}  # the cut channels now look best
+    later = allocate(analysis, flipped, 0.4, strategy=strategy, within=earlier.keep)
+    for gid, kept in later.keep.items():
+        assert set(kept.tolist()) <= set(earlier.keep[gid].tolist()), gid
+    assert later.achieved <= 0.4
+    free = allocate(analysis, flipped, 0.4, strategy=strategy)
+    assert any(not set(k.tolist()) <= set(earlier.keep[g].tolist()) for g, k in free.keep.items())
+
+
 def _ones(analysis) -> dict[int, np.ndarray]:
     return {g: np.ones(n) for g, n in _sizes(analysis).items()}
 

@@ -421,3 +421,42 @@ def test_binary_sigmoid_model_with_flat_labels_works_with_taylor():
     logs = _epoch(_start(callback, model, 1), 0)
     assert logs["balancer/flops_ratio"] <= 0.6 + 1e-9
     assert 0.0 <= logs["balancer/val_f1"] <= 1.0
+
+
+def test_a_channel_once_cut_stays_cut_at_every_later_rebalance(digits):
+    """Masked channels have zero weights and no gradient: a later rebalance that kept one
+    again would spend budget on a dead channel. Each plan lies within the one before
+    (channels of a Dense group came back before this was enforced)."""
+    kept_after: list[dict[int, set[int]]] = []
+
+    class Record(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            plan = balancer.state.keep_indices()
+            kept_after.append({g: set(k.tolist()) for g, k in plan.items()})
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 1)),
+            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+            keras.layers.MaxPooling2D(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(32, activation="relu"),
+            keras.layers.Dense(10),
+        ]
+    )
+    compile_classifier(model)
+    balancer = BalanceCallback(verbose=0)
+    model.fit(
+        digits.x_train,
+        digits.y_train,
+        epochs=6,
+        batch_size=64,
+        verbose=0,
+        callbacks=[balancer, Record()],
+    )
+    assert int(balancer.state.rebalances.numpy()) >= 3
+    for before, after in zip(kept_after[:-1], kept_after[1:], strict=True):
+        for gid in before:
+            assert after[gid] <= before[gid], (gid, sorted(after[gid] - before[gid]))

@@ -234,6 +234,7 @@ def allocate(
     strategy: str = "balanced",
     bounds: Bounds | None = None,
     objective: str = "retained",
+    within: Mapping[int, np.ndarray] | None = None,
 ) -> Allocation:
     """Choose how many (and which) channels each prunable group keeps.
 
@@ -250,6 +251,10 @@ def allocate(
         objective: what ``balanced`` maximises: ``"retained"`` (default), a
             cost-share-weighted penalty on the share of each group that is
             cut, or ``"sum"``, the total kept importance (module docstring).
+        within: group id -> the only channels the group may keep (groups not
+            listed: any), e.g. what the previous plan of a gradual schedule kept: a
+            channel masked since has zero weights and gets no gradient, so keeping
+            it again would spend budget on a dead channel. Defaults to None.
 
     Returns:
         An :class:`Allocation` whose exact cost ratio is ``<= target`` (up to a
@@ -274,18 +279,20 @@ def allocate(
     cost = lambda counts: coster.total(counts, target_metric)  # noqa: E731
     groups = analysis.graph.groups
     limits = {g: bounds.for_group(groups[g]) for g in sizes}
-    lows = {g: limits[g].lower(n) for g, n in sizes.items()}
+    within = {g: np.arange(n) if g not in (within or {}) else within[g] for g, n in sizes.items()}
+    caps = {g: len(within[g]) for g in sizes}
+    lows = {g: min(limits[g].lower(n), caps[g]) for g, n in sizes.items()}
     if cost(lows) > budget * (1 + 1e-12):
         raise BalanceError(
             _unreachable_message(analysis, lows, cost, full, target, target_metric, bounds)
         )
     if strategy == "balanced":
         counts, threshold = _balanced(
-            coster, scores, sizes, lows, limits, target_metric, budget, objective
+            coster, scores, sizes, lows, caps, limits, target_metric, budget, objective
         )
     else:
-        threshold, counts = _baseline(strategy, scores, sizes, limits, cost, budget)
-    keep = {g: _best(scores[g], counts[g], groups[g].blocks) for g in scores}
+        threshold, counts = _baseline(strategy, scores, sizes, limits, cost, budget, caps)
+    keep = {g: _best(scores[g], counts[g], groups[g].blocks, within[g]) for g in scores}
     achieved = cost(counts) / full
     return Allocation(keep, sizes, strategy, target, target_metric, achieved, threshold, objective)
 
@@ -309,49 +316,65 @@ def lowest_reachable(analysis: Any, target_metric: str = "flops", bounds: Bounds
     return analysis.coster.total(lows, target_metric) / full
 
 
-def _best(scores: np.ndarray, count: int, blocks: int = 1) -> np.ndarray:
-    """Sorted indices of the ``count`` best channels; with ``blocks`` > 1, the best
-    ``count / blocks`` of each of that many equal consecutive runs.
+def _best(
+    scores: np.ndarray, count: int, blocks: int = 1, allowed: np.ndarray | None = None
+) -> np.ndarray:
+    """Sorted indices of the ``count`` best channels (among ``allowed`` ones); with
+    ``blocks`` > 1, the best ``count / blocks`` of each of that many equal
+    consecutive runs.
 
     Example:
         >>> _best(np.array([1.0, 4, 3, 2, 9, 8]), 2, blocks=2).tolist()
         [1, 4]
+        >>> _best(np.array([1.0, 4, 3, 2, 9, 8]), 2, allowed=np.array([0, 2, 3])).tolist()
+        [2, 3]
     """
     run = len(scores) // blocks
-    picks = [
-        b * run + np.argsort(-scores[b * run : (b + 1) * run], kind="stable")[: count // blocks]
-        for b in range(blocks)
-    ]
+    allowed = np.arange(len(scores)) if allowed is None else np.asarray(allowed, dtype=np.int64)
+    picks = []
+    for b in range(blocks):
+        candidates = allowed[(allowed >= b * run) & (allowed < (b + 1) * run)]
+        picks.append(candidates[np.argsort(-scores[candidates], kind="stable")[: count // blocks]])
     return np.sort(np.concatenate(picks))
 
 
-def _baseline(strategy, scores, sizes, limits, cost, budget) -> tuple[float, dict[int, int]]:
+def _baseline(
+    strategy, scores, sizes, limits, cost, budget, caps=None
+) -> tuple[float, dict[int, int]]:
     """``(threshold, counts)`` of a threshold strategy (``uniform``, ``global``, first-order);
-    ``limits``: group id -> its :class:`Bounds`."""
+    ``limits``: group id -> its :class:`Bounds`; ``caps``: group id -> most channels kept."""
     if strategy == "uniform":
         counts_at, candidates = _uniform(sizes, limits)
     else:
         full = cost(None)
         per_unit = _marginal_costs(sizes, cost, full) if strategy == "linear" else None
         counts_at, candidates = _threshold(scores, per_unit, limits)
-    return _bisect(counts_at, candidates, cost, budget)
+
+    def capped(state: Any) -> dict[int, int]:
+        return {g: min(c, (caps or sizes)[g]) for g, c in counts_at(state).items()}
+
+    return _bisect(capped, candidates, cost, budget)
 
 
-def _balanced(coster, scores, sizes, lows, limits, metric, budget, objective) -> tuple[dict, float]:
+def _balanced(
+    coster, scores, sizes, lows, caps, limits, metric, budget, objective
+) -> tuple[dict, float]:
     """Counts of the exact-cost search (:mod:`.coupled`) and its multiplier."""
     groups = sorted(scores)
     quadratic = coster.quadratic(metric, groups)
     cost = lambda counts: quadratic([(counts or sizes).get(g, sizes[g]) for g in groups])  # noqa: E731
     starts = [
-        _baseline(name, scores, sizes, limits, cost, budget)[1]
+        _baseline(name, scores, sizes, limits, cost, budget, caps)[1]
         for name in ("linear", "uniform", "global")
     ]
+    levels = [coupled.levels_for(sizes[g], lows[g], limits[g].round_to) for g in groups]
     problem = coupled.Problem.build(
         [scores[g] for g in groups],
-        [coupled.levels_for(sizes[g], lows[g], limits[g].round_to) for g in groups],
+        [np.union1d(k[k <= caps[g]], [caps[g]]) for g, k in zip(groups, levels, strict=True)],
         quadratic,
         budget,
         objective,
+        [sizes[g] for g in groups],
     )
     counts, lam = coupled.solve(problem, [[s[g] for g in groups] for s in starts])
     return {g: int(c) for g, c in zip(groups, counts, strict=True)}, 0.0 if math.isnan(lam) else lam

@@ -138,10 +138,12 @@ class Problem:
         quadratic: QuadraticCost,
         budget: float,
         objective: str = "retained",
+        sizes: Sequence[int] | None = None,
     ) -> Problem:
         """An instance from per-group scores; ``objective`` as in :func:`level_values`
-        (``retained`` values weighted by :func:`cost_shares`)."""
-        full = np.array([lv[-1] for lv in levels], dtype=np.float64)
+        (``retained`` values weighted by :func:`cost_shares` at the groups' ``sizes``,
+        by default their top levels)."""
+        full = np.array(sizes or [lv[-1] for lv in levels], dtype=np.float64)
         weights = cost_shares(quadratic, full) if objective == "retained" else np.ones(len(full))
         values = [
             w * level_values(s, lv, objective)

@@ -583,7 +583,14 @@ class BalanceCallback(keras.callbacks.Callback):
             plan = None  # the chief allocates; other workers receive its plan, bit for bit
             if self.cluster.is_chief or not self.cluster.multi_worker:
                 plan = allocate(
-                    self.analysis, scores, target, self.target_metric, self.strategy, self.bounds
+                    self.analysis,
+                    scores,
+                    target,
+                    self.target_metric,
+                    self.strategy,
+                    self.bounds,
+                    # a channel masked before has zero weights and no gradient: it stays out
+                    within=self.state.keep_indices(),
                 )
             if self.cluster.multi_worker:
                 keep = self.cluster.chief_keep(plan.keep if plan else None, self._sizes())
