@@ -35,6 +35,7 @@ _BAD_INPUT = (
     "no_output_flag",
     "quantize_without_tflite",
     "int8_without_calibration",
+    "calibration_label_count",
 )
 
 
@@ -52,6 +53,8 @@ def _workspace(root: str) -> dict[str, str]:
     rng = np.random.default_rng(0)
     paths["calib"] = os.path.join(root, "calib.npz")
     np.savez(paths["calib"], x=rng.random((32, 12, 12, 3)), y=rng.integers(0, 4, 32))
+    paths["calib_badlen"] = os.path.join(root, "calib_badlen.npz")  # 5 labels for 32 samples
+    np.savez(paths["calib_badlen"], x=rng.random((32, 12, 12, 3)), y=rng.integers(0, 4, 5))
     paths["tflite"] = os.path.join(root, "tflite")  # outputs of the --tflite runs
     os.makedirs(paths["tflite"])
     paths["inputs"] = os.path.join(root, "inputs.npz")  # no labels: int8 checked by difference
@@ -97,6 +100,10 @@ def _commands(p: dict[str, str], root: str) -> dict[str, tuple[str, ...]]:
             *("optimize", p["cnn"], f"--output={out}_4", f"--config={structured}"),
         ),
         "no_output_flag": ("optimize", p["cnn"]),
+        "calibration_label_count": (
+            *("optimize", p["cnn"], f"--output={out}_8", f"--config={structured}"),
+            f"--calibration={p['calib_badlen']}",
+        ),
         "tflite_int8": (
             *("optimize", p["cnn"], f"--output={p['tflite']}/int8", "--tflite", "--quantize=int8"),
             f"--calibration={p['inputs']}",
@@ -209,6 +216,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(runs, case):
         assert "--calibration" in lines[0]
     if case == "quantize_without_tflite":
         assert "--tflite" in lines[0]
+    if case == "calibration_label_count":
+        assert "one label per sample" in lines[0]
     if case == "config_not_utf8":
         assert runs["paths"]["latin1_yaml"] in lines[0] and "save the file as UTF-8" in lines[0]
     assert set(os.listdir(runs["root"])) == runs["listing"]  # no output, no temporary directory

@@ -62,8 +62,9 @@ def has_open_axes(shapes: Sequence[Sequence[int | None]]) -> bool:
 
 
 def declared_shapes(model: Any) -> list[Shape]:
-    """The shapes of a Keras model's inputs as declared (batch axis first)."""
-    return [tuple(t.shape) for t in model.inputs]
+    """The shapes of a Keras model's inputs as declared (batch axis first); none for a
+    subclassed model, which declares no inputs."""
+    return [tuple(t.shape) for t in getattr(model, "inputs", None) or ()]
 
 
 def set_nominal_shapes(obj: Any, shapes: Any, declared: Sequence[Shape] | None = None) -> None:

@@ -46,6 +46,7 @@ import tensorflow as tf
 from tf_balancer._compat import assign_local, keras
 
 __all__ = [
+    "class_label_form",
     "LABEL_MODES",
     "MacroRecall",
     "MacroF1",
@@ -556,6 +557,28 @@ def _heads(model: Any, outputs: Any) -> list[tuple[int, str, Any, Any]]:
         (index, name, tensor, per_output(loss, index, name))
         for index, (name, tensor) in enumerate(zip(names, outputs, strict=True))
     ]
+
+
+def class_label_form(model: Any) -> tuple[str, int] | None:
+    """``("sparse" | "one_hot", classes)`` for a model with one output compiled with a
+    categorical cross-entropy (class ids or one-hot labels), else None.
+
+    Example:
+        >>> model.compile(loss="sparse_categorical_crossentropy")  # doctest: +SKIP
+        >>> class_label_form(model)                                # doctest: +SKIP
+        ('sparse', 10)
+    """
+    outputs = getattr(model, "outputs", None) or []
+    if len(outputs) != 1:
+        return None
+    (_, _, tensor, loss), *_ = _heads(model, outputs)
+    name = _loss_name_and_logits(loss)[0] if loss is not None else ""
+    width = tensor.shape[-1]
+    if not width or width < 2:
+        return None
+    if name in _SPARSE_LOSSES:
+        return "sparse", int(width)
+    return ("one_hot", int(width)) if name in _ONE_HOT_LOSSES else None
 
 
 def output_tasks(model: Any) -> list[dict[str, Any]]:

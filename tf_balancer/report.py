@@ -223,15 +223,17 @@ def is_classifier(model: Any) -> bool:
     return task_of(model)["classifier"]
 
 
-def task_of(model: Any) -> dict[str, bool]:
+def task_of(model: Any, outputs: Any = None) -> dict[str, bool]:
     """``{"classifier": ..., "multi_label": ...}`` read once from ``model``'s compiled
     loss and output (see :func:`is_classifier`; multi-label is binary cross-entropy
     over several outputs). The keyword arguments of :func:`task_scores` and
-    :func:`evaluate_model` for an uncompiled copy of ``model``.
+    :func:`evaluate_model` for an uncompiled copy of ``model``. ``outputs``: the
+    output tensors, for a subclassed model (its functional twin's); defaults to
+    ``model.outputs``.
     """
     if getattr(model, "loss", None) is None:
         return {"classifier": True, "multi_label": False}
-    metrics = task_metrics(model)
+    metrics = task_metrics(model, outputs)
     multi_label = any(getattr(m, "label_mode", "") == "multi_label" for m in metrics)
     return {"classifier": bool(metrics), "multi_label": multi_label}
 

@@ -134,6 +134,18 @@ def test_bad_inputs_raise_one_typed_error_and_write_nothing(trained, digits, tmp
     with pytest.raises(ExportError, match="already exists"):
         export_tflite(trained, target)
     assert target.read_bytes() == b"mine"
+    # each of these raised NumPy's or the OS's own error (or blamed the converter) before
+    with pytest.raises(ExportError, match="is a directory; give a file path"):
+        export_tflite(trained, tmp_path, overwrite=True)
+    with pytest.raises(ConfigError, match="y has 5 samples but x has 64"):
+        export_tflite(
+            trained, tmp_path / "a.tflite", validation_data=(digits.x_val[:64], digits.y_val[:5])
+        )
+    with pytest.raises(ConfigError, match=r"calibration: x has shape \(32, 8, 8, 1\)"):
+        export_tflite(
+            trained, tmp_path / "b.tflite", quantize="int8", calibration=np.zeros((32, 8, 8, 1))
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["model.tflite"]
 
 
 def test_an_op_tflite_cannot_run_is_named_and_nothing_is_written(tmp_path):

@@ -54,11 +54,75 @@ def test_prune_without_validation_data_skips_finetuning(trained_digits_cnn, digi
         ({"target": 0.0}, "target"),
         ({"target": 0.5, "importance": "taylor"}, "probe data"),
         ({"target": 0.5, "data": ([1, 2, 3],)}, r"\(x, y\)"),
+        ({"target": "half"}, "target must be a number"),
+        ({"target": True}, "target must be a number"),
+        ({"finetune_epochs": "2"}, "finetune_epochs must be an int"),
+        ({"finetune_epochs": 1.5}, "finetune_epochs must be an int"),
+        ({"batch_size": 0}, "batch_size must be an int >= 1"),
     ],
 )
 def test_prune_rejects_bad_arguments(trained_digits_cnn, kwargs, match):
+    kwargs = {"finetune_epochs": 0, **kwargs}
     with pytest.raises(ConfigError, match=match):
-        tfb.prune(trained_digits_cnn, finetune_epochs=0, **kwargs)
+        tfb.prune(trained_digits_cnn, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        (lambda y: np.eye(10)[y], r"one-hot\?.*np.argmax"),
+        (lambda y: y + 10, "class ids from 10 to 19 but the model has 10 classes"),
+        (lambda y: y[:5], "y has 5 samples"),
+    ],
+    ids=["one_hot_for_a_sparse_loss", "ids_out_of_range", "too_few_labels"],
+)
+def test_prune_names_labels_that_do_not_fit_the_loss(trained_digits_cnn, digits, labels, match):
+    """Before, these reached Keras' loss and raised its own error from deep inside."""
+    x, y = digits.x_train[:64], digits.y_train[:64]
+    with pytest.raises(ConfigError, match=match):
+        tfb.prune(trained_digits_cnn, 0.5, (x, labels(y)), finetune_epochs=0)
+
+
+def test_prune_accepts_a_numpy_target(trained_digits_cnn, digits):
+    data = (digits.x_train[:64], digits.y_train[:64])
+    _, report = tfb.prune(trained_digits_cnn, np.float32(0.5), data, finetune_epochs=0)
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
+
+
+def test_prune_of_a_built_subclassed_model_and_of_inputs_keyed_by_name(digits):
+    """A built subclassed model declares no inputs: the data is checked against its
+    functional twin (was "the model has 0 inputs"); a two-input model's x may be a dict
+    (the report's samples were sliced as a list: TypeError)."""
+    import keras as keras3
+
+    class Net(keras3.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras3.layers.Conv2D(16, 3, activation="relu")
+            self.pool = keras3.layers.GlobalAveragePooling2D()
+            self.head = keras3.layers.Dense(10)
+
+        def call(self, x):
+            return self.head(self.pool(self.conv(x)))
+
+    keras3.utils.set_random_seed(0)
+    net = Net()
+    net(digits.x_train[:1])
+    net.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    data = (digits.x_train[:128], digits.y_train[:128])
+    _, report = tfb.prune(net, 0.5, data, validation_data=data, finetune_epochs=0)
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
+
+    img, aux = keras3.Input((16, 16, 1), name="img"), keras3.Input((4,), name="aux")
+    merged = keras3.layers.Concatenate()(
+        [net.pool(net.conv(img)), keras3.layers.Dense(8, activation="relu")(aux)]
+    )
+    two = keras3.Model([img, aux], keras3.layers.Dense(10)(merged))
+    two.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = {"img": digits.x_train[:128], "aux": np.ones((128, 4), "float32")}
+    _, report = tfb.prune(two, 0.5, (x, data[1]), validation_data=(x, data[1]), finetune_epochs=0)
+    assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
+    assert "accuracy" in report["final"]
 
 
 def test_prune_of_an_uncompiled_model_asks_for_compile_when_finetuning(digits):

@@ -463,7 +463,7 @@ def _unreachable_message(analysis, lows, cost, full, target, metric, bounds) -> 
     rounding = f", lower round_to (now {bounds.round_to})" if bounds.round_to > 1 else ""
     return (
         f"target {target:g} of {metric} is unreachable: with every prunable group at its lower "
-        f"bound the model keeps {reached:.3f}. Held back most by: {names}. Relax min_keep "
+        f"bound the model keeps {reached:.4f}. Held back most by: {names}. Relax min_keep "
         f"(now {bounds.min_keep}){rounding} or raise max_prune_fraction (now "
-        f"{bounds.max_prune_fraction}), or ask for a target >= {reached:.3f}."
+        f"{bounds.max_prune_fraction}), or ask for a target >= {math.ceil(reached * 1000) / 1000:.3f}."
     )

@@ -100,6 +100,13 @@ def _channel_plan(model, config: OptimizeConfig, calibration, inputs, notes: lis
         raise ConfigError(f"calibration x must be a mapping with the model's inputs {inputs}")
     dtypes = [tf.as_dtype(t.dtype).as_numpy_dtype for t in model.inputs]
     x = [np.asarray(a, dtype) for a, dtype in zip(arrays, dtypes, strict=True)]
+    samples = {len(a) for a in x}
+    labels = {len(leaf) for leaf in tf.nest.flatten(y)} if y is not None else samples
+    if len(samples | labels) > 1:
+        raise ConfigError(
+            f"calibration: x and y hold different numbers of samples ({sorted(samples | labels)}); "
+            "give one label per sample of x"
+        )
     x = x if len(x) > 1 else x[0]
     weights = (
         {balance.importance: 1.0}

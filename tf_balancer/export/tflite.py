@@ -160,9 +160,16 @@ def export_tflite(
     check_x, check_y = _split(validation_data)
     if check_x is None:
         check_x, check_y = calib_x, calib_y
+    if os.path.isdir(path):
+        raise ExportError(f"{path} is a directory; give a file path such as {path}/model.tflite")
     if os.path.lexists(path) and not overwrite:
         raise ExportError(f"{path} already exists; pass overwrite=True or choose another path")
     reference, input_shape, dtype = _reference_fn(model if reference is None else reference)
+    for name, (x, y) in (
+        ("calibration", (calib_x, calib_y)),
+        ("validation_data", (check_x, check_y)),
+    ):
+        _check_samples(name, x, y, input_shape)
     if check_x is None:  # no data: seeded random inputs (token ids 0) check the arithmetic
         shape = (8, *input_shape[1:])
         rng = np.random.default_rng(0)
@@ -187,6 +194,29 @@ def export_tflite(
         fixed_batch=fixed_batch,
         **result,
     )
+
+
+def _check_samples(name: str, x: Any, y: Any, input_shape: tuple) -> None:
+    """Raise :class:`ConfigError` when ``x`` does not fit the model's input (its axes
+    after the batch, open ones aside) or ``y`` has another number of samples."""
+    if x is None:
+        return
+    given, wanted = tuple(np.shape(x)), tuple(input_shape)
+    if len(given) == len(wanted) - 1 and wanted[-1] in (1, None):
+        given = (*given, wanted[-1])  # (n,) strings or ids for an input of shape (n, 1)
+    fits = len(given) == len(wanted) and all(
+        w is None or g == w for g, w in zip(given[1:], wanted[1:], strict=True)
+    )
+    if not fits:
+        expected = "x".join("?" if d is None else str(d) for d in ("n", *wanted[1:]))
+        raise ConfigError(
+            f"{name}: x has shape {given} but the model takes inputs of shape ({expected}); "
+            "pass samples shaped like the training data"
+        )
+    if y is not None and len(y) != len(x):
+        raise ConfigError(
+            f"{name}: y has {len(y)} samples but x has {len(x)}; give one label per sample"
+        )
 
 
 def _model_input(x: np.ndarray) -> np.ndarray:

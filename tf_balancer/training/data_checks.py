@@ -34,6 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer.errors import ConfigError
+from tf_balancer.metrics import class_label_form
 from tf_balancer.report import is_classifier
 
 __all__ = [
@@ -143,7 +144,9 @@ def _label_forms(out: Shape, classifier: bool) -> list[Shape]:
     return forms
 
 
-def check_labels(model: Any, name: str, y: Any, n: int, shapes: bool = True) -> None:
+def check_labels(
+    model: Any, name: str, y: Any, n: int, shapes: bool = True, classes: bool = False
+) -> None:
     """Check ``y``: ``n`` samples per array and, for one output, a fitting shape.
 
     Example:
@@ -164,6 +167,8 @@ def check_labels(model: Any, name: str, y: Any, n: int, shapes: bool = True) -> 
     outputs = getattr(model, "outputs", None) or []
     if not shapes or len(outputs) != 1 or len(tf.nest.flatten(y)) != 1:
         return
+    if classes:  # the labels go to the compiled loss (taylor importance, fine-tuning)
+        _check_classes(model, name, tf.nest.flatten(y)[0])
     given, out = tuple(_shape(tf.nest.flatten(y)[0])), tuple(outputs[0].shape)
     forms = _label_forms(out[1:], is_classifier(model))
     if not any(_matches(given[1:], form) for form in forms):
@@ -175,7 +180,46 @@ def check_labels(model: Any, name: str, y: Any, n: int, shapes: bool = True) -> 
         )
 
 
-def check_xy(model: Any, name: str, x: Any, y: Any = None, label_shapes: bool = True) -> None:
+def _check_classes(model: Any, name: str, y: Any) -> None:
+    """Labels in the form the compiled categorical cross-entropy takes: class ids in
+    ``[0, classes)`` for the sparse one, one-hot rows for the other."""
+    form = class_label_form(model)
+    if form is None:
+        return
+    kind, classes = form
+    shape, rank = tuple(_shape(y)), len(model.outputs[0].shape)
+    one_hot = len(shape) == rank and shape[-1] == classes  # (n, ..., C) like the output
+    if kind == "one_hot" and not one_hot:
+        raise ConfigError(
+            f"{name}: y has shape {_fmt(shape)} but the loss (categorical cross-entropy) takes "
+            f"one-hot labels of shape {_fmt(('n', classes))}; pass "
+            f"keras.utils.to_categorical(y, {classes}), or compile with "
+            "sparse_categorical_crossentropy"
+        )
+    if kind != "sparse":
+        return
+    if one_hot:
+        raise ConfigError(
+            f"{name}: y has shape {_fmt(shape)} (one-hot?) but the loss (sparse categorical "
+            f"cross-entropy) takes class ids of shape {_fmt(('n',))}; pass np.argmax(y, -1), "
+            "or compile with categorical_crossentropy"
+        )
+    values = np.asarray(y)
+    if values.size and (values.min() < 0 or values.max() >= classes):
+        raise ConfigError(
+            f"{name}: y holds class ids from {values.min()} to {values.max()} but the model "
+            f"has {classes} classes (ids 0 to {classes - 1}); check the labels' encoding"
+        )
+
+
+def check_xy(
+    model: Any,
+    name: str,
+    x: Any,
+    y: Any = None,
+    label_shapes: bool = True,
+    classes: bool = False,
+) -> None:
     """Check one ``(x, y)`` argument (``y`` may be None) against ``model``.
 
     Example:
@@ -186,7 +230,7 @@ def check_xy(model: Any, name: str, x: Any, y: Any = None, label_shapes: bool = 
     """
     n = check_inputs(model, name, x)
     if y is not None:
-        check_labels(model, name, y, n, shapes=label_shapes)
+        check_labels(model, name, y, n, shapes=label_shapes, classes=classes)
 
 
 def pair(data: Any, name: str) -> tuple[Any, Any]:
@@ -201,7 +245,12 @@ def pair(data: Any, name: str) -> tuple[Any, Any]:
 
 
 def check_callback_data(
-    model: Any, probe: Any = None, validation_data: Any = None, finetune_data: Any = None
+    model: Any,
+    probe: Any = None,
+    validation_data: Any = None,
+    finetune_data: Any = None,
+    name: str = "probe_data",
+    classes: bool = False,
 ) -> None:
     """Check ``BalanceCallback``'s data arguments against ``model``'s inputs and outputs.
 
@@ -210,6 +259,10 @@ def check_callback_data(
         probe: a :class:`~tf_balancer.attention.importance.ProbeData`, or None.
         validation_data: ``(x, y)``, or None.
         finetune_data: ``(x, y)`` (checked) or a ``tf.data.Dataset`` (not checked), or None.
+        name: the argument ``probe`` came as, for messages (``tfb.prune``'s ``data``).
+        classes: also check the probe's labels against the compiled categorical
+            cross-entropy (class ids in range for the sparse one, one-hot rows for the
+            other), for data whose labels go to that loss.
 
     Raises:
         ConfigError: the first argument that does not fit, by name.
@@ -220,7 +273,8 @@ def check_callback_data(
     if not getattr(model, "inputs", None):
         return  # not built: nothing to check against (analysis reports it)
     if probe is not None:
-        check_xy(model, "probe_data", probe.x, probe.y, label_shapes=probe.loss is None)
+        compiled = probe.loss is None
+        check_xy(model, name, probe.x, probe.y, compiled, classes and compiled)
     if validation_data is not None:
         check_xy(model, "validation_data", *pair(validation_data, "validation_data"))
     if isinstance(finetune_data, tuple):

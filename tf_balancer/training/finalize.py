@@ -18,11 +18,13 @@ import time
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from tf_balancer._compat import adapter_for, is_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.analysis import ModelAnalysis, analyze
 from tf_balancer.attention.balance import KeepPlan
+from tf_balancer.graph.walk import functional_twin
 from tf_balancer.metrics import output_tasks
 from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext
@@ -46,7 +48,8 @@ LOSSLESS_PASSES = ("strip_training_ops", "fold_batchnorm", "fuse_activation")
 
 
 def _first(data: Any, n: int) -> Any:
-    return [a[:n] for a in data] if isinstance(data, (list, tuple)) else data[:n]
+    """The first ``n`` samples of inputs given as an array, a list or a dict of them."""
+    return tf.nest.map_structure(lambda a: a[:n], data)
 
 
 @dataclasses.dataclass
@@ -224,8 +227,10 @@ class Finalizer:
         serve = adapter_for(model).serving_function(model) if is_keras_model(model) else None
         if validation is not None:
             # The task is read from the trained (compiled) model; compacted copies are not compiled.
-            task = task_of(self.inputs.model)
-            heads = output_tasks(self.inputs.model)  # read when there are several outputs
+            trained = self.inputs.model
+            outputs = functional_twin(trained).outputs  # a subclassed model's: its twin's
+            task = task_of(trained, outputs)
+            heads = output_tasks(trained) if len(outputs) > 1 else None
             summary.update(
                 evaluate_model(
                     model, validation[0], validation[1], **task, serve=serve, heads=heads

@@ -28,13 +28,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from tf_balancer._compat import ensure_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.analysis import analyze
 from tf_balancer.attention.balance import Bounds, allocate
 from tf_balancer.attention.coupled import OBJECTIVES
 from tf_balancer.attention.importance import ProbeData, attention_weights, group_scores
-from tf_balancer.errors import ConfigError
+from tf_balancer.errors import ConfigError, UnsupportedModelError
+from tf_balancer.graph.walk import functional_twin
 from tf_balancer.input_shapes import adopt_data_shapes, set_nominal_shapes
 from tf_balancer.training.calibrate import best_plan
 from tf_balancer.training.data_checks import check_callback_data, input_arrays, pair
@@ -42,6 +45,22 @@ from tf_balancer.training.finalize import STRUCTURED_PASSES, FinalizeInputs, Fin
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
 
 __all__ = ["prune"]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def _check_arguments(target: Any, finetune_epochs: Any, batch_size: Any) -> None:
+    """Raise :class:`ConfigError` for a target outside (0, 1] or non-integer counts."""
+    if not _is_number(target) or not 0.0 < float(target) <= 1.0:
+        raise ConfigError(f"target must be a number in (0, 1], got {target!r}")
+    for name, value, least in (
+        ("finetune_epochs", finetune_epochs, 0),
+        ("batch_size", batch_size, 1),
+    ):
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
 
 
 @quietly
@@ -104,19 +123,22 @@ def prune(
         UnsupportedModelError: not a Keras model.
     """
     model = ensure_keras_model(model)
-    if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0:
-        raise ConfigError(f"target must be in (0, 1], got {target!r}")
-    if finetune_epochs < 0 or batch_size < 1:
-        raise ConfigError("finetune_epochs must be >= 0 and batch_size >= 1")
+    _check_arguments(target, finetune_epochs, batch_size)
     if isinstance(data, ProbeData):
         probe = data
     else:
         probe = ProbeData(*pair(data, "data")) if data is not None else None
-    check_callback_data(model, probe, validation_data)
+    graph_model = functional_twin(model)  # a subclassed model's inputs and outputs
+    if not getattr(graph_model, "inputs", None) and input_shape is None:
+        raise UnsupportedModelError(
+            f"model {model.name!r} is not built, or its call cannot be recorded: call it "
+            "once on a batch (model(x[:1])) before tfb.prune"
+        )
+    check_callback_data(graph_model, probe, validation_data, name="data", classes=True)
     if input_shape is not None:
         set_nominal_shapes(model, input_shape)
     elif probe is not None:
-        adopt_data_shapes(model, input_arrays(model, "data", probe.x))
+        adopt_data_shapes(model, input_arrays(graph_model, "data", probe.x))
     if finetune_epochs and getattr(model, "optimizer", None) is None:
         raise ConfigError(
             "fine-tuning needs the model's loss and optimizer: compile the model, "
@@ -141,7 +163,7 @@ def prune(
         ),
         validation_data=validation_data,
         probe_x=probe.x if probe is not None else None,
-        dense_model=model,
+        dense_model=graph_model,  # a subclassed model scored as its functional twin
         attention=attention,
         attention_history=[[attention[g] for g in sorted(attention)]],
         settings={
