@@ -104,3 +104,29 @@ def test_demo_console_has_no_tensorflow_internal_lines(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert not _internal_lines(done.stdout + done.stderr), (done.stdout + done.stderr)[-3000:]
     assert "[3/3] Wrote" in done.stdout
+
+
+def test_quiet_calls_drop_tensorflow_info_lines_and_pass_errors():
+    """What the C++ side writes to stderr inside a quiet call: INFO/WARNING lines, the
+    TFLite runtime's and quantizer's lines go; anything else (errors) is passed on."""
+    script = textwrap.dedent(
+        """
+        import os
+        from tf_balancer._quiet import quiet_tensorflow
+
+        with quiet_tensorflow():
+            os.write(
+                2,
+                b"I0000 00:00:1795 port.cc:153] oneDNN custom operations are on.\\n"
+                b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\n"
+                b"fully_quantize: 0, inference_type: 6, input_inference_type: FLOAT32\\n"
+                b"E0000 something really failed\\n",
+            )
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=_env()
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.splitlines()[-1:] == ["E0000 something really failed"]
+    assert "fully_quantize" not in done.stderr and "XNNPACK" not in done.stderr

@@ -38,9 +38,10 @@ from typing import Any, TypeVar
 __all__ = ["quiet_tensorflow", "quietly", "quiet_tensorflow_startup"]
 
 # TensorFlow's C++ INFO and WARNING lines (the TFLite converter's "Ignored
-# output_format"), and TFLite's runtime line (printed whatever TF_CPP_MIN_LOG_LEVEL
-# says) when an interpreter first runs; errors pass
-_INFO_LINE = re.compile(rb"^([IW]\d{4} |INFO: Created TensorFlow Lite )")
+# output_format"), TFLite's runtime line (printed whatever TF_CPP_MIN_LOG_LEVEL
+# says) when an interpreter first runs, and its quantizer's settings line
+# ("fully_quantize: 0, inference_type: 6, ...") on every int8 conversion; errors pass
+_INFO_LINE = re.compile(rb"^([IW]\d{4} |INFO: Created TensorFlow Lite |fully_quantize: )")
 _lock = threading.RLock()
 _depth = 0
 
