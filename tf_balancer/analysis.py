@@ -276,7 +276,7 @@ def inspect(model_or_path: Any, batch_size: int = 1, *, input_shape: Any = None)
             len(analysis.graph.prunable_groups),
             len(groups),
         )
-    traced = trace(model_or_path, batch_size)
+    traced = trace(model_or_path, batch_size, input_shape)
     rows = _rows_from_graph(traced)
     params = constant_params(traced.graph_def)
     return InspectResult(

@@ -15,6 +15,7 @@ from conftest import randomize_batchnorm
 from tf_balancer._compat import keras
 from tf_balancer.config import OptimizeConfig, VerifyConfig
 from tf_balancer.errors import ConfigError, ExportError, ModelLoadError, VerificationError
+from tf_balancer.export.graph_path import graph_stats
 from tf_balancer.export.savedmodel import REPORT_NAME, optimize_saved_model
 from tf_balancer.graph.trace import trace
 
@@ -344,3 +345,32 @@ def test_a_mixed_float16_savedmodel_is_verified_at_float16_tolerances(tmp_path):
     assert checked["compute_dtype"] == "float16"
     assert 1e-4 < checked["max_rel_diff"] and checked["max_abs_diff"] < 1e-2
     assert {p["name"]: p["status"] for p in report["passes"]}["fold_batchnorm"] == "applied"
+
+
+def test_a_recurrent_graph_says_its_flops_are_not_all_counted(tmp_path):
+    """TF's profiler counts 0 inside a while loop and for outputs of unknown shape, so a
+    plain SavedModel of an LSTM over tokens of any length read "FLOPs: 0 -> 0". The
+    summary now says what it could not count; inspect takes the length of the tokens."""
+    import keras as keras3
+
+    from tf_balancer.analysis import inspect
+    from tf_balancer.export.savedmodel import format_summary
+
+    inp = keras3.Input((None,), dtype="int32")
+    x = keras3.layers.LSTM(8)(keras3.layers.Embedding(20, 4)(inp))
+    model = keras3.Model(inp, keras3.layers.Dense(3)(x))
+    path = str(tmp_path / "lstm")
+    model.export(path, verbose=False)
+    assert inspect(path, input_shape=(12,)).total_params == model.count_params()
+    report = optimize_saved_model(path, str(tmp_path / "out"), input_shape=(12,))
+    assert (
+        "loop" in report["before"]["flops_hidden"]
+        or "unknown shape" in report["before"]["flops_hidden"]
+    )
+    assert "; not all counted: " in format_summary(report)
+
+
+def test_a_plain_conv_graph_counts_all_its_flops(plain_dir):
+    loaded = tf.saved_model.load(plain_dir)  # kept: its signatures read its variables
+    stats = graph_stats(loaded.signatures["serving_default"])
+    assert stats["flops"] > 0 and stats["flops_hidden"] == ""

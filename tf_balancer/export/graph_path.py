@@ -155,4 +155,35 @@ def graph_stats(signature: Any) -> dict[str, Any]:
         if node.op == "Const" and tf.as_dtype(node.attr["dtype"].type).is_floating:
             params += int(np.prod([d.size for d in node.attr["value"].tensor.tensor_shape.dim]))
     ops = op_type_counts(traced.graph_def)
-    return {"nodes": sum(ops.values()), "ops": ops, "flops": _flops(traced.graph), "params": params}
+    return {
+        "nodes": sum(ops.values()),
+        "ops": ops,
+        "flops": _flops(traced.graph),
+        "flops_hidden": _hidden_flops(traced.graph),
+        "params": params,
+    }
+
+
+_HIDING_OPS = {
+    "While": "a loop (e.g. a recurrent layer)",
+    "StatelessWhile": "a loop (e.g. a recurrent layer)",
+    "PartitionedCall": "a function call",
+    "StatefulPartitionedCall": "a function call",
+}
+
+
+def _hidden_flops(graph: tf.Graph) -> str:
+    """Why TF's profiler cannot count all of a graph's FLOPs ("" when it can): ops
+    inside a loop or a function call, or outputs of unknown shape, count 0."""
+    for op in graph.get_operations():
+        if op.type in _HIDING_OPS:
+            return f"{_HIDING_OPS[op.type]} hides its ops"
+    for op in graph.get_operations():
+        if op.type in _COUNTED_OPS and not op.outputs[0].shape.is_fully_defined():
+            return f"{op.type} outputs of unknown shape (in {'/'.join(op.name.split('/')[-4:-1])})"
+    return ""
+
+
+_COUNTED_OPS = frozenset(
+    {"MatMul", "BatchMatMulV2", "Conv2D", "DepthwiseConv2dNative", "BiasAdd", "AddV2", "Mul"}
+)

@@ -309,13 +309,20 @@ def optimize_saved_model(
     return report
 
 
+def _uncounted(before: Mapping[str, Any], after: Mapping[str, Any]) -> str:
+    """A note when TF's profiler could not count every op of either graph."""
+    hidden = before.get("flops_hidden") or after.get("flops_hidden")
+    return f"; not all counted: {hidden}" if hidden else ""
+
+
 def format_summary(report: Mapping[str, Any]) -> str:
     """A few lines for the CLI: sizes, FLOPs, params, ops, passes and verification."""
     b, a = report["before"], report["after"]
     lines = [
         f"optimized {report['source']} -> {report['output']} ({report['kind']} SavedModel)",
         f"  size:   {b['bytes']:,} -> {a['bytes']:,} bytes",
-        f"  FLOPs:  {b['flops']:,} -> {a['flops']:,} (batch 1, {report['signature']})",
+        f"  FLOPs:  {b['flops']:,} -> {a['flops']:,} (batch 1, {report['signature']})"
+        + _uncounted(b, a),
         f"  params: {b['params']:,} -> {a['params']:,}",
         f"  ops:    {b['nodes']:,} -> {a['nodes']:,} graph nodes",
     ]

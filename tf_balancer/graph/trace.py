@@ -36,6 +36,7 @@ from tf_balancer.input_shapes import (
     has_open_axes,
     nominal_shapes,
     open_axes_message,
+    set_nominal_shapes,
 )
 
 __all__ = [
@@ -319,22 +320,32 @@ def trace_function(fn: Any, batch_size: int = 1) -> TracedGraph:
     return TracedGraph(graph_def, frozen, _map_scopes(graph_def), batch_size)
 
 
-def trace(obj: Any, batch_size: int = 1) -> TracedGraph:
+def trace(obj: Any, batch_size: int = 1, input_shape: Any = None) -> TracedGraph:
     """Trace a Keras model, tf.function, ConcreteFunction or SavedModel path.
+
+    ``input_shape``: the sizes of open input axes (``tf.TensorSpec([None, None])``),
+    as :func:`tf_balancer.input_shapes.set_nominal_shapes` takes them.
 
     Raises:
         UnsupportedModelError: Keras 3 model or an untraceable object.
         ModelLoadError: a path that is missing or not a SavedModel.
     """
     if is_keras_model(obj) or is_keras3_object(obj):
+        if input_shape is not None:
+            set_nominal_shapes(obj, input_shape)
         return trace_keras(obj, batch_size)
+    loaded = None
     if isinstance(obj, (str, os.PathLike)):
         loaded = load_saved_model(obj)  # keep alive while tracing: it owns the variables
-        return trace_function(serving_function(loaded), batch_size)
+        obj = serving_function(loaded)
     if isinstance(
         obj, (tf.types.experimental.PolymorphicFunction, tf.types.experimental.ConcreteFunction)
     ):
-        return trace_function(obj, batch_size)
+        if input_shape is not None:
+            set_nominal_shapes(obj, input_shape)
+        traced = trace_function(obj, batch_size)
+        del loaded
+        return traced
     raise UnsupportedModelError(
         f"cannot trace a {type(obj).__name__}; pass a tf_keras model, a tf.function with an "
         "input_signature, a ConcreteFunction or a SavedModel directory."
