@@ -129,3 +129,12 @@ def test_prune_of_an_uncompiled_model_asks_for_compile_when_finetuning(digits):
     model = build_digits_cnn(width=8, seed=0)
     with pytest.raises(ConfigError, match="compile"):
         tfb.prune(model, 0.5, (digits.x_train[:64], digits.y_train[:64]), importance="magnitude")
+
+
+def test_the_optimized_model_comes_back_compiled_like_the_trained_one(pruned, digits):
+    """Ready for evaluate or more fit (was uncompiled: users had to compile it again)."""
+    _, model, report = pruned
+    scores = model.evaluate(digits.x_val, digits.y_val, verbose=0, return_dict=True)
+    assert {"loss", "accuracy"} <= set(scores)
+    assert scores["accuracy"] == pytest.approx(report["final"]["accuracy"], abs=1e-6)
+    model.fit(digits.x_train[:64], digits.y_train[:64], epochs=1, verbose=0)

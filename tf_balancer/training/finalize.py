@@ -35,7 +35,14 @@ from tf_balancer.report import (
     task_of,
 )
 from tf_balancer.training.calibrate import recalibrate_batchnorm
-from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings, finetune
+from tf_balancer.training.finetune import (
+    FINETUNE_LR_SCALE,
+    FinetuneSettings,
+    compile_like,
+    current_learning_rate,
+    finetune,
+    fresh_optimizer,
+)
 
 __all__ = ["FinalizeInputs", "Finalizer", "FINETUNE_LR_SCALE"]
 
@@ -160,8 +167,26 @@ class Finalizer:
             records += report.records
         report = self.build_report(model, plan, records)
         self.warn_shortfall(report)
+        self.compile_result(model)
         logger.info("result:\n%s", summary_markdown(report))
         return model, report
+
+    def compile_result(self, model: Any) -> None:
+        """Compile the optimized model like the trained one (its loss, loss weights and
+        metrics; a fresh optimizer of its type at its current learning rate), so it
+        can be evaluated or trained further as it is. Said, not raised, when it
+        cannot be (a loss or metric Keras cannot rebuild)."""
+        trained = self.inputs.model
+        if model is trained or not is_keras_model(model):
+            return
+        optimizer = getattr(trained, "optimizer", None)
+        if optimizer is None or getattr(trained, "loss", None) is None:
+            return
+        try:
+            rate = current_learning_rate(optimizer)
+            compile_like(model, trained, fresh_optimizer(optimizer, rate))
+        except Exception as err:  # noqa: BLE001 - an uncompiled result still serves
+            logger.info("the optimized model is not compiled (%s); compile it to train it", err)
 
     def warn_shortfall(self, report: dict[str, Any]) -> None:
         """One WARNING line when a pass was rolled back or the target was missed by > 1%.

@@ -22,9 +22,17 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import keras_of
+from tf_balancer.graph.walk import functional_twin
 from tf_balancer.report import classification_scores, task_of
 
-__all__ = ["FINETUNE_LR_SCALE", "FinetuneSettings", "current_learning_rate", "finetune"]
+__all__ = [
+    "FINETUNE_LR_SCALE",
+    "FinetuneSettings",
+    "compile_like",
+    "current_learning_rate",
+    "finetune",
+    "fresh_optimizer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +74,8 @@ def current_learning_rate(optimizer: Any) -> float:
     return float(np.asarray(tf.convert_to_tensor(rate)))
 
 
-def _fresh_optimizer(optimizer: Any, learning_rate: float) -> Any:
+def fresh_optimizer(optimizer: Any, learning_rate: float) -> Any:
+    """A new optimizer of ``optimizer``'s type and config at ``learning_rate`` (no slots)."""
     config = dict(optimizer.get_config(), learning_rate=learning_rate)
     return type(optimizer).from_config(config)
 
@@ -110,8 +119,8 @@ def finetune(
     rate = settings.learning_rate
     if rate is None:
         rate = settings.lr_scale * current_learning_rate(trained.optimizer)
-    compile_like(model, trained, _fresh_optimizer(trained.optimizer, rate))
-    task = task_of(trained)
+    compile_like(model, trained, fresh_optimizer(trained.optimizer, rate))
+    task = task_of(trained, functional_twin(trained).outputs)  # (a subclassed model's twin)
     scores = [_score(model, validation, **task)]
     best, best_weights = scores[0], model.get_weights()
     data = settings.data
