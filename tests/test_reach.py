@@ -445,6 +445,24 @@ def _worsening(on_epoch_end):
     return wrapped
 
 
+def test_identity_resizing_cropping_and_repeat_vector_pass_channels_through(kx):
+    """Layers that move values but keep each channel to itself (were opaque, blocking
+    the groups around them)."""
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((10, 10, 3))
+    x = kx.layers.Conv2D(16, 3, padding="same", activation="relu", name="conv_a")(inp)
+    x = kx.layers.Identity()(x)
+    x = kx.layers.Resizing(8, 8)(x)
+    x = kx.layers.CenterCrop(6, 6)(x)
+    x = kx.layers.Conv2D(16, 3, activation="relu", name="conv_b")(x)
+    x = kx.layers.Dense(12, activation="relu", name="hidden")(kx.layers.GlobalAveragePooling2D()(x))
+    x = kx.layers.LSTM(8, name="lstm")(kx.layers.RepeatVector(3)(x))
+    model = kx.Model(inp, kx.layers.Dense(2)(x))
+    analysis, _ = _assert_compaction_exact(model)
+    prunable = {p for g in analysis.graph.prunable_groups for p in g.nodes("producer")}
+    assert prunable == {"conv_a", "conv_b", "hidden", "lstm"}
+
+
 def _small_cnn():
     keras3.utils.set_random_seed(0)
     inp = keras3.Input((8, 8, 1))

@@ -239,6 +239,10 @@ _SPECS: dict[str, LayerSpec] = {
             "SpatialDropout3D",
             "Reshape",  # only when it keeps the channel axis: see opaque_reason
             "Rescaling",  # a scalar scale and offset
+            "Identity",
+            "RepeatVector",  # (n, C) -> (n, T, C)
+            "Resizing",  # spatial interpolation, channel by channel
+            "CenterCrop",
         )
     },
 }
