@@ -86,17 +86,6 @@ def test_atomic_directory_refuses_an_existing_path(tmp_path):
     assert (path / "mine.txt").read_text() == "keep me"
 
 
-def test_atomic_directory_overwrite_replaces_the_directory(tmp_path):
-    path = tmp_path / "out"
-    path.mkdir()
-    (path / "old.txt").write_text("old")
-    with atomic_directory(path, overwrite=True) as tmp:
-        with open(os.path.join(tmp, "new.txt"), "w") as handle:
-            handle.write("new")
-    assert os.listdir(path) == ["new.txt"]
-    assert os.listdir(tmp_path) == ["out"]
-
-
 def test_atomic_directory_overwrite_keeps_old_content_on_exception(tmp_path):
     path = tmp_path / "out"
     path.mkdir()
