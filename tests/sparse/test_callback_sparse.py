@@ -94,3 +94,33 @@ def test_sparse_mode_rejects_a_lagging_wrapper_schedule():
     callback.set_model(model)
     with pytest.raises(ConfigError, match="end_step=0, prune_after_end=True"):
         callback.on_train_begin()
+
+
+@pytest.mark.slow
+def test_sparse_mode_never_trains_the_users_model_after_fit(caplog):
+    """Fine-tuning the unwrapped model trained the user's own weights after ``fit``
+    returned (they share layers) and regrew the pruned ones: it is skipped, with a
+    warning that says why."""
+    data = load_digits_data(0)
+    model, _ = _wrapped(end_step=0, frequency=5, prune_after_end=True)
+    callback = BalanceCallback(
+        target=TARGET,
+        mode="sparse",
+        importance="magnitude",
+        validation_data=(data.x_val, data.y_val),
+        finetune_epochs=2,
+        finetune_data=(data.x_train, data.y_train),
+        verbose=0,
+    )
+    with caplog.at_level("WARNING", logger="tf_balancer"):
+        model.fit(
+            data.x_train, data.y_train, epochs=3, batch_size=32, callbacks=[callback], verbose=0
+        )
+        after_fit = [w.copy() for w in model.get_weights()]
+        optimized = callback.optimized_model
+    for now, then in zip(model.get_weights(), after_fit, strict=True):
+        np.testing.assert_array_equal(now, then)
+    assert any("fine-tuning skipped in mode='sparse'" in r.getMessage() for r in caplog.records)
+    kernels = [w for w in optimized.get_weights() if w.ndim > 1]
+    zeros = sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
+    assert zeros > 0.8 * (1 - TARGET)

@@ -69,6 +69,11 @@ def _weights(model) -> list[np.ndarray]:
         {"finetune_epochs": -1, "finetune_data": ([0], [0])},
         {"min_keep": 0},
         {"max_prune_fraction": 1.0},
+        # importance was checked only at the first rebalance, after an epoch of training
+        {"importance": "bogus"},
+        {"importance": {"taylor": -1.0}},
+        {"importance": {"magnitude": 0.5, "nope": 0.5}},
+        {"importance": 3},
     ],
 )
 def test_constructor_rejects_invalid_arguments(kwargs):

@@ -42,6 +42,7 @@ from tf_balancer.graph.walk import rebuild
 from tf_balancer.metrics import per_output
 
 __all__ = [
+    "check_importance",
     "ProbeData",
     "register_importance",
     "registered_importances",
@@ -376,6 +377,28 @@ def _output_key(graph: LayerGraph, node_name: str) -> str:
         if call.name == node_name:
             return call.outputs[0]
     raise KeyError(node_name)
+
+
+def check_importance(importance: Any) -> dict[str, float]:
+    """The criteria weights of ``importance`` (a criterion's name or ``{name: weight}``),
+    checked, so a typo fails when the callback is made, not after an epoch of training.
+
+    Example:
+        >>> check_importance({"taylor": 0.5, "magnitude": 0.5})
+        {'taylor': 0.5, 'magnitude': 0.5}
+
+    Raises:
+        ConfigError: an unknown criterion, or weights negative, not finite or all 0.
+    """
+    if not isinstance(importance, (str, Mapping)):
+        raise ConfigError(
+            f"importance must be a criterion's name or a dict of weights, got {importance!r}; "
+            f"criteria: {registered_importances()}"
+        )
+    weights = _criteria(importance)
+    for name in weights:
+        get_importance(name)
+    return weights
 
 
 def _criteria(importance: str | Mapping[str, float]) -> dict[str, float]:

@@ -40,6 +40,7 @@ from tf_balancer.attention.importance import (
     ProbeData,
     attention_weights,
     balance_score,
+    check_importance,
     group_scores,
     head_attention,
 )
@@ -278,6 +279,7 @@ class BalanceCallback(keras.callbacks.Callback):
                     "x, y = next(iter(dataset.unbatch().batch(512).as_numpy_iterator()))"
                 )
         self.target, self.target_metric, self.mode = float(target), target_metric, mode
+        check_importance(importance)
         self.importance, self.strategy = importance, strategy
         self.begin_epoch, self.end_epoch, self.every_n_epochs = (
             begin_epoch,
@@ -511,7 +513,8 @@ class BalanceCallback(keras.callbacks.Callback):
             warnings.warn(
                 f"BalanceCallback: target {self.target:g} of {self.target_metric} is out of "
                 f"reach: with every prunable group at its lower bound the model keeps "
-                f"{floor:.3f} (the rest is in layers that cannot be pruned{_largest_blocked(self.analysis)}"
+                f"{floor:.3f} (the rest is in layers that cannot be pruned"
+                f"{_largest_blocked(self.analysis, self.target_metric)}"
                 f"; see `tf-balancer inspect`; or held by min_keep/max_prune_fraction); "
                 f"pruning to {floor:.3f}",
                 UserWarning,
@@ -911,16 +914,17 @@ def _weights_digest(model: Any) -> bytes:
     return digest.digest()
 
 
-def _largest_blocked(analysis: ModelAnalysis) -> str:
+def _largest_blocked(analysis: ModelAnalysis, metric: str = "flops") -> str:
     """``", the most FLOPs (N%) behind: <reason>"`` for the non-prunable channel group
-    whose layers cost the most, or "" when there is none."""
+    whose layers cost the most (params for ``metric="params"``, else FLOPs), or ""."""
     graph, layers = analysis.graph, analysis.cost.layers
+    field, label = ("params", "params") if metric == "params" else ("flops", "FLOPs")
     plain = ("model input", "reaches a model output")
     flops: dict[int, int] = {}
     for node in graph.nodes.values():
         gid = graph.group_of(node.name)
         if gid is not None and node.role in ("producer", "attention", "opaque"):
-            flops[gid] = flops.get(gid, 0) + layers[node.name].flops
+            flops[gid] = flops.get(gid, 0) + getattr(layers[node.name], field)
     blocked = {
         g: f for g, f in flops.items() if any(r not in plain for r in graph.groups[g].reasons)
     }
@@ -928,5 +932,5 @@ def _largest_blocked(analysis: ModelAnalysis) -> str:
         return ""
     worst = max(blocked, key=blocked.get)
     reason = next(r for r in graph.groups[worst].reasons if r not in plain)
-    share = blocked[worst] / max(analysis.cost.flops, 1)
-    return f", the most FLOPs ({share:.0%}) behind: {reason}"
+    share = blocked[worst] / max(getattr(analysis.cost, field), 1)
+    return f", the most {label} ({share:.0%}) behind: {reason}"

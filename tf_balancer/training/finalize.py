@@ -237,6 +237,13 @@ class Finalizer:
         if model is job.model:  # nothing was compacted; never recompile the user's model
             logger.info("no channel was removed: fine-tuning skipped")
             return model
+        if job.mode == "sparse":  # the unwrapped layers are the trained model's own
+            logger.warning(
+                "fine-tuning skipped in mode='sparse': it would train the model's own weights "
+                "after fit, and without tfmot's masks regrow the pruned ones; train more "
+                "epochs with the callback instead"
+            )
+            return model
         model, self.finetune_log = finetune(model, job.model, settings, job.validation_data)
         return model
 

@@ -35,7 +35,12 @@ from tf_balancer._quiet import quietly
 from tf_balancer.analysis import analyze
 from tf_balancer.attention.balance import Bounds, allocate
 from tf_balancer.attention.coupled import OBJECTIVES
-from tf_balancer.attention.importance import ProbeData, attention_weights, group_scores
+from tf_balancer.attention.importance import (
+    ProbeData,
+    attention_weights,
+    check_importance,
+    group_scores,
+)
 from tf_balancer.errors import ConfigError, UnsupportedModelError
 from tf_balancer.graph.walk import functional_twin
 from tf_balancer.input_shapes import adopt_data_shapes, set_nominal_shapes
@@ -124,6 +129,7 @@ def prune(
     """
     model = ensure_keras_model(model)
     _check_arguments(target, finetune_epochs, batch_size)
+    check_importance(importance)
     if isinstance(data, ProbeData):
         probe = data
     else:
