@@ -28,17 +28,22 @@ class _TrainFunctionSpy(keras.callbacks.Callback):
         self.functions.append(self.model.train_function)
 
 
-@pytest.fixture(scope="module")
-def sparse_run():
-    data = load_digits_data(0)
-    model, variables = _wrapped(end_step=0, frequency=5, prune_after_end=True)
-    callback = BalanceCallback(
+def _sparse_callback(data, **extra):
+    return BalanceCallback(
         target=TARGET,
         mode="sparse",
         importance="magnitude",
         validation_data=(data.x_val, data.y_val),
         verbose=0,
+        **extra,
     )
+
+
+@pytest.fixture(scope="module")
+def sparse_run():
+    data = load_digits_data(0)
+    model, variables = _wrapped(end_step=0, frequency=5, prune_after_end=True)
+    callback = _sparse_callback(data)
     spy = _TrainFunctionSpy()
     history = model.fit(
         data.x_train, data.y_train, epochs=3, batch_size=32, callbacks=[callback, spy], verbose=0
@@ -103,15 +108,7 @@ def test_sparse_mode_never_trains_the_users_model_after_fit(caplog):
     warning that says why."""
     data = load_digits_data(0)
     model, _ = _wrapped(end_step=0, frequency=5, prune_after_end=True)
-    callback = BalanceCallback(
-        target=TARGET,
-        mode="sparse",
-        importance="magnitude",
-        validation_data=(data.x_val, data.y_val),
-        finetune_epochs=2,
-        finetune_data=(data.x_train, data.y_train),
-        verbose=0,
-    )
+    callback = _sparse_callback(data, finetune_epochs=2, finetune_data=(data.x_train, data.y_train))
     with caplog.at_level("WARNING", logger="tf_balancer"):
         model.fit(
             data.x_train, data.y_train, epochs=3, batch_size=32, callbacks=[callback], verbose=0
