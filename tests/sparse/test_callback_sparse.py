@@ -121,3 +121,22 @@ def test_sparse_mode_never_trains_the_users_model_after_fit(caplog):
     kernels = [w for w in optimized.get_weights() if w.ndim > 1]
     zeros = sum(int((k == 0).sum()) for k in kernels) / sum(k.size for k in kernels)
     assert zeros > 0.8 * (1 - TARGET)
+
+
+@pytest.mark.slow
+def test_sparse_mode_says_when_the_masks_never_updated(caplog):
+    """A wrapper whose masks update every 1000 steps, in a fit of about 150: the model
+    ended with no zeros and a normal-looking report; now a warning names the fix."""
+    data = load_digits_data(0)
+    model, _ = _wrapped(end_step=0, frequency=1000, prune_after_end=True)
+    with caplog.at_level("WARNING", logger="tf_balancer"):
+        model.fit(
+            data.x_train,
+            data.y_train,
+            epochs=3,
+            batch_size=32,
+            verbose=0,
+            callbacks=[_sparse_callback(data)],
+        )
+    messages = [r.getMessage() for r in caplog.records if "are 0% zeros, not 70%" in r.getMessage()]
+    assert len(messages) == 1 and "frequency below the steps per epoch" in messages[0]

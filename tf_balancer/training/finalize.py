@@ -167,6 +167,8 @@ class Finalizer:
             records += report.records
         report = self.build_report(model, plan, records)
         self.warn_shortfall(report)
+        if job.mode == "sparse":
+            self.warn_sparsity_shortfall(model, report.get("target"))
         self.compile_result(model)
         logger.info("result:\n%s", summary_markdown(report))
         return model, report
@@ -217,6 +219,27 @@ class Finalizer:
             ratio,
             metric,
             target,
+        )
+
+    @staticmethod
+    def warn_sparsity_shortfall(model: Any, target: float | None) -> None:
+        """One WARNING line when the prunable kernels end well under the sparsity asked
+        for (``1 - target``): tfmot's masks update only every ``frequency`` steps of
+        the pruning wrapper's schedule, which a short ``fit`` may never reach."""
+        from tf_balancer.sparse.wrapping import overall_sparsity
+
+        if target is None:
+            return
+        wanted, got = 1.0 - float(target), overall_sparsity(model)
+        if got >= 0.9 * wanted:
+            return
+        logger.warning(
+            "end of training: the prunable kernels are %.0f%% zeros, not %.0f%%: the pruning "
+            "wrapper updates its masks every `frequency` steps of its schedule; give it a "
+            "frequency below the steps per epoch (tf_balancer.sparse.wrapping.wrap_for_pruning(..., "
+            "frequency=...))",
+            100 * got,
+            100 * wanted,
         )
 
     def finetune(self, model: Any) -> Any:
