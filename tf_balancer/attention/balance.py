@@ -77,7 +77,15 @@ from tf_balancer.errors import BalanceError, ConfigError
 from tf_balancer.graph.latency import measure_latency
 from tf_balancer.hardware import simd_lanes
 
-__all__ = ["Bounds", "KeepPlan", "Allocation", "allocate", "lowest_reachable", "STRATEGIES"]
+__all__ = [
+    "check_target",
+    "Bounds",
+    "KeepPlan",
+    "Allocation",
+    "allocate",
+    "lowest_reachable",
+    "STRATEGIES",
+]
 
 STRATEGIES = ("balanced", "uniform", "global")
 METRICS = ("flops", "params", "latency")
@@ -200,13 +208,27 @@ class Allocation(KeepPlan):
         }
 
 
-def _validate(
-    scores: Mapping[int, np.ndarray], target: float, metric: str, strategy: str, graph: Any
-) -> None:
-    if isinstance(target, bool) or not isinstance(target, (int, float, np.floating)):
+def check_target(target: Any) -> float:
+    """``target`` as a float, checked: a number (not a bool) in (0, 1].
+
+    Example:
+        >>> check_target(np.float32(0.5))
+        0.5
+
+    Raises:
+        ConfigError: not a number, or outside (0, 1] (NaN included).
+    """
+    if isinstance(target, bool) or not isinstance(target, (int, float, np.integer, np.floating)):
         raise ConfigError(f"target must be a number in (0, 1], got {target!r}")
     if not 0.0 < target <= 1.0 or math.isnan(target):
         raise ConfigError(f"target must be in (0, 1], got {target!r}")
+    return float(target)
+
+
+def _validate(
+    scores: Mapping[int, np.ndarray], target: float, metric: str, strategy: str, graph: Any
+) -> None:
+    check_target(target)
     if metric not in METRICS:
         raise ConfigError(f"target_metric must be one of {METRICS}, got {metric!r}")
     if strategy not in STRATEGIES:

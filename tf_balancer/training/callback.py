@@ -34,6 +34,7 @@ from tf_balancer.attention.balance import (
     Bounds,
     KeepPlan,
     allocate,
+    check_target,
     lowest_reachable,
 )
 from tf_balancer.attention.importance import (
@@ -249,8 +250,7 @@ class BalanceCallback(keras.callbacks.Callback):
     ):
         super().__init__()
         self._prepared_for = None
-        if not isinstance(target, (int, float)) or not 0.0 < target <= 1.0 or math.isnan(target):
-            raise ConfigError(f"target must be in (0, 1], got {target!r}")
+        check_target(target)
         if target_metric not in METRICS:
             raise ConfigError(f"target_metric must be one of {METRICS}, got {target_metric!r}")
         if target_metric == "latency" and mode != "structured":

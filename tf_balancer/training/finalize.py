@@ -41,7 +41,6 @@ from tf_balancer.training.finetune import (
     compile_like,
     current_learning_rate,
     finetune,
-    fresh_optimizer,
 )
 
 __all__ = ["FinalizeInputs", "Finalizer", "FINETUNE_LR_SCALE"]
@@ -185,8 +184,7 @@ class Finalizer:
         if optimizer is None or getattr(trained, "loss", None) is None:
             return
         try:
-            rate = current_learning_rate(optimizer)
-            compile_like(model, trained, fresh_optimizer(optimizer, rate))
+            compile_like(model, trained, current_learning_rate(optimizer))
         except Exception as err:  # noqa: BLE001 - an uncompiled result still serves
             logger.info("the optimized model is not compiled (%s); compile it to train it", err)
 

@@ -31,7 +31,6 @@ __all__ = [
     "compile_like",
     "current_learning_rate",
     "finetune",
-    "fresh_optimizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,14 +73,16 @@ def current_learning_rate(optimizer: Any) -> float:
     return float(np.asarray(tf.convert_to_tensor(rate)))
 
 
-def fresh_optimizer(optimizer: Any, learning_rate: float) -> Any:
+def _fresh_optimizer(optimizer: Any, learning_rate: float) -> Any:
     """A new optimizer of ``optimizer``'s type and config at ``learning_rate`` (no slots)."""
     config = dict(optimizer.get_config(), learning_rate=learning_rate)
     return type(optimizer).from_config(config)
 
 
-def compile_like(model: Any, trained: Any, optimizer: Any) -> None:
-    """Compile ``model`` with ``trained``'s loss, loss weights and metrics and ``optimizer``."""
+def compile_like(model: Any, trained: Any, learning_rate: float) -> None:
+    """Compile ``model`` with ``trained``'s loss, loss weights and metrics and a fresh
+    optimizer of ``trained``'s type and config at ``learning_rate``."""
+    optimizer = _fresh_optimizer(trained.optimizer, learning_rate)
     kwargs: dict[str, Any] = {"loss": trained.loss}
     config = trained.get_compile_config() if hasattr(trained, "get_compile_config") else None
     if config:
@@ -119,7 +120,7 @@ def finetune(
     rate = settings.learning_rate
     if rate is None:
         rate = settings.lr_scale * current_learning_rate(trained.optimizer)
-    compile_like(model, trained, fresh_optimizer(trained.optimizer, rate))
+    compile_like(model, trained, rate)
     task = task_of(trained, functional_twin(trained).outputs)  # (a subclassed model's twin)
     scores = [_score(model, validation, **task)]
     best, best_weights = scores[0], model.get_weights()

@@ -33,7 +33,7 @@ import numpy as np
 from tf_balancer._compat import ensure_keras_model
 from tf_balancer._quiet import quietly
 from tf_balancer.analysis import analyze
-from tf_balancer.attention.balance import Bounds, allocate
+from tf_balancer.attention.balance import Bounds, allocate, check_target
 from tf_balancer.attention.coupled import OBJECTIVES
 from tf_balancer.attention.importance import (
     ProbeData,
@@ -52,14 +52,9 @@ from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
 __all__ = ["prune"]
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 def _check_arguments(target: Any, finetune_epochs: Any, batch_size: Any) -> None:
     """Raise :class:`ConfigError` for a target outside (0, 1] or non-integer counts."""
-    if not _is_number(target) or not 0.0 < float(target) <= 1.0:
-        raise ConfigError(f"target must be a number in (0, 1], got {target!r}")
+    check_target(target)
     for name, value, least in (
         ("finetune_epochs", finetune_epochs, 0),
         ("batch_size", batch_size, 1),
