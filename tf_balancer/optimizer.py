@@ -1,7 +1,10 @@
 """``MetaOptimizer``: run named passes in order, verify each, roll back failures.
 
 Grappler's meta-optimizer in Python. Each pass is looked up by name in the
-registry, run on the current model, then verified: a function-preserving pass
+registry, run on the current model, then verified (consecutive rebuild passes -
+``strip_training_ops``, ``fold_batchnorm``, ``fuse_activation`` - run as one
+chain: one model built and verified, see :mod:`tf_balancer.passes.chain`; when
+that model fails, the chain's passes run again one by one): a function-preserving pass
 must reproduce its reference's outputs on the probe batch (within a tolerance
 that follows the model's compute dtype, see :func:`tf_balancer.verify.tolerance_for`),
 every pass must keep the output shapes and dtypes. A pass that raises or fails
@@ -31,6 +34,7 @@ from tf_balancer.errors import ConfigError, PassError, VerificationError
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.walk import functional_twin
 from tf_balancer.passes.base import GraphPass, PassContext, get_pass
+from tf_balancer.passes.chain import chainable, run_chain
 from tf_balancer.verify import (
     Outcome,
     compare_outputs,
@@ -59,6 +63,10 @@ class PassRecord:
     after: dict[str, int]
     max_abs_diff: float = 0.0
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    verified_with: tuple[str, ...] = ()
+    """The passes of this one's chain (:mod:`tf_balancer.passes.chain`): built as one
+    model and verified together, ``max_abs_diff`` being the chain's. Empty for a pass
+    verified alone."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +74,9 @@ class OptimizationReport:
     """All pass records, in order."""
 
     records: tuple[PassRecord, ...]
-    analysis: ModelAnalysis | None = None  # of the model returned (Keras models only)
+    analysis: ModelAnalysis | None = None
+    """Of the model returned, when a pass alone made it (Keras models only); None after a
+    chain (:mod:`tf_balancer.passes.chain`), which costs its result without tracing it."""
 
     @property
     def rolled_back(self) -> list[str]:
@@ -195,20 +205,84 @@ class MetaOptimizer:
         self._outputs = _Outputs()  # a pass's result is the next pass's reference
         known = analysis is not None and any(analysis.model is m for m in (given, model))
         current = (_stats_of(analysis), analysis) if known else _analysed(model)
-        records = []
-        for graph_pass in self.passes:
-            model, current, record = self._run_one(graph_pass, model, current, ctx, probe)
-            records.append(record)
-            logger.log(
-                self.progress_log_level,
-                "pass %s: %s in %.1f s (FLOPs %s -> %s)",
-                record.name,
-                record.status,
-                record.seconds,
-                f"{record.before['flops']:,}",
-                f"{record.after['flops']:,}",
-            )
+        records: list[PassRecord] = []
+        i = 0
+        while i < len(self.passes):
+            chain = _chain_at(self.passes, i)
+            done = self._run_chain(chain, model, current, ctx, probe) if chain else None
+            if done is None:
+                chain = self.passes[i : i + 1]
+                model, current, record = self._run_one(chain[0], model, current, ctx, probe)
+                done = model, current, [record]
+            model, current, new_records = done
+            for record in new_records:
+                self._log_progress(record)
+            records += new_records
+            i += len(chain)
         return model, OptimizationReport(tuple(records), current[1])
+
+    def _log_progress(self, record: PassRecord) -> None:
+        logger.log(
+            self.progress_log_level,
+            "pass %s: %s in %.1f s (FLOPs %s -> %s)",
+            record.name,
+            record.status,
+            record.seconds,
+            f"{record.before['flops']:,}",
+            f"{record.after['flops']:,}",
+        )
+
+    def _run_chain(
+        self, chain: Sequence[GraphPass], model: Any, current: tuple, ctx: PassContext, probe: Any
+    ) -> tuple[Any, tuple, list[PassRecord]] | None:
+        """Several rebuild passes as one (:mod:`tf_balancer.passes.chain`): one model
+        built and verified. None when that cannot be done or the result fails
+        verification: the caller then runs them one by one, each verified, which
+        tells which one fails and rolls back that one only."""
+        analysis = current[1]
+        if analysis is None:
+            return None
+        snapshot = _weights_of(model)
+        try:
+            result = run_chain(chain, model, analysis, ctx)
+            _restore_if_mutated(model, snapshot)
+            begin = time.perf_counter()
+            outcome = Outcome(True)
+            if result.model is not model:
+                outcome = compare_outputs(
+                    model, result.model, probe, self.rtol, self.atol, run=self._outputs
+                )
+        except Exception as err:  # noqa: BLE001 - the passes then run one by one
+            logger.debug("passes %s not run as one chain: %s", [p.name for p in chain], err)
+            return None
+        if not outcome.ok:
+            logger.debug(
+                "chain %s failed verification: %s", [p.name for p in chain], outcome.reason
+            )
+            return None
+        shared = result.rebuild_seconds + time.perf_counter() - begin
+        names = tuple(p.name for p, step in zip(chain, result.steps, strict=True) if step.rewrite)
+        last = max((k for k, step in enumerate(result.steps) if step.rewrite), default=None)
+        records, before = [], current[0]
+        for k, (graph_pass, step) in enumerate(zip(chain, result.steps, strict=True)):
+            change = step.rewrite
+            records.append(
+                PassRecord(
+                    graph_pass.name,
+                    "applied" if change else "unchanged",
+                    change.message if change else graph_pass.nothing_to_do,
+                    step.seconds + (shared if k == last else 0.0),
+                    before,
+                    step.stats,
+                    outcome.max_abs_diff if change else 0.0,
+                    dict(change.stats) if change else {},
+                    names if change else (),
+                )
+            )
+            before = step.stats
+        if last is None:
+            return model, current, records
+        return result.model, (before, None), records
 
     def _run_one(
         self, graph_pass: GraphPass, model: Any, current: tuple, ctx: PassContext, probe: Any
@@ -291,6 +365,17 @@ class MetaOptimizer:
                 reference, new_model, probe, self.rtol, self.atol, run=self._outputs
             )
         return compare_signature(model, new_model, probe, run=self._outputs)
+
+
+def _chain_at(passes: Sequence[GraphPass], i: int) -> list[GraphPass]:
+    """The run of two or more :func:`~tf_balancer.passes.chain.chainable` passes starting
+    at ``i``, or an empty list."""
+    run = []
+    for graph_pass in passes[i:]:
+        if not chainable(graph_pass):
+            break
+        run.append(graph_pass)
+    return run if len(run) > 1 else []
 
 
 class _Outputs:

@@ -6,6 +6,7 @@ tolerance means something (softmax outputs over 1000 classes are ~1e-3).
 
 from __future__ import annotations
 
+import keras as keras3
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -109,3 +110,19 @@ def test_grappler_record_counts_fused_ops_and_graph_params(mobilenet_v2):
     assert record.after["flops"] >= 0.99 * record.before["flops"]
     assert record.after["flops"] <= record.before["flops"]
     assert record.after["params"] == pytest.approx(record.before["params"], rel=0.01)
+
+
+@pytest.mark.parametrize("k", [keras, keras3], ids=["tf_keras", "keras3"])
+def test_a_captured_constant_becomes_part_of_the_graph_not_an_input(k):
+    """A layer holding a constant tensor (``Rescaling`` with a per-channel scale, as in
+    EfficientNet) is captured by the trace; freezing makes it a constant. The function
+    Grappler returns takes the model's one input, not the constant as a second one (it
+    did when the input names were read from the traced function's inputs)."""
+    inp = k.Input((4, 4, 3))
+    x = k.layers.Rescaling([0.5, 1.0, 2.0])(inp)
+    model = k.Model(inp, k.layers.Conv2D(2, 3)(x))
+    function, report = MetaOptimizer(["grappler"]).run(model)
+    assert report.records[0].status == "applied", report.records[0].message
+    x = np.random.default_rng(0).random((2, 4, 4, 3), np.float32)
+    (actual,) = tf.nest.flatten(function(tf.constant(x)))
+    np.testing.assert_allclose(actual.numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)

@@ -44,6 +44,7 @@ __all__ = [
     "run_grappler",
     "graph_def_to_function",
     "optimize_concrete_function",
+    "optimize_graph_def",
     "op_type_counts",
 ]
 
@@ -257,7 +258,6 @@ def optimize_concrete_function(
         >>> stats["nodes_after"] <= stats["nodes_before"]  # doctest: +SKIP
         True
     """
-    graph_def = frozen_fn.graph.as_graph_def()
     inputs = [t.name for t in frozen_fn.inputs if t.dtype != tf.resource]
     if len(inputs) != len(frozen_fn.inputs):
         raise UnsupportedModelError(
@@ -265,6 +265,18 @@ def optimize_concrete_function(
             "`tf_balancer.graph.trace.freeze(concrete_function)`."
         )
     output_names = tf.nest.map_structure(lambda t: t.name, frozen_fn.structured_outputs)
+    return optimize_graph_def(frozen_fn.graph.as_graph_def(), inputs, output_names, optimizers)
+
+
+def optimize_graph_def(
+    graph_def: Any,
+    inputs: Sequence[str],
+    output_names: Any,
+    optimizers: Iterable[str] = DEFAULT_OPTIMIZERS,
+) -> tuple[Any, dict[str, Any]]:
+    """:func:`optimize_concrete_function` of a frozen GraphDef, given the tensor names
+    of its inputs and of its outputs (a nested structure of them, which the function
+    returned keeps), e.g. a frozen :class:`~tf_balancer.graph.trace.TracedGraph`'s."""
     optimized = run_grappler(graph_def, inputs, tf.nest.flatten(output_names), optimizers)
     stats = {
         "nodes_before": len(graph_def.node),

@@ -455,7 +455,13 @@ class LayerGraph:
             UnsupportedModelError: an input axis is open and has no nominal size
                 (:mod:`tf_balancer.input_shapes`), so layer shapes are unknown.
         """
-        walk = walk_model(model)
+        return cls.from_walk(walk_model(model), model)
+
+    @classmethod
+    def from_walk(cls, walk: Walk, model: Any = None) -> LayerGraph:
+        """:meth:`from_model` of a model's :class:`~tf_balancer.graph.walk.Walk`, or of
+        a walk no model has yet (a chain of passes costs each rewrite's walk before
+        building the one model that comes out of it)."""
         declared = [tuple(t.shape) for t in walk.input_tensors]
         if walk.nominal is None and has_open_axes(declared):
             raise UnsupportedModelError(open_axes_message(f"model {walk.model_name!r}", declared))

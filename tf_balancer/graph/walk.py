@@ -376,8 +376,29 @@ def rebuild(
     pass more keys to expose intermediate tensors.
     """
     adapter = walk.adapter or adapter_for(walk.calls[0].layer)
-    new_inputs = [  # the batch axis open, even where the model fixed it
-        adapter.input((None, *t.shape[1:]), t.dtype, t.name.split(":")[0])
+    new_inputs, tensors = call_symbolically(walk, make_layer)
+    result = [tensors[k] for k in (walk.output_keys if outputs is None else outputs)]
+    if outputs is None and walk.output_structure is not None:  # the model's dict or list
+        packed = tf.nest.map_structure(lambda i: result[i], walk.output_structure)
+    else:
+        packed = result if len(result) > 1 else result[0]
+    single = len(new_inputs) == 1  # Keras 3 warns when a one-input list model gets a tensor
+    model = adapter.model(new_inputs[0] if single else new_inputs, packed, name)
+    if walk.nominal is not None:  # costed at the same sizes as the model it came from
+        set_nominal_shapes(model, walk.nominal)
+    return model
+
+
+def call_symbolically(
+    walk: Walk, make_layer: Callable[[Call], Any] = lambda call: call.layer
+) -> tuple[list[Any], dict[str, Any]]:
+    """Call ``make_layer(call)`` for each call on new symbolic inputs (the batch axis open,
+    even where the model fixed it): Keras builds each layer as a functional model
+    would. Returns the new inputs and every tensor by key. ``make_layer`` as in
+    :func:`rebuild`; by default the calls' own layers."""
+    adapter = walk.adapter or adapter_for(walk.calls[0].layer)
+    new_inputs = [
+        adapter.input((None, *t.shape[1:]), t.dtype, (t.name or "").split(":")[0] or None)
         for t in walk.input_tensors
     ]
     tensors: dict[str, Any] = dict(zip(walk.input_keys, new_inputs, strict=True))
@@ -389,16 +410,7 @@ def rebuild(
         args, kwargs = _map_arguments(call, walk, tensors)
         produced = tf.nest.flatten(new_layer(*args, **kwargs))
         tensors.update(zip(call.outputs, produced, strict=True))
-    result = [tensors[k] for k in (walk.output_keys if outputs is None else outputs)]
-    if outputs is None and walk.output_structure is not None:  # the model's dict or list
-        packed = tf.nest.map_structure(lambda i: result[i], walk.output_structure)
-    else:
-        packed = result if len(result) > 1 else result[0]
-    single = len(new_inputs) == 1  # Keras 3 warns when a one-input list model gets a tensor
-    model = adapter.model(new_inputs[0] if single else new_inputs, packed, name)
-    if walk.nominal is not None:  # costed at the same sizes as the model it came from
-        set_nominal_shapes(model, walk.nominal)
-    return model
+    return new_inputs, tensors
 
 
 def run_calls(walk: Walk, inputs: Sequence[Any], scope: str | None = None) -> list[Any]:

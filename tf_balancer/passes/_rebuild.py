@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 from collections.abc import Mapping
@@ -40,12 +41,15 @@ from tf_balancer.graph.walk import (
     training_parameter,
     walk_model,
 )
+from tf_balancer.passes.base import GraphPass, PassContext, PassResult
 
 __all__ = [
     "IDENTITY",
     "Replacement",
+    "Rewrite",
+    "RebuildPass",
     "rebuild_with",
-    "rebuilt_result",
+    "fill_weights",
     "walk_of",
     "tensor_uses",
     "producers",
@@ -65,10 +69,56 @@ class Replacement:
         weights: weight attribute -> value (e.g. ``{"kernel": ..., "bias": ...}``)
             assigned after the model is built; it must cover every weight of the
             new layer. Empty: the original layer's weights are copied unchanged.
+        layer: a built layer, weights set, to call as it is instead (a chain of
+            passes made it already); ``overrides`` and ``weights`` are then unused.
     """
 
     overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     weights: Mapping[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    layer: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """What a :class:`RebuildPass` changes in a walk, before any model is built.
+
+    Attributes:
+        replacements: call name -> :class:`Replacement`, or ``IDENTITY`` to drop it.
+        message: the pass record's message.
+        stats: the pass record's stats.
+    """
+
+    replacements: Mapping[str, Any]
+    message: str
+    stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+class RebuildPass(GraphPass):
+    """A pass that drops some calls and re-creates others from a changed config.
+
+    Subclasses implement :meth:`rewrite`, which reads the walk only (a call's
+    layer, config, weights and neighbours). Run alone, the pass rebuilds the model
+    with the rewrite (:func:`rebuild_with`); several in a row, the
+    :class:`~tf_balancer.optimizer.MetaOptimizer` applies each rewrite to the walk
+    the previous one left (:mod:`tf_balancer.passes.chain`) and builds one model
+    at the end.
+    """
+
+    @abc.abstractmethod
+    def rewrite(self, walk: Walk, ctx: PassContext) -> Rewrite | None:
+        """The calls to drop or replace in ``walk``, or None when there is nothing to do."""
+
+    def run(self, model: Any, graph: Any, ctx: PassContext) -> PassResult:
+        walk = walk_of(model, graph)
+        change = self.rewrite(walk, ctx)
+        if change is None:
+            return PassResult(model, changed=False, message=self.nothing_to_do)
+        new_model = rebuild_with(model, walk, change.replacements)
+        _log.debug("%s", change.message)
+        return PassResult(new_model, changed=True, message=change.message, stats=dict(change.stats))
+
+    nothing_to_do: str = "nothing to do"
+    """The record's message when :meth:`rewrite` finds nothing."""
 
 
 def walk_of(model: Any, graph: Any) -> Walk:
@@ -145,20 +195,31 @@ def rebuild_with(
         if change is IDENTITY:
             return IDENTITY
         if id(call.layer) not in made:
-            overrides = dict(change.overrides) if change is not None else {}
+            prebuilt = change.layer if change is not None else None
+            if prebuilt is not None and id(call.layer) not in renames:
+                made[id(call.layer)] = prebuilt
+                return prebuilt
+            source = prebuilt if prebuilt is not None else call.layer
+            overrides = dict(change.overrides) if change is not None and prebuilt is None else {}
             if id(call.layer) in renames:
                 overrides["name"] = renames[id(call.layer)]
-            made[id(call.layer)] = clone_layer(call.layer, **overrides)
-            fills.append((made[id(call.layer)], call, change))
+            made[id(call.layer)] = clone_layer(source, **overrides)
+            copied = Replacement(layer=prebuilt) if prebuilt is not None else change
+            fills.append((made[id(call.layer)], call, copied))
         return made[id(call.layer)]
 
     new_model = rebuild(walk, make_layer, name=model.name)
     for layer, call, change in fills:
-        _fill_weights(layer, call, change)
+        fill_weights(layer, call, change)
     return new_model
 
 
-def _fill_weights(layer: Any, call: Call, change: Replacement | None) -> None:
+def fill_weights(layer: Any, call: Call, change: Replacement | None) -> None:
+    """Set the weights of ``layer``, the new layer of ``call``: those ``change`` gives,
+    else a copy of ``call.layer``'s."""
+    if change is not None and change.layer is not None:  # a prebuilt layer, renamed
+        set_layer_weights(layer, change.layer.get_weights())
+        return
     if change is None or not change.weights:
         set_layer_weights(layer, call.layer.get_weights())
         return
@@ -194,14 +255,3 @@ def _output_renames(
             _log.warning("cannot keep output name %r: another layer has it", wanted)
     layer_names = {id(call.layer): call.layer.name for call in walk.calls}
     return {key: name for key, name in names.items() if name != layer_names[key]}
-
-
-def rebuilt_result(
-    model: Any, walk: Walk, replacements: Mapping[str, Any], message: str, stats: Mapping[str, Any]
-) -> Any:
-    """``PassResult`` of a pass that rebuilds ``model`` with ``replacements`` (and logs it)."""
-    from tf_balancer.passes.base import PassResult
-
-    new_model = rebuild_with(model, walk, replacements)
-    _log.debug("%s", message)
-    return PassResult(new_model, changed=True, message=message, stats=dict(stats))

@@ -43,15 +43,15 @@ from tf_balancer._compat import builtin_layer_name, weight_attribute
 from tf_balancer.graph.walk import Call, Walk
 from tf_balancer.passes._rebuild import (
     IDENTITY,
+    RebuildPass,
     Replacement,
+    Rewrite,
     forced_training,
     producers,
-    rebuilt_result,
     single_consumer_producer,
     tensor_uses,
-    walk_of,
 )
-from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
+from tf_balancer.passes.base import PassContext, register_pass
 
 __all__ = ["FoldBatchNorm", "fold_weights"]
 
@@ -151,18 +151,19 @@ def _replacements(pairs: list[tuple[Call, Call]]) -> Mapping[str, Any]:
 
 
 @register_pass("fold_batchnorm")
-class FoldBatchNorm(GraphPass):
+class FoldBatchNorm(RebuildPass):
     """Fold inference BatchNormalization layers into the preceding conv/dense.
 
     Stats:
         folded: ``(conv, batchnorm)`` call-name pairs, in topological order.
     """
 
-    def run(self, model: Any, graph: Any, ctx: PassContext) -> PassResult:
-        walk = walk_of(model, graph)
+    nothing_to_do = "no foldable BatchNormalization"
+
+    def rewrite(self, walk: Walk, ctx: PassContext) -> Rewrite | None:
         pairs = _find_pairs(walk)
         if not pairs:
-            return PassResult(model, changed=False, message="no foldable BatchNormalization")
+            return None
         folded = tuple((conv.name, bn.name) for conv, bn in pairs)
         message = f"folded {len(folded)} BatchNormalization layers"
-        return rebuilt_result(model, walk, _replacements(pairs), message, {"folded": folded})
+        return Rewrite(_replacements(pairs), message, {"folded": folded})

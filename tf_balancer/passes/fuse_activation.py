@@ -37,14 +37,14 @@ from tf_balancer._compat import builtin_layer_name, keras_of, op_arguments
 from tf_balancer.graph.walk import Call, Walk
 from tf_balancer.passes._rebuild import (
     IDENTITY,
+    RebuildPass,
     Replacement,
+    Rewrite,
     producers,
-    rebuilt_result,
     single_consumer_producer,
     tensor_uses,
-    walk_of,
 )
-from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
+from tf_balancer.passes.base import PassContext, register_pass
 
 __all__ = ["FuseActivation", "activation_name"]
 
@@ -127,22 +127,22 @@ def _find_pairs(walk: Walk) -> list[tuple[Call, Call, str]]:
 
 
 @register_pass("fuse_activation")
-class FuseActivation(GraphPass):
+class FuseActivation(RebuildPass):
     """Fuse ReLU / ReLU6 / ``Activation`` layers into the preceding conv/dense.
 
     Stats:
         fused: ``(conv, activation_layer)`` call-name pairs, in topological order.
     """
 
-    def run(self, model: Any, graph: Any, ctx: PassContext) -> PassResult:
-        walk = walk_of(model, graph)
+    nothing_to_do = "no fusable activation layer"
+
+    def rewrite(self, walk: Walk, ctx: PassContext) -> Rewrite | None:
         pairs = _find_pairs(walk)
         if not pairs:
-            return PassResult(model, changed=False, message="no fusable activation layer")
+            return None
         replacements: dict[str, Any] = {}
         for conv, act, name in pairs:
             replacements[conv.name] = Replacement({"activation": name})
             replacements[act.name] = IDENTITY
         fused = tuple((conv.name, act.name) for conv, act, _ in pairs)
-        message = f"fused {len(fused)} activation layers"
-        return rebuilt_result(model, walk, replacements, message, {"fused": fused})
+        return Rewrite(replacements, f"fused {len(fused)} activation layers", {"fused": fused})

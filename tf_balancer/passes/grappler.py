@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tf_balancer.graph.grappler import DEFAULT_OPTIMIZERS, optimize_concrete_function
+from tf_balancer.graph.grappler import DEFAULT_OPTIMIZERS, optimize_graph_def
 from tf_balancer.graph.trace import trace_keras
 from tf_balancer.input_shapes import nominal_shapes, set_nominal_shapes
 from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
@@ -33,7 +33,9 @@ class GrapplerPass(GraphPass):
     def run(self, model: Any, graph: Any, ctx: PassContext) -> PassResult:
         optimizers = tuple(ctx.options_for("grappler").get("optimizers", DEFAULT_OPTIMIZERS))
         traced = trace_keras(model, batch_size=None)
-        function, stats = optimize_concrete_function(traced.function, optimizers)
+        function, stats = optimize_graph_def(
+            traced.graph_def, traced.input_names, traced.output_names, optimizers
+        )
         nominal = nominal_shapes(model)
         if nominal is not None:  # costed at the same sizes as the model
             set_nominal_shapes(function, nominal)

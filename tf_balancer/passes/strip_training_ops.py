@@ -22,12 +22,10 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
-
 from tf_balancer._compat import builtin_layer_name
-from tf_balancer.graph.walk import Call
-from tf_balancer.passes._rebuild import IDENTITY, forced_training, rebuilt_result, walk_of
-from tf_balancer.passes.base import GraphPass, PassContext, PassResult, register_pass
+from tf_balancer.graph.walk import Call, Walk
+from tf_balancer.passes._rebuild import IDENTITY, RebuildPass, Rewrite, forced_training
+from tf_balancer.passes.base import PassContext, register_pass
 
 __all__ = ["StripTrainingOps", "TRAINING_ONLY_LAYERS"]
 
@@ -61,7 +59,7 @@ def _is_training_only(call: Call) -> bool:
 
 
 @register_pass("strip_training_ops")
-class StripTrainingOps(GraphPass):
+class StripTrainingOps(RebuildPass):
     """Remove Dropout, SpatialDropout, AlphaDropout, Gaussian noise/dropout,
     ActivityRegularization and random augmentation layers; see the module docstring.
 
@@ -69,12 +67,11 @@ class StripTrainingOps(GraphPass):
         removed: names of the removed layer calls, in topological order.
     """
 
-    def run(self, model: Any, graph: Any, ctx: PassContext) -> PassResult:
-        walk = walk_of(model, graph)
+    nothing_to_do = "no training-only layers"
+
+    def rewrite(self, walk: Walk, ctx: PassContext) -> Rewrite | None:
         removed = tuple(call.name for call in walk.calls if _is_training_only(call))
         if not removed:
-            return PassResult(model, changed=False, message="no training-only layers")
+            return None
         message = f"removed {len(removed)} training-only layers: {', '.join(removed)}"
-        return rebuilt_result(
-            model, walk, dict.fromkeys(removed, IDENTITY), message, {"removed": removed}
-        )
+        return Rewrite(dict.fromkeys(removed, IDENTITY), message, {"removed": removed})
