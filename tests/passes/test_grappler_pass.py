@@ -18,6 +18,7 @@ from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext, get_pass
 
+L = keras.layers
 SHAPE = (96, 96, 3)
 
 
@@ -126,3 +127,23 @@ def test_a_captured_constant_becomes_part_of_the_graph_not_an_input(k):
     x = np.random.default_rng(0).random((2, 4, 4, 3), np.float32)
     (actual,) = tf.nest.flatten(function(tf.constant(x)))
     np.testing.assert_allclose(actual.numpy(), model(x).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_batchnorm_with_ragged_channels_does_not_cost_the_whole_pass():
+    """Grappler's remapper fuses an inference BatchNorm and its ReLU into
+    ``_FusedBatchNormEx``, which TensorFlow then rejects when the channels are not a
+    multiple of 4 - common after pruning (a pre-activation block with 39 channels).
+    The pass was rolled back; now Grappler runs again without ``remap`` and says so."""
+    inp = keras.Input((8, 8, 39))
+    x = L.Conv2D(39, 3, padding="same", use_bias=False)(inp)
+    x = L.Add()([L.BatchNormalization()(x), inp])
+    x = L.ReLU()(x)
+    x = L.Activation("relu")(L.BatchNormalization()(x))  # the BN no conv precedes
+    model = randomize_batchnorm(keras.Model(inp, L.GlobalAveragePooling2D()(x)))
+    function, report = MetaOptimizer(["grappler"]).run(model)
+    (record,) = report.records
+    assert record.status == "applied", record.message
+    assert "without remap" in record.message and "divisible by 4" in record.message
+    x = np.random.default_rng(0).random((2, 8, 8, 39), np.float32)
+    (actual,) = tf.nest.flatten(function(tf.constant(x)))
+    np.testing.assert_allclose(actual.numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)

@@ -276,12 +276,30 @@ def optimize_graph_def(
 ) -> tuple[Any, dict[str, Any]]:
     """:func:`optimize_concrete_function` of a frozen GraphDef, given the tensor names
     of its inputs and of its outputs (a nested structure of them, which the function
-    returned keeps), e.g. a frozen :class:`~tf_balancer.graph.trace.TracedGraph`'s."""
+    returned keeps), e.g. a frozen :class:`~tf_balancer.graph.trace.TracedGraph`'s.
+
+    When the result cannot be imported because ``remap`` made an op TensorFlow then
+    rejects (it fuses an inference BatchNorm and its ReLU into ``_FusedBatchNormEx``,
+    which needs a multiple of 4 channels - a pruned layer often has not), Grappler
+    runs again without ``remap``; ``stats["remap_skipped"]`` then says why.
+    """
+    optimizers = tuple(optimizers)
     optimized = run_grappler(graph_def, inputs, tf.nest.flatten(output_names), optimizers)
-    stats = {
-        "nodes_before": len(graph_def.node),
-        "nodes_after": len(optimized.node),
-        "op_types_before": op_type_counts(graph_def),
-        "op_types_after": op_type_counts(optimized),
-    }
-    return graph_def_to_function(optimized, inputs, output_names), stats
+    stats: dict[str, Any] = {}
+    try:
+        function = graph_def_to_function(optimized, inputs, output_names)
+    except ValueError as err:
+        if "remap" not in optimizers:
+            raise
+        stats["remap_skipped"] = str(err).strip().splitlines()[0][:300]
+        _LOG.info("grappler: remap skipped, its result did not import: %s", stats["remap_skipped"])
+        without = tuple(name for name in optimizers if name != "remap")
+        optimized = run_grappler(graph_def, inputs, tf.nest.flatten(output_names), without)
+        function = graph_def_to_function(optimized, inputs, output_names)
+    stats.update(
+        nodes_before=len(graph_def.node),
+        nodes_after=len(optimized.node),
+        op_types_before=op_type_counts(graph_def),
+        op_types_after=op_type_counts(optimized),
+    )
+    return function, stats

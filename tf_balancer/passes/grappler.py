@@ -40,4 +40,8 @@ class GrapplerPass(GraphPass):
         if nominal is not None:  # costed at the same sizes as the model
             set_nominal_shapes(function, nominal)
         message = f"{stats['nodes_before']} -> {stats['nodes_after']} graph nodes"
+        if "remap_skipped" in stats:
+            message += (
+                f" (without remap, whose result TensorFlow rejected: {stats['remap_skipped']})"
+            )
         return PassResult(function, changed=True, message=message, stats=stats)
