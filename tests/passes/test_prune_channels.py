@@ -19,6 +19,7 @@ from tf_balancer.attention.balance import KeepPlan, allocate
 from tf_balancer.attention.importance import group_scores
 from tf_balancer.attention.masks import masked_copy
 from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext, get_pass
 from tf_balancer.passes.prune_channels import PruneChannels, plan_from_masks
 
@@ -387,3 +388,21 @@ def test_a_reshape_that_moves_channels_stays_opaque():
     model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.Flatten()(x)))
     group = next(g for g in analyze(model).graph.groups.values() if "c" in g.nodes("producer"))
     assert not group.prunable and any("Reshape" in r for r in group.reasons), group.reasons
+
+
+def test_a_model_masked_already_is_its_own_reference_and_others_get_a_masked_copy():
+    """A model trained masked (BalanceCallback's) is verified against itself - no copy;
+    an unmasked one against a masked copy, the model untouched either way."""
+    model, producers = _small("residual_add")
+    graph = LayerGraph.from_model(model)
+    plan = _random_plan(graph, producers, seed=5)
+    snapshot = snapshot_model(model)
+    reference = PruneChannels().reference(model, graph, PassContext(plan=plan))
+    assert reference is not model
+    assert_model_unchanged(model, snapshot)
+    masked = masked_copy(graph, plan)
+    masked_graph = LayerGraph.from_model(masked)
+    assert PruneChannels().reference(masked, masked_graph, PassContext(plan=plan)) is masked
+    compact, report = MetaOptimizer(["prune_channels"]).run(masked, PassContext(plan=plan))
+    assert report.records[0].status == "applied", report.records[0].message
+    _assert_compact_equals_masked(compact, masked, _inputs(model, batch=2, seed=2))

@@ -32,7 +32,7 @@ from tf_balancer.graph.layer_specs import (
 )
 from tf_balancer.graph.walk import clone_flat
 
-__all__ = ["channel_masks", "apply_masks", "masked_copy"]
+__all__ = ["channel_masks", "apply_masks", "masked_copy", "is_masked"]
 
 _ROLE_AXES = {"producer": "out_axes", "passthrough": "ch_axes", "consumer": "in_axes"}
 
@@ -91,8 +91,21 @@ def apply_masks(
         weight.assign(weight.numpy() * mask)
 
 
-def masked_copy(graph: LayerGraph, plan: Any) -> Any:
-    """A masked, independent copy of the graph's model (nested models flattened)."""
+def masked_copy(
+    graph: LayerGraph, plan: Any, masks: Mapping[tuple[str, str], np.ndarray] | None = None
+) -> Any:
+    """A masked, independent copy of the graph's model (nested models flattened);
+    ``masks`` as in :func:`apply_masks`."""
     model, layers = clone_flat(graph.walk)
-    apply_masks(graph, plan, layers)
+    apply_masks(graph, plan, layers, masks)
     return model
+
+
+def is_masked(graph: LayerGraph, masks: Mapping[tuple[str, str], np.ndarray]) -> bool:
+    """Whether the graph's own weights are zero wherever ``masks`` is: masking them
+    would change nothing (a model ``BalanceCallback`` trained masked, for example)."""
+    for (name, attr), mask in masks.items():
+        values = weight_of(graph.nodes[name].layer, attr).numpy()
+        if np.any(values[mask == 0]):
+            return False
+    return True
