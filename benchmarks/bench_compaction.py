@@ -1,14 +1,34 @@
 """Benchmark: does channel compaction (and BN folding) make inference faster?
 
 Four variants of the reference CNN (:mod:`benchmarks.reference_cnn`) are timed
-side by side in one process: the dense model, its ``prune_channels`` copies at
-``--target`` of the FLOPs (ragged counts, and rounded with ``round_to="auto"``),
-and its ``fold_batchnorm`` + ``fuse_activation`` copy. Each is called through a ``tf.function`` (``training=False``), warmed up,
-then timed with the repetitions *interleaved* (one call of each variant per
-round, in a shuffled order), so that load from other processes hits all of them
-alike. Latencies are medians over rounds; a speedup is the median over rounds of
+side by side in one process: the dense model, its ``fold_batchnorm`` +
+``fuse_activation`` copy ("folded"), and its ``prune_channels`` copies at
+``--target`` of the FLOPs (ragged counts, and rounded with ``round_to="auto"``).
+
+What is timed is what a user deploys (``--path serving``, the default): every
+model goes through the lossless passes the recipes run after ``prune_channels``
+(``strip_training_ops``, ``fold_batchnorm``, ``fuse_activation``; the raw
+``dense`` row excepted, it is the folding baseline), is written as a serving
+SavedModel and loaded back with ``tf.saved_model.load``, and its
+``serving_default`` signature is called (TensorFlow's runtime Grappler fuses
+Conv+BiasAdd+activation there). The compaction speed-ups are against the dense
+model through the same passes and path ("folded"), so both sides of each ratio
+are deployed the same way. ``--path keras`` times the Keras models as before
+(a ``tf.function`` of ``model(x, training=False)``, no lossless passes).
+``--intra_op_threads`` / ``--inter_op_threads`` set TensorFlow's thread pools
+for the whole process (both sides of every ratio): at batch 1 the per-op cost of
+handing work to a second pool thread is paid by the dense and the compact model
+alike, so it caps the speed-up; 1/1 removes it.
+
+Each callable is warmed up, then timed with the repetitions *interleaved* (one
+call of each variant per round, in a shuffled order), so that load from other
+processes hits all of them alike. Latencies are medians over rounds; a speedup is the median over rounds of
 the paired ratio ``dense seconds / variant seconds`` (robust to load that changes
 from round to round); the ratio of the medians is kept in the JSON too.
+
+``efficiency`` = speed-up x FLOPs ratio (1.0: the FLOPs reduction in full).
+FLOPs are the Keras models' before the lossless passes (what ``--target`` is
+met on).
 
 Verdicts:
 
@@ -28,6 +48,7 @@ The table is printed and the results are written as JSON to
 Usage::
 
     python -m benchmarks.bench_compaction [--repeats 40] [--batch_sizes 1 64] [--target 0.5]
+        [--path serving|keras] [--intra_op_threads N] [--inter_op_threads N]
 """
 
 from __future__ import annotations
@@ -54,18 +75,62 @@ ROUNDED_MARGIN_LARGE, ROUNDED_MARGIN_ONE = 0.9, 0.8
 WARMUP = 3
 
 
+PATHS = ("serving", "keras")
+LOSSLESS = ("strip_training_ops", "fold_batchnorm", "fuse_activation")
+
+
+def lossless(model: Any) -> Any:
+    """``model`` after the passes the recipes run after ``prune_channels``."""
+    from tf_balancer.optimizer import MetaOptimizer
+
+    return MetaOptimizer(list(LOSSLESS), fail_on_error=True).run(model)[0]
+
+
+def deployed(model: Any, path: str = "serving") -> Any:
+    """``x -> output`` as deployed: ``serving``, the model written as a serving
+    SavedModel, loaded back and its ``serving_default`` signature called;
+    ``keras``, a ``tf.function`` of ``model(x, training=False)``."""
+    import tempfile
+
+    import tensorflow as tf
+
+    from tf_balancer._compat import adapter_for
+    from tf_balancer.report import inference_fn
+
+    if path == "keras":
+        return inference_fn(model)
+    with tempfile.TemporaryDirectory() as directory:  # variables are read at load
+        adapter_for(model).save_serving_model(model, directory)
+        loaded = tf.saved_model.load(directory)
+    signature = loaded.signatures["serving_default"]
+    (key,) = signature.structured_input_signature[1]
+
+    def call(x: Any) -> Any:
+        return next(iter(signature(**{key: x}).values()))
+
+    call.loaded = loaded  # keeps the resources alive
+    return call
+
+
 def time_interleaved(
     models: dict[str, Any], batch_size: int, repeats: int, seed: int = 0
 ) -> dict[str, list[float]]:
-    """Seconds per call of each model, rounds interleaved in shuffled order."""
+    """Seconds per call of each Keras model (a ``tf.function`` of it), rounds
+    interleaved in shuffled order."""
+    fns = {name: deployed(model, "keras") for name, model in models.items()}
+    shape = _input_shape(models[next(iter(models))])
+    return time_calls(fns, shape, batch_size, repeats, seed)
+
+
+def time_calls(
+    fns: dict[str, Any], shape: Sequence[int], batch_size: int, repeats: int, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each callable (``x -> tensor``) on a ``(batch_size,
+    *shape)`` input, rounds interleaved in shuffled order."""
     import tensorflow as tf
 
-    from tf_balancer.report import inference_fn
-
     rng = np.random.default_rng(seed)
-    shape = (batch_size, *models[next(iter(models))].inputs[0].shape[1:])
-    x = tf.constant(rng.random(shape, dtype=np.float32))
-    fns = {name: inference_fn(model) for name, model in models.items()}
+    x = tf.constant(rng.random((batch_size, *shape), dtype=np.float32))
     for fn in fns.values():
         for _ in range(WARMUP):
             fn(x).numpy()
@@ -78,6 +143,19 @@ def time_interleaved(
             fn(x).numpy()
             times[names[i]].append(time.perf_counter() - start)
     return times
+
+
+def _input_shape(model: Any) -> tuple[int, ...]:
+    return tuple(model.inputs[0].shape[1:])
+
+
+def _callables(models: dict[str, Any], path: str, raw: Sequence[str] = ()) -> dict[str, Any]:
+    """Each model as deployed on ``path``; with ``serving``, after the lossless
+    passes (except the models named in ``raw``)."""
+    return {
+        name: deployed(m if path == "keras" or name in raw else lossless(m), path)
+        for name, m in models.items()
+    }
 
 
 def paired_speedup(
@@ -96,26 +174,47 @@ def paired_speedup(
     }
 
 
-def _row(name: str, flops: int, dense_flops: int, seconds: list[float], dense: list[float]) -> dict:
-    """One table row; ``speedup`` is the median of the per-round ratios dense / this model."""
+def _row(
+    name: str,
+    flops: int,
+    dense_flops: int,
+    seconds: list[float],
+    dense: list[float],
+    baseline: str = "dense",
+) -> dict:
+    """One table row; ``speedup`` is the median of the per-round ratios
+    ``baseline`` / this model, ``efficiency`` that x the FLOPs ratio."""
     median = statistics.median(seconds)
     ratios = [d / s for d, s in zip(dense, seconds, strict=True)]
+    speedup = statistics.median(ratios)
     return {
         "model": name,
+        "baseline": baseline,
         "flops": flops,
         "flops_ratio": flops / dense_flops,
         "median_ms": 1e3 * median,
         "p10_ms": 1e3 * float(np.percentile(seconds, 10)),
         "p90_ms": 1e3 * float(np.percentile(seconds, 90)),
-        "speedup": statistics.median(ratios),
+        "speedup": speedup,
+        "efficiency": speedup * flops / dense_flops,
         "speedup_of_medians": statistics.median(dense) / median,
     }
 
 
 def run(
-    repeats: int = 40, batch_sizes: Sequence[int] = (1, 64), target: float = 0.5, width: int = 64
+    repeats: int = 40,
+    batch_sizes: Sequence[int] = (1, 64),
+    target: float = 0.5,
+    width: int = 64,
+    path: str = "serving",
+    threads: tuple[int, int] = (0, 0),
 ) -> dict[str, Any]:
-    """Build the three variants, time them, and return the results with verdicts."""
+    """Build the variants, time them, and return the results with verdicts.
+
+    On the ``serving`` path the compaction rows are against ``folded`` (the dense
+    model through the same lossless passes), the ``folded`` row against ``dense``;
+    on the ``keras`` path every row is against ``dense``, as before.
+    """
     from benchmarks.reference_cnn import dense_and_compact, dense_and_folded
     from tf_balancer.analysis import analyze
 
@@ -124,20 +223,34 @@ def run(
     _, folded = dense_and_folded(width)
     models = {"dense": dense, "compact": compact, "rounded": rounded, "folded": folded}
     flops = {name: analyze(model).cost.flops for name, model in models.items()}
+    # the folded model is already folded; on the keras path nothing is
+    fns = _callables(models, path, raw=("dense", "folded"))
+    base = "folded" if path == "serving" else "dense"
+    baselines = {"dense": "dense", "folded": "dense", "compact": base, "rounded": base}
     results: dict[str, Any] = {
         "target": target,
         "width": width,
         "repeats": repeats,
+        "path": path,
+        "threads": {"intra_op": threads[0], "inter_op": threads[1]},
         "params": {name: model.count_params() for name, model in models.items()},
         "batches": {},
     }
     for batch in batch_sizes:
-        times = time_interleaved(models, batch, repeats, seed=batch)
+        times = time_calls(fns, _input_shape(dense), batch, repeats, seed=batch)
         results["batches"][str(batch)] = [
-            _row(name, flops[name], flops["dense"], times[name], times["dense"]) for name in models
+            _row(
+                name,
+                flops[name],
+                flops["dense"],
+                times[name],
+                times[baselines[name]],
+                baselines[name],
+            )
+            for name in models
         ]
     results["latency_target"] = latency_target(repeats, target, width)
-    results["architectures"] = architectures(repeats, batch_sizes, target)
+    results["architectures"] = architectures(repeats, batch_sizes, target, path)
     results["verdicts"] = verdicts(results, max(batch_sizes))
     results["verdicts"]["latency_target"] = {
         "batch": results["latency_target"]["batch"],
@@ -185,8 +298,11 @@ ARCHITECTURES = {
 }
 
 
-def architectures(repeats: int, batch_sizes: Sequence[int], target: float) -> dict[str, Any]:
-    """Dense vs compact (ragged) vs rounded (``round_to="auto"``) on two more networks."""
+def architectures(
+    repeats: int, batch_sizes: Sequence[int], target: float, path: str = "serving"
+) -> dict[str, Any]:
+    """Dense vs compact (ragged) vs rounded (``round_to="auto"``) on two more networks,
+    all three deployed the same way (:func:`_callables`)."""
     from benchmarks.reference_cnn import compact_copy
     from tf_balancer._compat import keras
     from tf_balancer.analysis import analyze
@@ -201,9 +317,10 @@ def architectures(repeats: int, batch_sizes: Sequence[int], target: float) -> di
             "rounded": compact_copy(dense, target, "auto"),
         }
         flops = {n: analyze(m).cost.flops for n, m in models.items()}
+        fns = _callables(models, path)
         rows: dict[str, Any] = {}
         for batch in batch_sizes:
-            times = time_interleaved(models, batch, repeats, seed=batch)
+            times = time_calls(fns, _input_shape(dense), batch, repeats, seed=batch)
             rows[str(batch)] = [
                 _row(n, flops[n], flops["dense"], times[n], times["dense"]) for n in models
             ]
@@ -254,6 +371,7 @@ def latency_target(repeats: int, target: float, width: int) -> dict[str, Any]:
         models[metric], _ = MetaOptimizer(["prune_channels"], fail_on_error=True).run(
             dense, PassContext(plan=plan)
         )
+    # the latency table is measured on the Keras models: they are timed the same way
     times = time_interleaved(models, BATCH_SIZE, repeats)
     measured = {
         m: statistics.median(t) / statistics.median(times["dense"]) for m, t in times.items()
@@ -272,9 +390,10 @@ def report(results: dict[str, Any]) -> str:
     lines = [
         f"reference CNN (5x Conv3x3+BN+ReLU, width {results['width']}, 32x32x3): "
         f"dense vs compact ({results['target']:.0%} FLOPs target) vs BN-folded; "
-        f"median of {results['repeats']} interleaved calls",
+        f"median of {results['repeats']} interleaved calls; path {results.get('path', 'keras')}, "
+        f"threads {results.get('threads')}",
         f"{'batch':>5}  {'model':<8}{'params':>9}{'MFLOPs':>9}{'FLOPs':>7}"
-        f"{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}{'speedup':>9}",
+        f"{'median ms':>11}{'p10 ms':>9}{'p90 ms':>9}{'speedup':>9}{'effic.':>8}  vs",
     ]
     for batch, rows in results["batches"].items():
         for r in rows:
@@ -282,6 +401,7 @@ def report(results: dict[str, Any]) -> str:
                 f"{batch:>5}  {r['model']:<8}{results['params'][r['model']]:>9,}"
                 f"{r['flops'] / 1e6:>9.1f}{r['flops_ratio']:>7.2f}{r['median_ms']:>11.2f}"
                 f"{r['p10_ms']:>9.2f}{r['p90_ms']:>9.2f}{r['speedup']:>9.2f}"
+                f"{r['efficiency']:>8.2f}  {r['baseline']}"
             )
     lat = results.get("latency_target")
     if lat:
@@ -296,7 +416,8 @@ def report(results: dict[str, Any]) -> str:
             for r in rows[1:]:
                 lines.append(
                     f"{arch} batch {batch}: {r['model']} {r['flops_ratio']:.3f} FLOPs, "
-                    f"{r['median_ms']:.2f} ms, speedup {r['speedup']:.2f}"
+                    f"{r['median_ms']:.2f} ms, speedup {r['speedup']:.2f}, "
+                    f"efficiency {r['efficiency']:.2f}"
                 )
         for name, v in res["verdicts"].items():
             verdict = "PASS" if v["pass"] else "FAIL"
@@ -320,10 +441,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--target", type=float, default=0.5, help="FLOPs fraction to keep")
     parser.add_argument("--width", type=int, default=64, help="filters per conv")
     parser.add_argument("--out", type=Path, default=OUT, help="JSON output path")
+    parser.add_argument(
+        "--path", choices=PATHS, default="serving", help="how the models are called (see above)"
+    )
+    parser.add_argument("--intra_op_threads", type=int, default=0, help="0: TensorFlow's default")
+    parser.add_argument("--inter_op_threads", type=int, default=0, help="0: TensorFlow's default")
     args = parser.parse_args(argv)
     if args.repeats < 30 or min(args.batch_sizes) < 1:
         parser.error("--repeats must be >= 30 and batch sizes >= 1")
-    results = run(args.repeats, args.batch_sizes, args.target, args.width)
+    threads = (args.intra_op_threads, args.inter_op_threads)
+    if min(threads) < 0:
+        parser.error("thread counts must be >= 0")
+    import tensorflow as tf  # before any op runs: the pools are fixed at the first one
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads[0])
+    tf.config.threading.set_inter_op_parallelism_threads(threads[1])
+    results = run(args.repeats, args.batch_sizes, args.target, args.width, args.path, threads)
     print(report(results))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2))
