@@ -233,7 +233,9 @@ class _ConfusionMatrixMetric(keras.metrics.Metric):
 
     def _per_class(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         """True positives, true counts (row sums), predicted counts (column sums)."""
-        cm = self.confusion_matrix
+        # One read: under a tf.distribute strategy each read of the sync-on-read
+        # variable is an all-reduce (across workers under MultiWorkerMirroredStrategy).
+        cm = tf.convert_to_tensor(self.confusion_matrix)
         if self.label_mode == "multi_label":  # per label: rows true 0/1, columns predicted 0/1
             return cm[:, 1, 1], cm[:, 1, 0] + cm[:, 1, 1], cm[:, 0, 1] + cm[:, 1, 1]
         return tf.linalg.diag_part(cm), tf.reduce_sum(cm, axis=1), tf.reduce_sum(cm, axis=0)

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -109,6 +110,7 @@ class GradientStream:
             trainable=False,
         )
         self.checkpoint = tf.train.Checkpoint(sums=self.sums)
+        self._frozen: np.ndarray | None = None  # the sums of a snapshot()
 
     def set_active(self, active: bool) -> None:
         """Accumulate (True) or skip the work in the train step (False: no rebalance is
@@ -163,14 +165,26 @@ class GradientStream:
     def _size(self, index: int) -> int:
         return int(self._bounds[index + 1] - self._bounds[index])
 
+    def _read(self) -> np.ndarray:
+        # Under a strategy every read of the sums is an all-reduce (across workers too).
+        return self._frozen if self._frozen is not None else self.sums.numpy()
+
+    def snapshot(self) -> GradientStream:
+        """A read-only copy of the stream as it is now: its :attr:`batches` and
+        :meth:`scores` come from one read of the sums (one all-reduce on several
+        workers) instead of one each."""
+        frozen = copy.copy(self)
+        frozen._frozen = np.array(self.sums.numpy())
+        return frozen
+
     @property
     def batches(self) -> int:
         """Training batches accumulated since the last :meth:`reset`."""
-        return int(round(float(self.sums.numpy()[-1])))
+        return int(round(float(self._read()[-1])))
 
     def scores(self) -> dict[str, np.ndarray]:
         """Producer name -> float64 per-channel scores accumulated so far."""
-        flat = self.sums.numpy().astype(np.float64)
+        flat = self._read().astype(np.float64)
         bounds = self._bounds
         return {name: flat[bounds[i] : bounds[i + 1]] for i, name in enumerate(self.names)}
 

@@ -621,8 +621,9 @@ class BalanceCallback(keras.callbacks.Callback):
         """
         if self.stream is None:
             return self.probe, self.importance
-        if self.stream.batches:
-            return self.stream, self.importance
+        stream = self.stream.snapshot()  # one read of the sums for the count and the scores
+        if stream.batches:
+            return stream, self.importance
         if not self._fallback_logged:
             logger.info("no training batch seen yet: this rebalance uses magnitude importance")
             self._fallback_logged = True
