@@ -63,8 +63,9 @@ class TracedGraph:
         batch_size: the fixed batch dimension the graph was traced with.
         graph: the ``tf.Graph`` of ``graph_def``, with static shapes (for FLOPs).
         function: the (frozen) concrete function (callable on tensors). A frozen
-            trace makes it when first read: wrapping a GraphDef as a function
-            takes longer than freezing it, and costing needs only ``graph``.
+            trace makes it and ``graph`` when first read: wrapping a GraphDef as a
+            function takes longer than freezing it, costing needs only ``graph``
+            and Grappler only ``graph_def``.
         input_names, output_names: the function's input tensor names and its
             output tensor names (in its output structure).
     """
@@ -91,6 +92,8 @@ class TracedGraph:
 
     @property
     def graph(self) -> tf.Graph:
+        if self._graph is None and isinstance(self._function, _FrozenFunction):
+            self._graph = self._function.imported_graph()
         return self._graph if self._graph is not None else self.function.graph
 
     @property
@@ -140,22 +143,27 @@ class _FrozenFunction:
         _restore_static_shapes(frozen.graph, self.source.graph)
         return frozen
 
+    def imported_graph(self) -> tf.Graph:
+        """The GraphDef imported as a ``tf.Graph``, with the source's static shapes."""
+        graph = tf.Graph()
+        with graph.as_default():
+            tf.compat.v1.import_graph_def(self.graph_def, name="")
+        _restore_static_shapes(graph, self.source.graph)
+        return graph
+
 
 def _frozen_trace(concrete: Any, op_to_layer: Any, batch_size: int | None) -> TracedGraph:
     """The frozen :class:`TracedGraph` of ``concrete``: its GraphDef with the variables
-    made constants (TensorFlow's own conversion, as in :func:`freeze`), imported as a
-    graph for costing; the frozen function is made when first read (on EfficientNetB0
-    that wrapping took 2.0 of freezing's 2.3 s). ``op_to_layer(graph_def)`` maps ops."""
+    made constants (TensorFlow's own conversion, as in :func:`freeze`). Its graph (for
+    costing) and its function are made when first read: Grappler needs neither, and
+    wrapping the GraphDef as a function took 2.0 of :func:`freeze`'s 2.3 s on
+    EfficientNetB0. ``op_to_layer(graph_def)`` maps ops."""
     data = _FunctionConverterDataInEager(
         func=concrete, lower_control_flow=True, aggressive_inlining=False
     )
     graph_def, converted = _replace_variables_by_constants(converter_data=data)
-    graph = tf.Graph()
-    with graph.as_default():
-        tf.compat.v1.import_graph_def(graph_def, name="")
-    _restore_static_shapes(graph, concrete.graph)
     function = _FrozenFunction(concrete, graph_def, converted)
-    return TracedGraph(graph_def, function, op_to_layer(graph_def), batch_size, graph)
+    return TracedGraph(graph_def, function, op_to_layer(graph_def), batch_size)
 
 
 def _restore_static_shapes(frozen: tf.Graph, original: tf.Graph) -> None:
