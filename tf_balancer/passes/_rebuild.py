@@ -102,6 +102,15 @@ class RebuildPass(GraphPass):
     :class:`~tf_balancer.optimizer.MetaOptimizer` applies each rewrite to the walk
     the previous one left (:mod:`tf_balancer.passes.chain`) and builds one model
     at the end.
+
+    Example (a pass that drops every ``GaussianNoise`` layer):
+        >>> from tf_balancer import register_pass, unregister_pass
+        >>> @register_pass("drop_noise_example")
+        ... class DropNoise(RebuildPass):
+        ...     def rewrite(self, walk, ctx):
+        ...         noise = [c.name for c in walk.calls if type(c.layer).__name__ == "GaussianNoise"]
+        ...         return Rewrite(dict.fromkeys(noise, IDENTITY), f"dropped {noise}") if noise else None
+        >>> unregister_pass("drop_noise_example")
     """
 
     @abc.abstractmethod
