@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -157,3 +158,17 @@ def small_cnn_head(units: int = 1, activation=None, loss="mse"):
     model = keras.Model(inputs, keras.layers.Dense(units, activation=activation)(x))
     model.compile(optimizer="adam", loss=loss)
     return model
+
+
+@contextlib.contextmanager
+def passes_registered(passes):
+    """Register test passes (name -> class) for the block, unregister them after."""
+    from tf_balancer.passes.base import register_pass, unregister_pass
+
+    for name, cls in passes.items():
+        register_pass(name)(cls)
+    try:
+        yield passes
+    finally:
+        for name in passes:
+            unregister_pass(name)

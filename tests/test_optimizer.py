@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import assert_model_unchanged, randomize_batchnorm, snapshot_model
+from conftest import (
+    assert_model_unchanged,
+    passes_registered,
+    randomize_batchnorm,
+    snapshot_model,
+)
 
 from tf_balancer._compat import keras
 from tf_balancer.errors import ConfigError, PassError, VerificationError
@@ -19,9 +24,7 @@ from tf_balancer.passes.base import (
     PassContext,
     PassResult,
     get_pass,
-    register_pass,
     registered_passes,
-    unregister_pass,
 )
 
 L = keras.layers
@@ -85,14 +88,9 @@ class _Noop(GraphPass):
 
 @pytest.fixture
 def broken_passes():
-    registered = {"test_raises": _Raises, "test_wrong_outputs": _WrongOutputs, "test_noop": _Noop}
-    for name, cls in registered.items():
-        register_pass(name)(cls)
-    try:
-        yield registered
-    finally:
-        for name in registered:
-            unregister_pass(name)
+    passes = {"test_raises": _Raises, "test_wrong_outputs": _WrongOutputs, "test_noop": _Noop}
+    with passes_registered(passes):
+        yield passes
 
 
 def test_chain_equals_applying_the_passes_by_hand():
@@ -239,14 +237,11 @@ def test_probe_inputs_from_the_context_are_used(broken_passes):
             dense.kernel.assign(dense.kernel * 2.0)
             return PassResult(new, changed=True)
 
-    register_pass("test_scale_kernel")(_ScaleKernel)
-    try:
+    with passes_registered({"test_scale_kernel": _ScaleKernel}):
         model = keras.Sequential([keras.Input((4,)), L.Dense(2, use_bias=False, name="logits")])
         zeros = PassContext(probe_inputs=np.zeros((2, 4), "float32"))
         _, blind = MetaOptimizer(["test_scale_kernel"]).run(model, zeros)
         _, seeing = MetaOptimizer(["test_scale_kernel"]).run(model)
-    finally:
-        unregister_pass("test_scale_kernel")
     assert blind.records[0].status == "applied"
     assert seeing.records[0].status == "rolled_back"
     assert seeing.records[0].message.startswith("verification failed")
@@ -263,16 +258,13 @@ class _MutatesInput(GraphPass):
 
 
 def test_a_pass_that_mutates_its_input_is_rolled_back_and_the_input_restored():
-    register_pass("test_mutates_input")(_MutatesInput)
-    try:
+    with passes_registered({"test_mutates_input": _MutatesInput}):
         model = _model()
         snapshot = snapshot_model(model)
         y = model(_x(), training=False).numpy()
         result, report = MetaOptimizer(["test_mutates_input"]).run(model)
         with pytest.raises(PassError, match="modified its input model in place"):
             MetaOptimizer(["test_mutates_input"], fail_on_error=True).run(model)
-    finally:
-        unregister_pass("test_mutates_input")
     assert report.records[0].status == "rolled_back"
     assert "in place" in report.records[0].message
     assert result is model  # the input, restored, is the result of a rolled-back pass

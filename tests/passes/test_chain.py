@@ -11,13 +11,17 @@ from __future__ import annotations
 import keras as keras3
 import numpy as np
 import pytest
-from conftest import assert_model_unchanged, randomize_batchnorm, snapshot_model
+from conftest import (
+    assert_model_unchanged,
+    passes_registered,
+    randomize_batchnorm,
+    snapshot_model,
+)
 
 from tf_balancer._compat import keras
 from tf_balancer.optimizer import MetaOptimizer, model_stats
 from tf_balancer.passes import chain as chain_module
 from tf_balancer.passes._rebuild import RebuildPass, Replacement, Rewrite
-from tf_balancer.passes.base import register_pass, unregister_pass
 
 LOSSLESS = ["strip_training_ops", "fold_batchnorm", "fuse_activation"]
 KERASES = pytest.mark.parametrize("k", [keras, keras3], ids=["tf_keras", "keras3"])
@@ -130,14 +134,9 @@ class _MutatesInput(RebuildPass):
 
 @pytest.fixture
 def odd_passes():
-    registered = {"test_perturbs_logits": _PerturbsLogits, "test_mutates_rebuild": _MutatesInput}
-    for name, cls in registered.items():
-        register_pass(name)(cls)
-    try:
-        yield registered
-    finally:
-        for name in registered:
-            unregister_pass(name)
+    passes = {"test_perturbs_logits": _PerturbsLogits, "test_mutates_rebuild": _MutatesInput}
+    with passes_registered(passes):
+        yield passes
 
 
 def test_a_chain_that_fails_verification_runs_its_passes_one_by_one(odd_passes):
