@@ -34,7 +34,7 @@ from tf_balancer.errors import ConfigError, PassError, VerificationError
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.walk import functional_twin
 from tf_balancer.passes.base import GraphPass, PassContext, get_pass
-from tf_balancer.passes.chain import chainable, run_chain
+from tf_balancer.passes.chain import Chain, chainable, run_chain
 from tf_balancer.verify import (
     Outcome,
     compare_outputs,
@@ -65,7 +65,8 @@ class PassRecord:
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
     verified_with: tuple[str, ...] = ()
     """The passes of this one's chain (:mod:`tf_balancer.passes.chain`): built as one
-    model and verified together, ``max_abs_diff`` being the chain's. Empty for a pass
+    model and verified together, ``max_abs_diff`` being the chain's (and ``seconds``
+    of the last of them including that rebuild and verification). Empty for a pass
     verified alone."""
 
 
@@ -261,28 +262,10 @@ class MetaOptimizer:
             )
             return None
         shared = result.rebuild_seconds + time.perf_counter() - begin
-        names = tuple(p.name for p, step in zip(chain, result.steps, strict=True) if step.rewrite)
-        last = max((k for k, step in enumerate(result.steps) if step.rewrite), default=None)
-        records, before = [], current[0]
-        for k, (graph_pass, step) in enumerate(zip(chain, result.steps, strict=True)):
-            change = step.rewrite
-            records.append(
-                PassRecord(
-                    graph_pass.name,
-                    "applied" if change else "unchanged",
-                    change.message if change else graph_pass.nothing_to_do,
-                    step.seconds + (shared if k == last else 0.0),
-                    before,
-                    step.stats,
-                    outcome.max_abs_diff if change else 0.0,
-                    dict(change.stats) if change else {},
-                    names if change else (),
-                )
-            )
-            before = step.stats
-        if last is None:
+        records = _chain_records(chain, result, current[0], outcome, shared)
+        if all(r.status == "unchanged" for r in records):
             return model, current, records
-        return result.model, (before, None), records
+        return result.model, (records[-1].after, None), records
 
     def _run_one(
         self, graph_pass: GraphPass, model: Any, current: tuple, ctx: PassContext, probe: Any
@@ -365,6 +348,37 @@ class MetaOptimizer:
                 reference, new_model, probe, self.rtol, self.atol, run=self._outputs
             )
         return compare_signature(model, new_model, probe, run=self._outputs)
+
+
+def _chain_records(
+    chain: Sequence[GraphPass],
+    result: Chain,
+    before: dict[str, int],
+    outcome: Outcome,
+    shared_seconds: float,
+) -> list[PassRecord]:
+    """A record per pass of a verified chain; the last pass that changed something is
+    also charged the chain's one rebuild and verification (``shared_seconds``)."""
+    applied = [k for k, step in enumerate(result.steps) if step.rewrite]
+    names = tuple(chain[k].name for k in applied)
+    records = []
+    for k, (graph_pass, step) in enumerate(zip(chain, result.steps, strict=True)):
+        change = step.rewrite
+        records.append(
+            PassRecord(
+                graph_pass.name,
+                "applied" if change else "unchanged",
+                change.message if change else graph_pass.nothing_to_do,
+                step.seconds + (shared_seconds if applied and k == applied[-1] else 0.0),
+                before,
+                step.stats,
+                outcome.max_abs_diff if change else 0.0,
+                dict(change.stats) if change else {},
+                names if change else (),
+            )
+        )
+        before = step.stats
+    return records
 
 
 def _chain_at(passes: Sequence[GraphPass], i: int) -> list[GraphPass]:
