@@ -24,12 +24,18 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 from tensorflow.python.framework import ops as tf_ops
-from tensorflow.python.framework.convert_to_constants import (  # noqa: PLC2701
-    _construct_concrete_function,
-    _FunctionConverterDataInEager,
-    _replace_variables_by_constants,
+from tensorflow.python.framework.convert_to_constants import (
     convert_variables_to_constants_v2,
 )
+
+try:  # the two halves of convert_variables_to_constants_v2 (TF >= 2.2), to skip the second
+    from tensorflow.python.framework.convert_to_constants import (
+        _construct_concrete_function,
+        _FunctionConverterDataInEager,
+        _replace_variables_by_constants,
+    )
+except ImportError:  # pragma: no cover - a TensorFlow without them freezes in one go
+    _replace_variables_by_constants = None
 
 from tf_balancer._compat import is_keras3_object, is_keras_model
 from tf_balancer.errors import ModelLoadError, UnsupportedModelError
@@ -158,6 +164,9 @@ def _frozen_trace(concrete: Any, op_to_layer: Any, batch_size: int | None) -> Tr
     costing) and its function are made when first read: Grappler needs neither, and
     wrapping the GraphDef as a function took 2.0 of :func:`freeze`'s 2.3 s on
     EfficientNetB0. ``op_to_layer(graph_def)`` maps ops."""
+    if _replace_variables_by_constants is None:
+        graph_def, frozen = freeze(concrete)
+        return TracedGraph(graph_def, frozen, op_to_layer(graph_def), batch_size)
     data = _FunctionConverterDataInEager(
         func=concrete, lower_control_flow=True, aggressive_inlining=False
     )
