@@ -695,3 +695,47 @@ def test_a_model_that_starts_with_text_vectorization_is_pruned_and_exported(kx, 
         1e-5,
     )
     assert os.path.isdir(os.path.join(callback.export(str(tmp_path / "out")), "saved_model"))
+
+
+def test_a_custom_layer_whose_init_refuses_its_config_is_used_as_it_is_or_named():
+    """keras.io's ViT writes ``Patches.__init__(self, patch_size)`` without ``**kwargs``:
+    re-creating it from its config raised at the end of training, after every epoch
+    (``unexpected keyword argument 'name'``). A weightless one is shared like an
+    operation; one with weights gets an error naming the fix."""
+    import keras as keras3
+
+    class Patches(keras3.layers.Layer):
+        def __init__(self, size):
+            super().__init__()
+            self.size = size
+
+        def call(self, images):
+            patches = keras3.ops.image.extract_patches(images, size=self.size)
+            return keras3.ops.reshape(patches, (-1, 16, self.size * self.size * 3))
+
+        def get_config(self):
+            return {**super().get_config(), "size": self.size}
+
+    class Scale(Patches):
+        def build(self, shape):
+            self.scale = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+        def call(self, x):
+            return x * self.scale
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 16, 16, 3), np.float32), np.arange(32) % 3
+    inp = keras3.Input((16, 16, 3))
+    hidden = keras3.layers.Dense(64, activation="relu")(Patches(4)(inp))
+    hidden = keras3.layers.Dense(64, activation="relu")(hidden)
+    out = keras3.layers.Dense(3)(keras3.layers.GlobalAveragePooling1D()(hidden))
+    model = keras3.Model(inp, out)
+    model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    small, report = tfb.prune(model, target=0.5, data=(x, y))
+    assert report["final_flops_ratio"] <= 0.51
+    np.testing.assert_equal(small(x[:2]).shape, model(x[:2]).shape)
+    pooled = keras3.layers.GlobalAveragePooling1D()(Scale(4)(hidden))
+    weighted = keras3.Model(inp, keras3.layers.Dense(3)(pooled))
+    weighted.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    with pytest.raises(tfb.UnsupportedModelError, match=r"\*\*kwargs"):
+        tfb.prune(weighted, target=0.5, data=(x, y))

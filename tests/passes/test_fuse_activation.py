@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import keras as keras3
 import numpy as np
 import pytest
 
 from tf_balancer._compat import keras
 from tf_balancer.graph.layer_graph import LayerGraph
+from tf_balancer.optimizer import MetaOptimizer
 from tf_balancer.passes.base import PassContext, get_pass
 from tf_balancer.passes.fuse_activation import FuseActivation, activation_name
 
@@ -121,3 +123,33 @@ def test_mobilenet_v2_after_folding_fuses_relu6(mobilenet_v2):
 
 def test_registered_under_its_name():
     assert isinstance(get_pass("fuse_activation"), FuseActivation)
+
+
+def test_an_activation_in_another_dtype_is_not_fused():
+    """Mixed precision writes the softmax head as a float32 ``Activation`` after a float16
+    ``Dense``: fused, the output turned float16, verification failed and the whole pass
+    was rolled back, losing the ReLU fusions with it. It stays apart now."""
+    inp = keras3.Input((8, 8, 3))
+    x = keras3.layers.Conv2D(4, 3, dtype="mixed_float16", name="conv")(inp)
+    x = keras3.layers.ReLU(dtype="mixed_float16", name="relu")(x)
+    x = keras3.layers.Flatten(dtype="mixed_float16")(x)
+    x = keras3.layers.Dense(3, dtype="mixed_float16", name="dense")(x)
+    model = keras3.Model(inp, keras3.layers.Activation("softmax", dtype="float32", name="probs")(x))
+    result, report = MetaOptimizer(["fuse_activation"]).run(model)
+    assert report.records[0].status == "applied", report.records[0].message
+    assert report.records[0].stats["fused"] == (("conv", "relu"),)
+    assert result.output.dtype == "float32"
+
+
+@pytest.mark.parametrize("cap, expected", [(None, "relu"), (6.0, "relu6")])
+def test_keras_activations_relu_is_pruned_through_and_fused(cap, expected):
+    """``keras.activations.relu`` records its own operation (``ReLU``), not ``keras.ops.relu``'s
+    ``Relu``: the channels behind it were unprunable and it was never fused."""
+    inp = keras3.Input((8, 8, 3))
+    x = keras3.activations.relu(keras3.layers.Conv2D(4, 3, name="conv")(inp), max_value=cap)
+    model = keras3.Model(inp, keras3.layers.Conv2D(2, 3, name="head")(x))
+    graph = LayerGraph.from_model(model)
+    assert graph.group_of("conv") in {g.id for g in graph.prunable_groups}
+    result, report = MetaOptimizer(["fuse_activation"]).run(model)
+    assert report.records[0].status == "applied", report.records[0].message
+    assert result.get_layer("conv").get_config()["activation"] == expected

@@ -203,3 +203,29 @@ def test_a_rolled_back_prune_is_one_warning_and_the_report_shows_what_was_produc
     assert report["final_flops_ratio"] == pytest.approx(ratio) and ratio > 0.9
     assert f"{ratio:.3f}" in line
     assert all(row["channels_after"] == row["channels_before"] for row in report["layers"])
+
+
+def test_the_optimized_model_is_compiled_with_a_fresh_loss_scale_optimizer(mixed_float16):
+    """Under ``mixed_float16`` ``compile`` wraps the optimizer in a loss-scale optimizer,
+    which takes no learning rate: making a fresh one for fine-tuning and for compiling
+    the result raised (Keras 3: 'LossScaleOptimizer does not support arguments:
+    learning_rate'), so fine-tuning crashed at the end of training. Its inner
+    optimizer is made anew at the fine-tuning rate and wrapped again."""
+    from tf_balancer.training.finetune import compile_like
+
+    k = mixed_float16
+    inp = k.Input((4,))
+    hidden = k.layers.Dense(8, activation="relu")(inp)
+    trained = k.Model(inp, k.layers.Dense(3, dtype="float32")(hidden))
+    trained.compile(
+        optimizer=k.optimizers.Adam(1e-2),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
+    assert hasattr(trained.optimizer, "inner_optimizer")  # the wrapper is there
+    copy = k.models.clone_model(trained)
+    compile_like(copy, trained, 1e-3)
+    assert type(copy.optimizer) is type(trained.optimizer)
+    assert type(copy.optimizer.inner_optimizer) is type(trained.optimizer.inner_optimizer)
+    assert float(np.asarray(copy.optimizer.inner_optimizer.learning_rate)) == pytest.approx(1e-3)
+    copy.fit(X, np.arange(16) % 3, epochs=1, verbose=0)  # it trains

@@ -365,6 +365,7 @@ _ELEMENTWISE_OPS = frozenset(
         *("Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Maximum", "Minimum"),
         *("Negative", "Absolute", "Abs", "Square", "Sqrt", "Clip", "Exp", "Tanh", "Cast"),
         *("Relu", "Relu6", "Sigmoid", "Softplus", "Softsign", "Silu", "LogSigmoid"),
+        *("ReLU", "Mish"),  # keras.activations.relu (any slope, cap, threshold) and mish
         *("LeakyRelu", "HardSigmoid", "HardSilu", "Elu", "Selu", "Gelu", "Celu", "HardTanh"),
         *("Erf", "Sign", "Round", "Floor", "Ceil", "Sin", "Cos"),
     }

@@ -468,7 +468,17 @@ def clone_layer(source: Any, /, **config_overrides: Any) -> Any:
         return source  # an operation is stateless: the same one serves the copy
     config = source.get_config()
     config.update(config_overrides)
-    return adapter_for(source).layer_from_config(type(source), config)
+    try:
+        return adapter_for(source).layer_from_config(type(source), config)
+    except (TypeError, ValueError) as err:  # a custom layer whose __init__ refuses its config
+        if not config_overrides and not source.weights:
+            return source  # weightless: like an operation, the same layer serves the copy
+        raise UnsupportedModelError(
+            f"layer {source.name!r} ({type(source).__name__}) cannot be re-created from its "
+            f"config: {str(err).splitlines()[0][:200]}. Give its __init__ **kwargs passed on "
+            "to super().__init__(**kwargs), and a get_config() that returns its own arguments "
+            "with super().get_config()'s"
+        ) from err
 
 
 def _used_as_is(layer: Any) -> bool:

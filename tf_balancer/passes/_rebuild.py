@@ -163,17 +163,23 @@ def forced_training(call: Call) -> bool:
 
 
 def single_consumer_producer(
-    call: Call, uses: Mapping[str, int], prods: Mapping[str, Call]
+    call: Call, walk: Walk, uses: Mapping[str, int], prods: Mapping[str, Call]
 ) -> Call | None:
-    """The producer of ``call``'s only input if ``call`` is that tensor's only consumer.
+    """The producer ``call`` can merge into: that of its only input, if ``call`` is that
+    tensor's only consumer and computes in the same dtype.
 
-    Both calls must be unshared single-output calls; otherwise returns None.
+    Both calls must be unshared single-output calls (a float32 ``Activation`` after a
+    float16 ``Dense``, as mixed precision writes a softmax head, stays apart); otherwise
+    returns None. ``uses`` and ``prods`` are :func:`tensor_uses` and :func:`producers`
+    of ``walk``.
     """
     if len(call.inputs) != 1 or len(call.outputs) != 1 or call.shared:
         return None
     key = call.inputs[0]
     producer = prods.get(key)
     if producer is None or producer.shared or len(producer.outputs) != 1:
+        return None
+    if walk.dtypes.get(call.outputs[0]) != walk.dtypes.get(key):
         return None
     return producer if uses.get(key) == 1 else None
 

@@ -135,7 +135,7 @@ def _find_pairs(walk: Walk) -> list[tuple[Call, Call]]:
     for call in walk.calls:
         if not _is_inference_bn(call, walk):
             continue
-        conv = single_consumer_producer(call, uses, prods)
+        conv = single_consumer_producer(call, walk, uses, prods)
         if conv is not None and _foldable_producer(conv):
             pairs.append((conv, call))
     return pairs

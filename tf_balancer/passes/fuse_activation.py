@@ -75,23 +75,33 @@ def activation_name(layer: Any) -> str | None:
     """
     arguments = op_arguments(layer)  # keras.ops.relu(x), tf.nn.relu(x)
     if arguments is not None:
+        if arguments.op == "ReLU" and arguments.tensors == 1:  # keras.activations.relu(x, ...)
+            op = getattr(layer, "op", layer)  # Keras 3's operation, with the ReLU's arguments
+            return _relu_name(*(getattr(op, a, None) for a in _RELU_ARGUMENTS))
         name = _OP_ACTIVATIONS.get(arguments.op) if arguments.tensors == 1 else None
         return name if name and _known_activation(layer, name) else None
     config = layer.get_config()
     kind = builtin_layer_name(layer)
     if kind == "ReLU":
-        if float(config["negative_slope"]) != 0.0 or float(config["threshold"]) != 0.0:
-            return None
-        cap = config["max_value"]
-        if cap is None:
-            return "relu"
-        return "relu6" if float(cap) == 6.0 else None
+        return _relu_name(*(config[a] for a in _RELU_ARGUMENTS))
     if kind == "Activation":
         name = config.get("activation")
         if not isinstance(name, str):
             return None
         return name if _known_activation(layer, name) else None
     return None
+
+
+_RELU_ARGUMENTS = ("negative_slope", "max_value", "threshold")
+
+
+def _relu_name(negative_slope: Any, max_value: Any, threshold: Any) -> str | None:
+    """``"relu"`` or ``"relu6"`` for a ReLU with these arguments, else None."""
+    if float(negative_slope or 0.0) != 0.0 or float(threshold or 0.0) != 0.0:
+        return None
+    if max_value is None:
+        return "relu"
+    return "relu6" if float(max_value) == 6.0 else None
 
 
 _OP_ACTIVATIONS = {"Relu": "relu", "Relu6": "relu6", "Sigmoid": "sigmoid", "Tanh": "tanh"}
@@ -120,7 +130,7 @@ def _find_pairs(walk: Walk) -> list[tuple[Call, Call, str]]:
         name = activation_name(call.layer)
         if name is None:
             continue
-        conv = single_consumer_producer(call, uses, prods)
+        conv = single_consumer_producer(call, walk, uses, prods)
         if conv is not None and _fusable_producer(conv):
             pairs.append((conv, call, name))
     return pairs

@@ -74,7 +74,15 @@ def current_learning_rate(optimizer: Any) -> float:
 
 
 def _fresh_optimizer(optimizer: Any, learning_rate: float) -> Any:
-    """A new optimizer of ``optimizer``'s type and config at ``learning_rate`` (no slots)."""
+    """A new optimizer of ``optimizer``'s type and config at ``learning_rate`` (no slots).
+
+    A loss-scale wrapper (``compile`` puts one around the optimizer under a
+    ``mixed_float16`` policy) takes no learning rate: its inner optimizer is made anew
+    and wrapped again, the scale starting afresh like the slots.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        return type(optimizer)(_fresh_optimizer(inner, learning_rate))
     config = dict(optimizer.get_config(), learning_rate=learning_rate)
     return type(optimizer).from_config(config)
 
