@@ -27,7 +27,15 @@ from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.trace import TracedGraph, constant_params, op_flops, trace, trace_keras
 from tf_balancer.input_shapes import set_nominal_shapes
 
-__all__ = ["ModelAnalysis", "analyze", "InspectRow", "InspectResult", "inspect", "load_model"]
+__all__ = [
+    "ModelAnalysis",
+    "analyze",
+    "cost_stats",
+    "InspectRow",
+    "InspectResult",
+    "inspect",
+    "load_model",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,6 +52,15 @@ class ModelAnalysis:
     def cost_under(self, keep: dict[int, int]) -> CostReport:
         """Costs with ``keep[group]`` channels left in each listed group."""
         return self.coster.report(keep)
+
+    def stats(self) -> dict[str, int]:
+        """Layers, params and FLOPs, as the optimizer's pass records give them."""
+        return cost_stats(self.graph, self.cost)
+
+
+def cost_stats(graph: LayerGraph, cost: CostReport) -> dict[str, int]:
+    """``{"layers", "params", "flops"}`` of a layer graph and its cost."""
+    return {"layers": len(graph.nodes), "params": cost.params, "flops": cost.flops}
 
 
 @quietly

@@ -111,11 +111,6 @@ def model_stats(model: Any) -> dict[str, int]:
     return _analysed(model)[0]
 
 
-def _stats_of(analysis: ModelAnalysis) -> dict[str, int]:
-    cost = analysis.cost
-    return {"layers": len(analysis.graph.nodes), "params": cost.params, "flops": cost.flops}
-
-
 def _analysed(model: Any) -> tuple[dict[str, int], ModelAnalysis | None]:
     """:func:`model_stats` and, for a Keras model, its analysis (the next pass's graph)."""
     from tf_balancer.graph.trace import constant_params, op_flops, trace_function
@@ -124,7 +119,7 @@ def _analysed(model: Any) -> tuple[dict[str, int], ModelAnalysis | None]:
         from tf_balancer.analysis import analyze
 
         analysis = analyze(model, frozen=False)  # costs are the same; freezing is slow
-        return _stats_of(analysis), analysis
+        return analysis.stats(), analysis
     traced = trace_function(model)
     stats = {
         "layers": len(traced.graph_def.node),
@@ -205,7 +200,7 @@ class MetaOptimizer:
         probe = ctx.probe_inputs if ctx.probe_inputs is not None else random_inputs(model)
         self._outputs = _Outputs()  # a pass's result is the next pass's reference
         known = analysis is not None and any(analysis.model is m for m in (given, model))
-        current = (_stats_of(analysis), analysis) if known else _analysed(model)
+        current = (analysis.stats(), analysis) if known else _analysed(model)
         records: list[PassRecord] = []
         i = 0
         while i < len(self.passes):

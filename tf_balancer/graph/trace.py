@@ -407,8 +407,9 @@ def trace_function(fn: Any, batch_size: int = 1) -> TracedGraph:
     nominal = nominal_shapes(fn)
     if isinstance(fn, tf.types.experimental.PolymorphicFunction):
         fn = fn.get_concrete_function()
-    if _is_plain_graph(fn):
-        return _reimported(fn, batch_size, nominal)
+    graph_def = fn.graph.as_graph_def()
+    if _is_plain_graph(fn, graph_def):
+        return _reimported(fn, graph_def, batch_size, nominal)
     signature = fn.structured_input_signature
     if signature is None:  # e.g. a pruned wrap_function: feeds are its placeholders
         args = [tf.TensorSpec(t.shape, t.dtype) for t in fn.inputs if t.dtype != tf.resource]
@@ -425,22 +426,20 @@ def trace_function(fn: Any, batch_size: int = 1) -> TracedGraph:
     return _frozen_trace(fixed, _map_scopes, batch_size)
 
 
-def _is_plain_graph(fn: Any) -> bool:
+def _is_plain_graph(fn: Any, graph_def: Any) -> bool:
     """A function of its positional tensors alone, whose graph reads no variable and calls
     no function (e.g. Grappler's result, :func:`~tf_balancer.graph.grappler.graph_def_to_function`)."""
     if fn.structured_input_signature is not None or fn.captured_inputs:
         return False
-    return (
-        all(t.dtype != tf.resource for t in fn.inputs)
-        and not fn.graph.as_graph_def().library.function
-    )
+    return all(t.dtype != tf.resource for t in fn.inputs) and not graph_def.library.function
 
 
-def _reimported(fn: Any, batch_size: int, nominal: list[tuple] | None) -> TracedGraph:
+def _reimported(
+    fn: Any, graph_def: Any, batch_size: int, nominal: list[tuple] | None
+) -> TracedGraph:
     """:func:`trace_function` of a :func:`_is_plain_graph` function: its GraphDef imported
     again on inputs of fixed sizes, for costing (nothing to freeze: wrapping it to
-    freeze would take about 6x as long on EfficientNetB0)."""
-    graph_def = fn.graph.as_graph_def()
+    freeze would take about 6x as long on EfficientNetB0). ``graph_def``: ``fn``'s."""
     specs = _fixed_specs(
         [tf.TensorSpec(t.shape, t.dtype) for t in fn.inputs], batch_size, nominal=nominal
     )

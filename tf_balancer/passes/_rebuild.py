@@ -211,16 +211,16 @@ def rebuild_with(
             return IDENTITY
         if id(call.layer) not in made:
             prebuilt = change.layer if change is not None else None
-            if prebuilt is not None and id(call.layer) not in renames:
-                made[id(call.layer)] = prebuilt
+            rename = {"name": renames[id(call.layer)]} if id(call.layer) in renames else {}
+            if prebuilt is not None and not rename:
+                made[id(call.layer)] = prebuilt  # built and filled already
                 return prebuilt
-            source = prebuilt if prebuilt is not None else call.layer
-            overrides = dict(change.overrides) if change is not None and prebuilt is None else {}
-            if id(call.layer) in renames:
-                overrides["name"] = renames[id(call.layer)]
-            made[id(call.layer)] = clone_layer(source, **overrides)
-            copied = Replacement(layer=prebuilt) if prebuilt is not None else change
-            fills.append((made[id(call.layer)], call, copied))
+            if prebuilt is not None:  # a copy under the output's name, filled from it
+                made[id(call.layer)] = clone_layer(prebuilt, **rename)
+            else:
+                overrides = dict(change.overrides) if change is not None else {}
+                made[id(call.layer)] = clone_layer(call.layer, **overrides, **rename)
+            fills.append((made[id(call.layer)], call, change))
         return made[id(call.layer)]
 
     new_model = rebuild(walk, make_layer, name=model.name)

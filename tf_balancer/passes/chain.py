@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import tensorflow as tf
 
+from tf_balancer.analysis import cost_stats
 from tf_balancer.graph.cost import PlanCoster, measured_layer_flops
 from tf_balancer.graph.layer_graph import LayerGraph
 from tf_balancer.graph.trace import trace_walk
@@ -89,8 +90,7 @@ def walk_stats(walk: Walk, measured: Mapping[str, int], batch_size: int) -> dict
     """Layers, params and FLOPs of ``walk`` as :func:`~tf_balancer.analysis.analyze`
     counts them, given each call's measured FLOPs."""
     graph = LayerGraph.from_walk(walk)
-    cost = PlanCoster(graph, measured, batch_size).report()
-    return {"layers": len(graph.nodes), "params": cost.params, "flops": cost.flops}
+    return cost_stats(graph, PlanCoster(graph, measured, batch_size).report())
 
 
 def run_chain(
@@ -111,11 +111,7 @@ def run_chain(
     batch = analysis.coster.batch_size
     measured = dict(analysis.measured_flops)
     merged: dict[str, Any] = {}
-    stats = {
-        "layers": len(analysis.graph.nodes),
-        "params": analysis.cost.params,
-        "flops": analysis.cost.flops,
-    }
+    stats = analysis.stats()
     steps = []
     for graph_pass in passes:
         begin = time.perf_counter()
