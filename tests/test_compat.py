@@ -156,3 +156,73 @@ def test_save_serving_model_of_a_subclassed_tf_keras_model_saves_it_whole(tmp_pa
     path = str(tmp_path / "subclassed")
     adapter_for(model).save_serving_model(model, path)  # no model.inputs to sign
     np.testing.assert_allclose(tf.saved_model.load(path)(x).numpy(), expected.numpy(), atol=1e-6)
+
+
+_READ_WEIGHTS_SCRIPT = """
+import os, sys
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+import keras as keras3
+import tf_keras
+from tf_balancer._compat import local_copies, read_weights
+
+keras = keras3 if sys.argv[1] == "keras3" else tf_keras
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = keras.Sequential([
+        keras.Input((6, 6, 2)),
+        keras.layers.Conv2D(4, 3),
+        keras.layers.BatchNormalization(),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3),
+    ])
+    model.compile("sgd", "mse")
+rng = np.random.default_rng(0)
+x = rng.normal(size=(8, 6, 6, 2)).astype("float32")
+x[4:] *= 5  # each replica's half of the batch: different moving statistics
+model.fit(x, rng.normal(size=(8, 3)), batch_size=8, epochs=1, verbose=0)
+bn = model.layers[1]
+copies = [np.asarray(c.numpy()) for c in local_copies(bn.moving_variance)]
+assert not np.array_equal(copies[0], copies[1]), "replicas should differ"
+with strategy.scope():
+    expected = [layer.get_weights() for layer in model.layers]
+    reduce, calls = strategy.reduce, []
+    strategy.reduce = lambda *a, **k: calls.append(1) or reduce(*a, **k)
+    got = read_weights(model.layers)
+    print("REDUCES", len(calls))
+assert len(got) == len(expected)
+for a, b in zip(expected, got):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert u.shape == v.shape and u.dtype == v.dtype and np.array_equal(u, v), (u, v)
+print("OK")
+"""
+
+
+@pytest.mark.parametrize("which", ["tf_keras", "keras3"])
+def test_read_weights_equals_get_weights_under_a_strategy(which):
+    """BatchNorm's moving statistics are sync-on-read under a strategy: read in one
+    reduction, they equal what a read of each gives (the mean over replicas)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _READ_WEIGHTS_SCRIPT, which],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK" in done.stdout
+    if which == "tf_keras":  # moving mean and variance (MEAN), one reduction for both
+        assert "REDUCES 1" in done.stdout, done.stdout
+
+
+def test_read_weights_without_a_strategy_is_get_weights(tf_keras_model):
+    got = _compat.read_weights(tf_keras_model.layers)
+    for layer, values in zip(tf_keras_model.layers, got, strict=True):
+        for u, v in zip(layer.get_weights(), values, strict=True):
+            assert np.array_equal(u, v)

@@ -35,6 +35,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -163,8 +164,19 @@ class Problem:
     def limit(self) -> float:
         return self.budget * (1 + _REL) + _REL
 
+    @functools.cached_property
+    def level_table(self) -> np.ndarray:
+        """``levels`` as one float array, a row per group (padded with its top level):
+        the moves read ``level_table[g, x[g]]`` for a group's count."""
+        return _padded(self.levels)
+
+    @functools.cached_property
+    def value_table(self) -> np.ndarray:
+        """``values`` as one array, a row per group (padded like :attr:`level_table`)."""
+        return _padded(self.values)
+
     def counts(self, x: np.ndarray) -> np.ndarray:
-        return np.array([lv[i] for lv, i in zip(self.levels, x, strict=True)], dtype=np.float64)
+        return self.level_table[np.arange(len(self.levels)), x]
 
     def index(self, counts: Sequence[int]) -> np.ndarray:
         """Level indices of a plan given as counts (each count must be a level)."""
@@ -182,6 +194,15 @@ class Problem:
 
     def value(self, x: np.ndarray) -> float:
         return float(sum(v[i] for v, i in zip(self.values, x, strict=True)))
+
+
+def _padded(rows: Sequence[np.ndarray]) -> np.ndarray:
+    width = max(len(r) for r in rows)
+    out = np.empty((len(rows), width), dtype=np.float64)
+    for g, r in enumerate(rows):
+        out[g, : len(r)] = r
+        out[g, len(r) :] = r[-1]
+    return out
 
 
 def solve(problem: Problem, starts: Sequence[Sequence[int]]) -> tuple[np.ndarray, float]:

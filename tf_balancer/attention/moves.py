@@ -84,8 +84,9 @@ def _fill(problem: Problem, x: np.ndarray) -> np.ndarray:
         open_ = np.flatnonzero(x < top)
         if not len(open_):
             return x
-        delta = np.array([problem.levels[g][x[g] + 1] - k[g] for g in open_])
-        gain = np.array([problem.values[g][x[g] + 1] - problem.values[g][x[g]] for g in open_])
+        delta = problem.level_table[open_, x[open_] + 1] - k[open_]
+        values = problem.value_table
+        gain = values[open_, x[open_] + 1] - values[open_, x[open_]]
         grad = problem.gradient(k)[open_]
         extra = delta * grad + delta * delta * problem.matrix[open_, open_]
         fits = cost + extra <= problem.limit
@@ -206,8 +207,9 @@ def _repair(problem: Problem, x: np.ndarray, keep: int) -> np.ndarray | None:
         room = room[room != keep]
         if not len(room):
             return None
-        drop = np.array([k[g] - problem.levels[g][x[g] - 1] for g in room])
-        loss = np.array([problem.values[g][x[g]] - problem.values[g][x[g] - 1] for g in room])
+        drop = k[room] - problem.level_table[room, x[room] - 1]
+        values = problem.value_table
+        loss = values[room, x[room]] - values[room, x[room] - 1]
         grad = problem.gradient(k)[room]
         saving = drop * grad - drop * drop * problem.matrix[room, room]
         j = int(np.argmin(np.where(saving > 0, loss / np.maximum(saving, 1e-300), np.inf)))

@@ -23,7 +23,14 @@ from typing import Any
 
 import tensorflow as tf
 
-from tf_balancer._compat import KerasAdapter, KerasOp, adapter_for, ensure_keras_model, keras
+from tf_balancer._compat import (
+    KerasAdapter,
+    KerasOp,
+    adapter_for,
+    ensure_keras_model,
+    keras,
+    read_weights,
+)
 from tf_balancer.errors import UnsupportedModelError
 from tf_balancer.input_shapes import (
     declared_shapes,
@@ -509,7 +516,8 @@ def weights_of(walk: Walk) -> dict[str, list[Any]]:
     Much cheaper than a clone: take it where the model must be remembered, clone
     only where the copy is used.
     """
-    return {call.name: call.layer.get_weights() for call in walk.calls}
+    values = read_weights([call.layer for call in walk.calls])
+    return {call.name: v for call, v in zip(walk.calls, values, strict=True)}
 
 
 def clone_flat(
@@ -537,7 +545,7 @@ def clone_flat(
         return layers[call.name]
 
     model = rebuild(walk, make, name=name or walk.model_name)
+    weights = weights_of(walk) if weights is None else weights
     for call in walk.calls:
-        values = weights[call.name] if weights is not None else call.layer.get_weights()
-        set_layer_weights(layers[call.name], values)
+        set_layer_weights(layers[call.name], weights[call.name])
     return model, layers
