@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tarfile
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ __all__ = [
     "measure_latency",
     "inference_fn",
     "saved_model_size",
+    "gzip_size",
     "classification_scores",
     "regression_scores",
     "is_classifier",
@@ -100,7 +102,8 @@ def directory_size(path: str) -> int:
 
 
 def saved_model_size(model: Any, serve: Any = None) -> dict[str, int]:
-    """Bytes of the model as a serving SavedModel, raw and gzip-compressed (tar, level 6).
+    """Bytes of the model as a serving SavedModel, raw and gzip-compressed (level 6,
+    :func:`gzip_size`).
 
     A Keras model is written with only its variables and a ``serving_default``
     signature (:meth:`~tf_balancer._compat.KerasAdapter.save_serving_model`, the
@@ -111,14 +114,48 @@ def saved_model_size(model: Any, serve: Any = None) -> dict[str, int]:
     when traced already (saved as the signature, not traced again).
     """
     with tempfile.TemporaryDirectory() as tmp:
-        path, archive = os.path.join(tmp, "model"), os.path.join(tmp, "model.tar.gz")
+        path = os.path.join(tmp, "model")
         if is_keras_model(model):
             adapter_for(model).save_serving_model(model, path, serve)
         else:
             tf.saved_model.save(model, path)
-        with tarfile.open(archive, "w:gz", compresslevel=6) as tar:
-            tar.add(path, arcname=".")
-        return {"bytes": directory_size(path), "gzip_bytes": os.path.getsize(archive)}
+        return {"bytes": directory_size(path), "gzip_bytes": gzip_size(path)}
+
+
+GZIP_CHUNK = 4 << 20
+
+
+def gzip_size(path: str, level: int = 6, chunk: int = GZIP_CHUNK) -> int:
+    """Bytes of the files under ``path`` compressed with gzip at ``level``, on every core.
+
+    Each file is compressed in ``chunk``-sized gzip members (what ``pigz`` writes)
+    by a pool of threads - zlib releases the GIL - so a 100 MB SavedModel takes
+    half the time on two cores; a member boundary only forgets deflate's 32 KB
+    window, which adds about a hundred bytes per 4 MB member (< 0.01%).
+
+    Example:
+        >>> gzip_size("exported/")  # doctest: +SKIP
+        42781351
+    """
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
+    workers = max(os.cpu_count() or 1, 1)
+    total = 0
+    with ThreadPoolExecutor(workers) as pool:
+        pending: list[Any] = []
+        for name in files:
+            with open(name, "rb") as handle:
+                while block := handle.read(chunk):
+                    pending.append(pool.submit(_gzip_member_size, block, level))
+                    if len(pending) >= 2 * workers:  # a bounded window of chunks in memory
+                        total += sum(f.result() for f in pending)
+                        pending = []
+        total += sum(f.result() for f in pending)
+    return total
+
+
+def _gzip_member_size(block: bytes, level: int) -> int:
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)  # 31: a gzip member
+    return len(compressor.compress(block)) + len(compressor.flush())
 
 
 def classification_scores(
