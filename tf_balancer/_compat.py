@@ -174,6 +174,8 @@ class KerasAdapter:
         outputs = self.node_outputs(node)
         if own != {id(w) for w in twin.weights} or len(twin.outputs) != len(outputs):
             return None
+        if any(_masked(t) != _masked(o) for t, o in zip(twin.outputs, outputs, strict=True)):
+            return None  # the layer's compute_mask (padding) is not what its twin gives
         return twin
 
     def _built_input_shapes(self, model: Any) -> list[tuple] | None:
@@ -414,6 +416,11 @@ _TF_FUNCTIONS = {
     **dict.fromkeys(("math.reduce_min",), "Min"),
     **dict.fromkeys(("math.reduce_sum",), "Sum"),
 }
+
+
+def _masked(tensor: Any) -> bool:
+    """A symbolic tensor carries a Keras mask (``Embedding(mask_zero=True)``'s padding)."""
+    return getattr(tensor, "_keras_mask", None) is not None
 
 
 def op_arguments(layer: Any) -> OpArguments | None:

@@ -205,3 +205,39 @@ def test_a_custom_layer_that_adds_a_loss_stays_whole(kx):
     y = ActivityPenalty(name="penalised")(inp)
     graph = analyze(kx.Model(inp, kx.layers.Dense(3)(y))).graph
     assert "penalised" in graph.nodes and graph.nodes["penalised"].role == "opaque"
+
+
+def test_a_custom_layer_whose_compute_mask_its_twin_drops_stays_whole_and_compacts_exactly():
+    """A token-and-position embedding with ``compute_mask`` (padding) and a position range
+    read from the input's shape: in tf_keras its twin's output carried no mask, so the
+    compacted model attended to and averaged over the padding (0.06 off the masked model
+    on padded text; ``prune_channels`` failed verification and was rolled back)."""
+    length, vocab = 8, 20
+
+    class TokenAndPosition(keras.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.token = keras.layers.Embedding(vocab, 16, mask_zero=True)
+            self.position = keras.layers.Embedding(length, 16)
+
+        def call(self, x):
+            return self.token(x) + self.position(tf.range(tf.shape(x)[-1]))
+
+        def compute_mask(self, x, mask=None):
+            return self.token.compute_mask(x)
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((length,), dtype="int32")
+    h = TokenAndPosition(name="embed")(inp)
+    h = keras.layers.MultiHeadAttention(4, 4)(h, h)
+    h = keras.layers.Dense(32, activation="relu")(h)
+    model = keras.Model(inp, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling1D()(h)))
+    analysis = analyze(model)
+    assert analysis.graph.nodes["embed"].role == "opaque"
+    plan = allocate(analysis, group_scores(analysis.graph, None, "magnitude"), 0.5)
+    result = PruneChannels().run(model, analysis.graph, PassContext(plan=plan))
+    assert result.changed
+    x = np.random.default_rng(0).integers(1, vocab, (4, length)).astype("int32")
+    x[:, 5:] = 0  # padded
+    expected = np.asarray(masked_copy(analysis.graph, plan)(x, training=False))
+    np.testing.assert_allclose(np.asarray(result.model(x, training=False)), expected, 1e-4, 1e-5)
