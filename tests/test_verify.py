@@ -142,3 +142,19 @@ def test_random_inputs_for_several_inputs_is_a_list():
     assert arrays[1].shape == (4, 2, 2) and arrays[1].dtype == np.float64
     for x, y in zip(arrays, random_inputs(model, batch_size=4, seed=3), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_random_inputs_for_token_ids_are_ids_below_the_smallest_vocabulary():
+    """Before: integer inputs were all 0, sequences of padding only; behind
+    ``Embedding(mask_zero=True)`` their outputs (attention over no key, a mean over no
+    step) are so ill-conditioned that rounding failed a compaction's verification."""
+    ids, other = keras.Input((12,), dtype="int32"), keras.Input((3,), dtype="int32")
+    wide = L.GlobalAveragePooling1D()(L.Embedding(50, 4, mask_zero=True)(ids))
+    narrow = L.Flatten()(L.Embedding(7, 4)(other))
+    model = keras.Model([ids, other], L.Concatenate()([wide, narrow]))
+    tokens, small = random_inputs(model, batch_size=8)
+    assert tokens.dtype == np.int32 and tokens.shape == (8, 12)
+    assert 0 <= tokens.min() and tokens.max() < 7 and small.max() < 7
+    assert (tokens != 0).mean() > 0.5
+    float_model = _dense()
+    assert random_inputs(float_model).dtype == np.float32

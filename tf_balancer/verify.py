@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import compute_dtype, is_keras_model
+from tf_balancer._compat import compute_dtype, is_keras_model, is_layer
 from tf_balancer.input_shapes import input_shapes
 
 __all__ = [
@@ -157,18 +157,41 @@ def run_model(model: Any, inputs: Any) -> list[np.ndarray]:
     return [np.asarray(o) for o in tf.nest.flatten(outputs)]
 
 
+def _id_bound(model: Any) -> int | None:
+    """Integer inputs below this are valid ids for every ``Embedding`` (``input_dim``)
+    and ``CategoryEncoding`` (``num_tokens``) of ``model``, nested layers included;
+    None when it has neither."""
+    bounds = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if is_layer(layer, "Embedding"):
+            bounds.append(int(layer.input_dim))
+        elif is_layer(layer, "CategoryEncoding"):
+            bounds.append(int(layer.num_tokens))
+    return min(bounds, default=None)
+
+
 def random_inputs(model: Any, batch_size: int = 2, seed: int = 0) -> Any:
     """Seeded uniform [0, 1) inputs matching a Keras model's input shapes (open
     axes at their nominal sizes, :func:`tf_balancer.input_shapes.input_shapes`);
-    a string input (a model starting with ``TextVectorization``) gets short texts."""
+    a string input (a model starting with ``TextVectorization``) gets short texts.
+
+    An integer input of a model with an ``Embedding`` gets token ids drawn uniformly
+    below the smallest vocabulary (:func:`_id_bound`), so a few are padding (0): all
+    zeros would be sequences of padding only, fully masked behind
+    ``Embedding(mask_zero=True)``, whose outputs (attention over no key, averages over
+    no step) rounding alone moves past the tolerance. Other integer inputs are 0.
+    """
     rng = np.random.default_rng(seed)
     arrays = []
+    bound = _id_bound(model)
     for shape, t in zip(input_shapes(model), model.inputs, strict=True):
         dtype = tf.as_dtype(t.dtype)
         size = (batch_size, *shape[1:])
         if dtype == tf.string:
             words = rng.choice(["the", "model", "prunes", "channels"], size=(*size, 3))
             arrays.append(tf.constant(np.apply_along_axis(" ".join, -1, words)))
+        elif dtype.is_integer and bound:
+            arrays.append(rng.integers(0, bound, size).astype(dtype.as_numpy_dtype))
         else:
             arrays.append(rng.random(size, dtype=np.float32).astype(dtype.as_numpy_dtype))
     return arrays if len(arrays) > 1 else arrays[0]
