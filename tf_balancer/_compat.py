@@ -155,12 +155,19 @@ class KerasAdapter:
         ``MultiHeadAttention``, ``Dense`` and ``LayerNormalization``; a swish written
         with ``keras.ops``) as a functional graph of the same layer objects. A
         ``training`` parameter is left to its default, as fit would. None when the
-        call cannot be recorded that way, or the layer owns weights no sublayer
-        does (the graph would not hold them).
+        call cannot be recorded that way, the layer owns weights no sublayer
+        does (the graph would not hold them), or the twin would lose a Keras mask
+        (padding): the call takes a ``mask`` its inputs carry (Keras passes it; the
+        twin's inputs have none), or the layer's output mask (``compute_mask``) is
+        not what the twin's outputs carry.
         """
+        import inspect
+
         import tensorflow as tf
 
         tensors = self.node_inputs(node)
+        if any(_masked(t) for t in tensors) and "mask" in inspect.signature(layer.call).parameters:
+            return None
         inputs = [self.keras.Input(batch_shape=tuple(t.shape), dtype=t.dtype) for t in tensors]
         by_id = {id(t): new for t, new in zip(tensors, inputs, strict=True)}
         args, kwargs = tf.nest.map_structure(lambda v: by_id.get(id(v), v), self.node_call(node))

@@ -241,3 +241,29 @@ def test_a_custom_layer_whose_compute_mask_its_twin_drops_stays_whole_and_compac
     x[:, 5:] = 0  # padded
     expected = np.asarray(masked_copy(analysis.graph, plan)(x, training=False))
     np.testing.assert_allclose(np.asarray(result.model(x, training=False)), expected, 1e-4, 1e-5)
+
+
+def test_a_custom_layer_that_reads_the_padding_mask_stays_whole(kx):
+    """A block whose ``call(x, mask=None)`` masks its attention and pools inside (its
+    output carries no mask): its twin ran the call without the mask Keras passes it."""
+    ops = keras3.ops if kx is keras3 else tf
+    expand = ops.expand_dims
+
+    class MaskedPool(kx.layers.Layer):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.att = kx.layers.MultiHeadAttention(4, 4)
+            self.ffn = kx.layers.Dense(32, activation="relu")
+            self.pool = kx.layers.GlobalAveragePooling1D()
+
+        def call(self, x, mask=None):
+            attention_mask = None if mask is None else expand(mask, 1)
+            return self.pool(self.ffn(self.att(x, x, attention_mask=attention_mask)))
+
+        def compute_mask(self, x, mask=None):
+            return None
+
+    inp = kx.Input((8,), dtype="int32")
+    h = MaskedPool(name="block")(kx.layers.Embedding(20, 16, mask_zero=True)(inp))
+    graph = analyze(kx.Model(inp, kx.layers.Dense(3)(kx.layers.Dense(16)(h)))).graph
+    assert "block" in graph.nodes and graph.nodes["block"].role == "opaque"
