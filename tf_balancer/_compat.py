@@ -672,7 +672,6 @@ def read_weights(layers: Sequence[Any]) -> list[list[Any]]:
         >>> read_weights([model.layers[1]])  # doctest: +SKIP
         [[array(...), array(...)]]
     """
-
     per_layer = [list(layer.weights) for layer in layers]
     flat = [w for weights in per_layer for w in weights]
     batches: dict[tuple[Any, ...], list[int]] = {}
