@@ -138,3 +138,37 @@ def test_the_optimized_model_comes_back_compiled_like_the_trained_one(pruned, di
     assert {"loss", "accuracy"} <= set(scores)
     assert scores["accuracy"] == pytest.approx(report["final"]["accuracy"], abs=1e-6)
     model.fit(digits.x_train[:64], digits.y_train[:64], epochs=1, verbose=0)
+
+
+def test_prune_takes_a_finite_dataset_of_batches_as_it_takes_arrays(trained_digits_cnn, digits):
+    """data and validation_data as fit takes them: the same plan as from the arrays."""
+    import tensorflow as tf
+
+    x, y = digits.x_train[:256], digits.y_train[:256]
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(48)  # a ragged last batch
+    val = tf.data.Dataset.from_tensor_slices((digits.x_val[:96], digits.y_val[:96])).batch(32)
+    kwargs = {"target": 0.5, "finetune_epochs": 0}
+    from_arrays, _ = tfb.prune(trained_digits_cnn, data=(x, y), **kwargs)
+    from_dataset, report = tfb.prune(
+        trained_digits_cnn, data=batches, validation_data=val, **kwargs
+    )
+    assert [w.shape for w in from_dataset.get_weights()] == [
+        w.shape for w in from_arrays.get_weights()
+    ]
+    assert "accuracy" in report["final"]  # scored on the validation dataset
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda ds: ds.repeat(), r"infinite.*take\(n\)"),
+        (lambda ds: ds.take(0), "empty"),
+        (lambda ds: ds.map(lambda x, y: x), r"\(x, y\) batches"),
+    ],
+)
+def test_prune_refuses_a_dataset_it_cannot_read_once(trained_digits_cnn, digits, make, match):
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((digits.x_train[:64], digits.y_train[:64])).batch(32)
+    with pytest.raises(ConfigError, match=match):
+        tfb.prune(trained_digits_cnn, data=make(ds), finetune_epochs=0)

@@ -44,6 +44,7 @@ __all__ = [
     "check_labels",
     "input_arrays",
     "pair",
+    "as_pair",
 ]
 
 Shape = tuple[int | None, ...]
@@ -242,6 +243,41 @@ def pair(data: Any, name: str) -> tuple[Any, Any]:
         + (f" of length {len(data)}" if isinstance(data, (list, tuple)) else "")
         + "; pass the inputs and labels as (x, y)"
     )
+
+
+def as_pair(data: Any, name: str) -> tuple[Any, Any]:
+    """``(x, y)`` of ``data`` given as :func:`pair` takes it, or as a finite
+    ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y, sample_weight)`` batches (what
+    ``fit`` takes), read into memory once and concatenated.
+
+    Raises:
+        ConfigError: an infinite dataset (``repeat()``; the fix: ``.take(n)``), an
+            empty one, or one whose elements are not ``(x, y)`` batches.
+
+    Example:
+        >>> x, y = as_pair(tf.data.Dataset.from_tensor_slices((xs, ys)).batch(32), "data")  # doctest: +SKIP
+    """
+    if not isinstance(data, tf.data.Dataset):
+        return pair(data, name)
+    if int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+        raise ConfigError(
+            f"{name} is an infinite tf.data.Dataset (repeat()): it is read into memory once; "
+            f"give a finite one, e.g. {name}.take(n) batches"
+        )
+    batches = list(data.as_numpy_iterator())
+    if not batches:
+        raise ConfigError(f"{name} is an empty tf.data.Dataset; give it (x, y) batches")
+    if not all(isinstance(b, tuple) and len(b) in (2, 3) for b in batches):
+        raise ConfigError(
+            f"{name} must yield (x, y) batches, got {type(batches[0]).__name__} elements; "
+            "map it to (inputs, labels) pairs"
+        )
+
+    def joined(i: int) -> Any:
+        parts = [b[i] for b in batches]
+        return tf.nest.map_structure(lambda *arrays: np.concatenate(arrays), *parts)
+
+    return joined(0), joined(1)
 
 
 def check_callback_data(

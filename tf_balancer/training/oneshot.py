@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from tf_balancer._compat import ensure_keras_model
 from tf_balancer._quiet import quietly
@@ -45,7 +46,7 @@ from tf_balancer.errors import ConfigError, UnsupportedModelError
 from tf_balancer.graph.walk import functional_twin
 from tf_balancer.input_shapes import adopt_data_shapes, set_nominal_shapes
 from tf_balancer.training.calibrate import best_plan
-from tf_balancer.training.data_checks import check_callback_data, input_arrays, pair
+from tf_balancer.training.data_checks import as_pair, check_callback_data, input_arrays
 from tf_balancer.training.finalize import STRUCTURED_PASSES, FinalizeInputs, Finalizer
 from tf_balancer.training.finetune import FINETUNE_LR_SCALE, FinetuneSettings
 
@@ -86,8 +87,9 @@ def prune(
     Args:
         model: a trained, compiled Keras model, tf_keras or Keras 3 (left unchanged).
         target: fraction of ``target_metric`` to keep, in (0, 1]. Defaults to 0.5.
-        data: ``(x, y)`` training samples: importance is computed on all of them
-            and fine-tuning trains on them. Defaults to None (only for
+        data: ``(x, y)`` training samples, or a finite ``tf.data.Dataset`` of
+            ``(x, y)`` batches (read into memory once): importance is computed on
+            all of them and fine-tuning trains on them. Defaults to None (only for
             ``importance="magnitude"``/``"bn_scale"`` and no fine-tuning).
         target_metric: ``"flops"``, ``"params"`` or ``"latency"`` (measured on this
             machine, see :mod:`tf_balancer.graph.latency`). Defaults to ``"flops"``.
@@ -97,8 +99,9 @@ def prune(
             objective is chosen by loss on ``data`` (module docstring) and named in
             ``report["objective"]``.
         bounds: per-group limits. Defaults to ``Bounds()``.
-        validation_data: ``(x, y)`` for the report and to keep the best
-            fine-tuning epoch. Defaults to None (no fine-tuning).
+        validation_data: ``(x, y)`` (or a finite dataset of batches, as ``data``)
+            for the report and to keep the best fine-tuning epoch. Defaults to
+            None (no fine-tuning).
         finetune_epochs: fine-tuning epochs. Defaults to 2.
         finetune_lr_scale: fine-tuning learning rate as a fraction of the model's
             optimizer's current rate. Defaults to 0.1.
@@ -128,7 +131,9 @@ def prune(
     if isinstance(data, ProbeData):
         probe = data
     else:
-        probe = ProbeData(*pair(data, "data")) if data is not None else None
+        probe = ProbeData(*as_pair(data, "data")) if data is not None else None
+    if isinstance(validation_data, tf.data.Dataset):
+        validation_data = as_pair(validation_data, "validation_data")
     graph_model = functional_twin(model)  # a subclassed model's inputs and outputs
     if not getattr(graph_model, "inputs", None) and input_shape is None:
         raise UnsupportedModelError(
