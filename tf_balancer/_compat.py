@@ -682,19 +682,13 @@ def read_weights(layers: Sequence[Any]) -> list[list[Any]]:
             batches.setdefault(key, []).append(i)
     if not batches:
         return [layer.get_weights() for layer in layers]
-    values: list[Any] = [None] * len(flat)
+    reduced: dict[int, Any] = {}
     for indices in batches.values():
         read = _reduce_on_read([unwrap_variable(flat[i]) for i in indices])
-        for i, value in zip(indices, read, strict=True):
-            values[i] = value
-    for i, weight in enumerate(flat):
-        if values[i] is None:
-            values[i] = np.asarray(weight.numpy())
-    out, start = [], 0
-    for weights in per_layer:
-        out.append(values[start : start + len(weights)])
-        start += len(weights)
-    return out
+        reduced.update(zip(indices, read, strict=True))
+    values = [reduced[i] if i in reduced else np.asarray(w.numpy()) for i, w in enumerate(flat)]
+    bounds = np.cumsum([len(weights) for weights in per_layer])
+    return [values[start:end] for start, end in zip([0, *bounds[:-1]], bounds, strict=True)]
 
 
 def _reducible_on_read(variable: Any) -> bool:
@@ -718,7 +712,7 @@ def _reduce_on_read(variables: Sequence[Any]) -> list[Any]:
     import tensorflow as tf
 
     strategy = variables[0].distribute_strategy
-    local = [tf.add_n([tf.reshape(c, [-1]) for c in v.values]) for v in variables]
+    local = [tf.add_n([tf.reshape(c, [-1]) for c in local_copies(v)]) for v in variables]
     flat = tf.concat(local, 0)
     sent = []
 
@@ -731,13 +725,9 @@ def _reduce_on_read(variables: Sequence[Any]) -> list[Any]:
         total = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
     if variables[0].aggregation == tf.VariableAggregation.MEAN:
         total = total / tf.cast(strategy.num_replicas_in_sync, total.dtype)
-    total = total.numpy()
-    out, start = [], 0
-    for v in variables:
-        size = int(np.prod(v.shape))
-        out.append(total[start : start + size].reshape(v.shape))
-        start += size
-    return out
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    parts = np.split(total.numpy(), np.cumsum(sizes)[:-1])
+    return [part.reshape(v.shape) for part, v in zip(parts, variables, strict=True)]
 
 
 def assign_local(variable: Any, value: Any) -> None:
@@ -829,6 +819,12 @@ def compute_dtype(model: Any) -> str:
     found = [str(getattr(layer, "compute_dtype", None)) for layer in layers_of(model)]
     floats = [name for name in found if name in _PRECISION_BITS]
     return min(floats, key=_PRECISION_BITS.__getitem__, default="float32")
+
+
+def sublayers(model: Any) -> list[Any]:
+    """Every layer inside ``model`` at any depth: unlike :func:`layers_of`, a custom
+    layer's own sublayers too (the ``Embedding`` of a token-and-position embedding)."""
+    return list(model._flatten_layers(include_self=False, recursive=True))
 
 
 def layers_of(model: Any) -> list[Any]:

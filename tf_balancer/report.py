@@ -138,7 +138,10 @@ def gzip_size(path: str, level: int = 6, chunk: int = GZIP_CHUNK) -> int:
         42781351
     """
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
-    workers = max(os.cpu_count() or 1, 1)
+    # the cores this process may run on (a container's share, not the host's count):
+    # each worker holds two chunks in the window below
+    usable = getattr(os, "sched_getaffinity", None)
+    workers = max(len(usable(0)) if usable else os.cpu_count() or 1, 1)
     total = 0
     with ThreadPoolExecutor(workers) as pool:
         pending: list[Any] = []

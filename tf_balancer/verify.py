@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import compute_dtype, is_keras_model, is_layer
+from tf_balancer._compat import compute_dtype, is_keras_model, is_layer, sublayers
 from tf_balancer.input_shapes import input_shapes
 
 __all__ = [
@@ -162,7 +162,7 @@ def _id_bound(model: Any) -> int | None:
     and ``CategoryEncoding`` (``num_tokens``) of ``model``, nested layers included;
     None when it has neither."""
     bounds = []
-    for layer in model._flatten_layers(include_self=False, recursive=True):
+    for layer in sublayers(model):
         if is_layer(layer, "Embedding"):
             bounds.append(int(layer.input_dim))
         elif is_layer(layer, "CategoryEncoding"):
