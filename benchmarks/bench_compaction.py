@@ -340,15 +340,21 @@ def architectures(
     repeats: int, batch_sizes: Sequence[int], target: float, path: str = "serving"
 ) -> dict[str, Any]:
     """Dense vs compact (ragged) vs rounded (``round_to="auto"``) on two more networks,
-    all three deployed the same way (:func:`_callables`)."""
-    from benchmarks.reference_cnn import compact_copy
+    all three deployed the same way (:func:`_callables`).
+
+    Their BatchNorm statistics are randomised, as training leaves them: fresh ones
+    (mean 0, variance 1, no shift) fold into zero biases, which Grappler removes,
+    and a conv with no BiasAdd gets no activation fused in (MobileNetV2-0.35: no
+    ``_FusedConv2D`` of 35 convs, against all 35 and 17 depthwise with the
+    statistics randomised) - a graph no trained model deploys as."""
+    from benchmarks.reference_cnn import compact_copy, randomize_batchnorm
     from tf_balancer._compat import keras
     from tf_balancer.analysis import analyze
 
     out: dict[str, Any] = {}
     for name, build in ARCHITECTURES.items():
         keras.utils.set_random_seed(0)
-        dense = build(keras)
+        dense = randomize_batchnorm(build(keras), seed=0)
         models = {
             "dense": dense,
             "compact": compact_copy(dense, target),

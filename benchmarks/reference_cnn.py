@@ -27,14 +27,20 @@ import numpy as np
 
 from tf_balancer._compat import keras
 
-__all__ = ["build_reference_cnn", "dense_and_compact", "compact_copy", "dense_and_folded"]
+__all__ = [
+    "build_reference_cnn",
+    "dense_and_compact",
+    "compact_copy",
+    "dense_and_folded",
+    "randomize_batchnorm",
+]
 
 INPUT_SHAPE = (32, 32, 3)
 BLOCKS = 5
 CLASSES = 10
 
 
-def _randomize_batchnorm(model: Any, seed: int) -> Any:
+def randomize_batchnorm(model: Any, seed: int) -> Any:
     """Non-trivial BN statistics, so that folding does real work (in place)."""
     rng = np.random.default_rng(seed)
     for layer in model.layers:
@@ -71,7 +77,7 @@ def build_reference_cnn(width: int = 64, seed: int = 0) -> keras.Model:
     x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
     outputs = keras.layers.Dense(CLASSES, name="logits")(x)
     model = keras.Model(inputs, outputs, name="reference_cnn")
-    return _randomize_batchnorm(model, seed)
+    return randomize_batchnorm(model, seed)
 
 
 def dense_and_compact(
