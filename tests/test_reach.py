@@ -739,3 +739,84 @@ def test_a_custom_layer_whose_init_refuses_its_config_is_used_as_it_is_or_named(
     weighted.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.raises(tfb.UnsupportedModelError, match=r"\*\*kwargs"):
         tfb.prune(weighted, target=0.5, data=(x, y))
+
+
+def _subclassed(kx, own_scale: bool, training_default: bool | None):
+    """A subclassed MLP: with ``own_scale``, a weight the model creates itself (else the
+    same weight in a layer of its own); with ``training_default=True``, a Python
+    branch on ``training`` that its default takes."""
+
+    class Scale(kx.layers.Layer):
+        def build(self, input_shape):
+            self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
+
+        def call(self, x):
+            return x * self.scale
+
+    class Net(kx.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = kx.layers.Dense(32, activation="relu")
+            self.head = kx.layers.Dense(4)
+            if own_scale:
+                self.scale = self.add_weight(name="scale", shape=(), initializer="ones")
+            else:
+                self.scaled = Scale()
+
+        def call(self, x, training=training_default):
+            h = self.hidden(x)
+            if training:
+                h = h * 0.5
+            out = self.head(h)
+            return out * self.scale if own_scale else self.scaled(out)
+
+    kx.utils.set_random_seed(0)
+    model = Net()
+    model(np.zeros((1, 8), np.float32))
+    model.compile("adam", kx.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def _data(n=64):
+    rng = np.random.default_rng(0)
+    return rng.random((n, 8), np.float32), rng.integers(0, 4, n)
+
+
+def test_a_subclassed_model_with_a_weight_of_its_own_is_refused_before_training(kx):
+    """The optimized model is built from layers and cannot hold a weight the model
+    creates itself: refused up front, naming the fix (before: ``tfb.prune`` and the
+    end of training failed in TensorFlow's SavedModel writer, an AssertionError
+    about an untracked resource, after the whole fit)."""
+    x, y = _data()
+    model = _subclassed(kx, own_scale=True, training_default=None)
+    with pytest.raises(tfb.errors.UnsupportedModelError, match="outside its layers.*add_weight"):
+        tfb.prune(model, data=(x, y), target=0.5)
+    before = [w.copy() for w in model.get_weights()]
+    with pytest.raises(tfb.errors.UnsupportedModelError, match="outside its layers"):
+        model.fit(x, y, epochs=2, callbacks=[tfb.BalanceCallback(verbose=0)], verbose=0)
+    for old, new in zip(before, model.get_weights(), strict=True):  # refused before training
+        np.testing.assert_array_equal(old, new)
+
+
+def test_a_subclassed_model_with_its_weight_in_a_layer_is_pruned(kx):
+    """The fix the refusal names: the same weight in a layer of its own."""
+    x, y = _data()
+    model = _subclassed(kx, own_scale=False, training_default=None)
+    model.scaled.scale.assign(3.0)
+    pruned, _ = tfb.prune(model, data=(x, y), target=0.5, finetune_epochs=0)
+    assert analyze(pruned).cost.flops <= 0.5 * analyze(model).cost.flops * 1.01
+    assert any(np.array_equal(w, np.float32(3.0)) for w in pruned.get_weights())
+
+
+def test_a_subclassed_model_that_branches_on_a_training_true_default_is_refused(kx):
+    """``call(x, training=True)`` with ``if training:`` records the training branch on
+    symbolic inputs, which the model does not take in inference: refused (before:
+    ``tfb.prune`` returned a model built from the training branch, and its
+    verification, against a masked copy of the same record, passed)."""
+    x, y = _data()
+    model = _subclassed(kx, own_scale=False, training_default=True)
+    with pytest.raises(tfb.errors.UnsupportedModelError, match="training=None"):
+        tfb.prune(model, data=(x, y), target=0.5)
+    fixed = _subclassed(kx, own_scale=False, training_default=None)
+    pruned, _ = tfb.prune(fixed, data=(x, y), target=0.5, finetune_epochs=0)
+    assert analyze(pruned).cost.flops <= 0.5 * analyze(fixed).cost.flops * 1.01

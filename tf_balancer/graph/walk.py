@@ -30,6 +30,7 @@ from tf_balancer._compat import (
     ensure_keras_model,
     keras,
     read_weights,
+    sublayers,
 )
 from tf_balancer.errors import UnsupportedModelError
 from tf_balancer.input_shapes import (
@@ -331,6 +332,14 @@ def functional_twin(model: Any) -> Any:
 
     Whatever ``call`` does that Keras cannot record symbolically leaves the model
     unsupported (the caller's error says so); nothing is changed on ``model``.
+
+    Raises:
+        UnsupportedModelError: the twin would not be the model: it does not hold
+            every weight of the model (one the model creates itself, outside its
+            layers), or its outputs differ from the model's in inference on a
+            sample batch (a Python branch on ``training`` taken while recording,
+            e.g. with a ``training=True`` default). The optimized model, built from
+            the twin, would compute something else than the model.
     """
     adapter = adapter_for(model)
     if adapter.is_graph_network(model):
@@ -342,8 +351,52 @@ def functional_twin(model: Any) -> Any:
             twin = None
         if twin is None:
             return model
+        _check_twin(model, twin)
         _TWINS[model] = twin
     return _TWINS[model]
+
+
+def _check_twin(model: Any, twin: Any) -> None:
+    """Raise when ``model`` owns weights none of its layers does (the twin cannot hold
+    them; a layer used only outside ``call``, e.g. in a custom ``train_step``, is
+    fine), or ``twin`` does not compute its outputs."""
+    in_layers = {id(w) for layer in sublayers(model) for w in layer.weights}
+    outside = [w.name for w in model.weights if id(w) not in in_layers]
+    if outside:
+        raise UnsupportedModelError(
+            f"model {model.name!r} creates weights outside its layers ({', '.join(outside)}): "
+            "the optimized model is built from the model's layers and could not hold them. "
+            "Create them in a layer of their own (a keras.layers.Layer subclass that makes "
+            "them with add_weight and applies them in call) and call that layer in the model"
+        )
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    values = []
+    for t in twin.inputs:
+        shape = [2 if i == 0 else (d or 4) for i, d in enumerate(t.shape)]
+        dtype = tf.as_dtype(t.dtype)
+        values.append(
+            tf.constant(rng.random(shape), dtype) if dtype.is_floating else tf.zeros(shape, dtype)
+        )
+    x = values[0] if len(values) == 1 else values
+    expected = [np.asarray(v) for v in tf.nest.flatten(model(x, training=False))]
+    actual = [np.asarray(v) for v in tf.nest.flatten(twin(x, training=False))]
+    gap = max(
+        (float(np.max(np.abs(a - e), initial=0.0)) for a, e in zip(actual, expected, strict=True)),
+        default=0.0,
+    )
+    if len(actual) != len(expected) or not all(
+        np.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected, strict=True)
+    ):
+        raise UnsupportedModelError(
+            f"model {model.name!r}: its call, recorded on symbolic inputs, computes something "
+            f"else than the model in inference (max abs difference {gap:.3g} on a sample "
+            "batch), and the optimized model would be built from that record. Usually a Python "
+            "branch on `training` with a `training=True` default: give call `training=None` "
+            "(Keras passes the mode) and branch inside layers (Dropout, BatchNormalization "
+            "and augmentation layers take `training` themselves)"
+        )
 
 
 def _mark_shared(calls: Sequence[Call]) -> tuple[Call, ...]:
