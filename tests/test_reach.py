@@ -820,3 +820,31 @@ def test_a_subclassed_model_that_branches_on_a_training_true_default_is_refused(
     fixed = _subclassed(kx, own_scale=False, training_default=None)
     pruned, _ = tfb.prune(fixed, data=(x, y), target=0.5, finetune_epochs=0)
     assert analyze(pruned).cost.flops <= 0.5 * analyze(fixed).cost.flops * 1.01
+
+
+def test_a_model_whose_operation_reads_a_variable_no_layer_owns_is_pruned_and_exported(
+    kx, tmp_path
+):
+    """``outputs * v`` with a bare ``tf.Variable`` (not a weight of the model: fit does not
+    train it). Before: the report's SavedModel (and so ``tfb.prune`` and the end of
+    training, after the whole fit) failed with TensorFlow's AssertionError about an
+    untracked resource; tf_keras' ``model.save`` refuses it too, so the export writes a
+    serving SavedModel with the variable."""
+    scale = tf.Variable(3.0)
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((8,))
+    hidden = kx.layers.Dense(32, activation="relu")(inp)
+    model = kx.Model(inp, kx.layers.Dense(4)(hidden) * scale)
+    model.compile("adam", kx.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = _data()
+    pruned, report = tfb.prune(model, data=(x, y), target=0.5, finetune_epochs=0)
+    assert report["final_flops_ratio"] <= 0.5 * 1.01 and report["final"]["saved_model_bytes"] > 0
+    callback = tfb.BalanceCallback(verbose=0)
+    model.fit(x, y, epochs=2, callbacks=[callback], verbose=0)
+    assert callback.report["final_flops_ratio"] <= 0.5 * 1.01
+    path = callback.export(str(tmp_path / "out"))
+    served = tf.saved_model.load(os.path.join(path, "saved_model")).signatures["serving_default"]
+    (output,) = served(tf.constant(x[:8])).values()
+    np.testing.assert_allclose(
+        output.numpy(), callback.optimized_model.predict(x[:8], verbose=0), 1e-5, 1e-5
+    )

@@ -297,11 +297,23 @@ class KerasAdapter:
 
         tf_keras writes a Keras SavedModel (``model.save``); Keras 3 its serving
         export (``model.export``: a ``serve`` endpoint and ``serving_default``).
+        A tf_keras model whose graph reads a ``tf.Variable`` no layer owns (``x * v``
+        in a functional model), which ``model.save`` refuses, is written as
+        :meth:`save_serving_model` writes it: its variables, those included, and
+        ``serving_default`` (no Keras metadata; ``tf.saved_model.load`` serves it).
         """
-        if self.version == 2:
-            model.save(path, include_optimizer=False)
-        else:
+        if self.version == 3:
             model.export(path, format="tf_saved_model", verbose=False)
+            return
+        try:
+            model.save(path, include_optimizer=False)
+        except AssertionError as err:
+            if "untracked" not in str(err) or not getattr(model, "inputs", None):
+                raise
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)
+            self.save_serving_model(model, path, self.serving_function(model))
 
     def serving_function(self, model: Any) -> Any:
         """``model`` in inference mode as one ``tf.function`` over ``model.inputs``
@@ -338,7 +350,10 @@ class KerasAdapter:
             return
         serve = serve or self.serving_function(model)
         root = tf.Module()
-        root.captured = list(model.variables)  # tracked, so saved with the signature
+        # tracked, so saved with the signature: the model's variables, and any other its
+        # graph reads (a tf.Variable an operation of the model uses, which no layer owns)
+        read = serve.get_concrete_function().variables
+        root.captured = list({id(v): v for v in [*model.variables, *read]}.values())
         try:
             tf.saved_model.save(root, path, signatures=serve)
         except AssertionError as err:  # a resource beyond the variables: a lookup table
