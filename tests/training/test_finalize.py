@@ -186,3 +186,33 @@ def test_report_costs_are_those_of_the_dense_and_optimized_models(finalized):
     assert (report["dense"]["flops"], report["dense"]["params"]) == (fresh.flops, fresh.params)
     fresh = analyze(optimized).cost
     assert (report["final"]["flops"], report["final"]["params"]) == (fresh.flops, fresh.params)
+
+
+def test_a_measurement_that_fails_costs_the_report_that_entry_only(digits, monkeypatch, caplog):
+    """A SavedModel the report cannot write (here made to fail) leaves the optimized
+    model, the other entries and fit's History: the entry is missing, the reason is in
+    ``unmeasured``, and a WARNING says so (before: on_train_end raised)."""
+    import tf_balancer.training.finalize as finalize
+
+    def cannot_write(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(finalize, "saved_model_size", cannot_write)
+    callback = BalanceCallback(
+        target=0.7,
+        importance="magnitude",
+        validation_data=(digits.x_val[:50], digits.y_val[:50]),
+        verbose=0,
+    )
+    model = compile_classifier(build_digits_cnn(width=8, seed=0))
+    with caplog.at_level("WARNING", logger="tf_balancer"):
+        history = model.fit(
+            digits.x_train[:64], digits.y_train[:64], epochs=2, callbacks=[callback], verbose=0
+        )
+    assert history.history["loss"] and callback.optimized_model is not None
+    for column in ("dense", "final"):
+        summary = callback.report[column]
+        assert "saved_model_bytes" not in summary and "accuracy" in summary
+        assert summary["unmeasured"] == {"SavedModel size": "RuntimeError: disk full"}
+    assert "SavedModel size not measured (RuntimeError: disk full)" in caplog.text
+    assert "| accuracy" in summary_markdown(callback.report)

@@ -107,6 +107,19 @@ def _timed(what: str, measure: Any) -> dict[str, Any]:
     return summary
 
 
+def _unless_failing(what: str, measure: Any, summary: dict[str, Any]) -> Any:
+    """``measure()``; when it fails, None, a WARNING line, and the reason in
+    ``summary["unmeasured"][what]``: a measurement the report cannot make must not
+    cost the user the optimized model (nor ``fit`` its History)."""
+    try:
+        return measure()
+    except Exception as err:  # noqa: BLE001 - any failure: the report goes without it
+        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+        logger.warning("end of training: %s not measured (%s)", what, reason)
+        summary.setdefault("unmeasured", {})[what] = reason
+        return None
+
+
 class Finalizer:
     """Turns a trained (masked) model into the optimized model and its report."""
 
@@ -284,16 +297,20 @@ class Finalizer:
             outputs = functional_twin(trained).outputs  # a subclassed model's: its twin's
             task = task_of(trained, outputs)
             heads = output_tasks(trained) if len(outputs) > 1 else None
-            summary.update(
-                evaluate_model(
+            scores = _unless_failing(
+                "validation scores and latency",
+                lambda: evaluate_model(
                     model, validation[0], validation[1], **task, serve=serve, heads=heads
-                )
+                ),
+                summary,
             )
-        sizes = saved_model_size(model, serve)
-        summary["saved_model_bytes"], summary["saved_model_gzip_bytes"] = (
-            sizes["bytes"],
-            sizes["gzip_bytes"],
-        )
+            summary.update(scores or {})
+        sizes = _unless_failing("SavedModel size", lambda: saved_model_size(model, serve), summary)
+        if sizes is not None:
+            summary["saved_model_bytes"], summary["saved_model_gzip_bytes"] = (
+                sizes["bytes"],
+                sizes["gzip_bytes"],
+            )
         return summary
 
     def layer_rows(self, plan: KeepPlan | None, compacted: bool = True) -> list[dict[str, Any]]:
