@@ -848,3 +848,27 @@ def test_a_model_whose_operation_reads_a_variable_no_layer_owns_is_pruned_and_ex
     np.testing.assert_allclose(
         output.numpy(), callback.optimized_model.predict(x[:8], verbose=0), 1e-5, 1e-5
     )
+
+
+def test_a_one_input_model_fed_dicts_by_input_name_gets_its_scores_and_tflite(kx, tmp_path):
+    """``fit({"image": x}, y)``, as Keras takes a named input, with validation data the
+    same way. Before: the report's validation scores and latency failed on the dict
+    (slicing it for the serving function) and ``export(tflite=True)`` refused it as
+    samples of shape ()."""
+    kx.utils.set_random_seed(0)
+    inp = kx.Input((8, 8, 1), name="image")
+    h = kx.layers.Conv2D(16, 3, padding="same", activation="relu")(inp)
+    h = kx.layers.Conv2D(16, 3, padding="same", activation="relu")(h)
+    model = kx.Model(inp, kx.layers.Dense(10)(kx.layers.GlobalAveragePooling2D()(h)))
+    model.compile("adam", kx.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x, y = {"image": rng.random((64, 8, 8, 1), np.float32)}, rng.integers(0, 10, 64)
+    validation = ({"image": x["image"][:32]}, y[:32])
+    callback = tfb.BalanceCallback(validation_data=validation, verbose=0)
+    model.fit(x, y, epochs=2, batch_size=32, callbacks=[callback], verbose=0)
+    final = callback.report["final"]
+    predicted = callback.optimized_model.predict(validation[0], verbose=0).argmax(-1)
+    assert final["accuracy"] == pytest.approx(np.mean(predicted == validation[1]))
+    assert final["latency_ms_b1"] > 0 and "unmeasured" not in final
+    path = callback.export(str(tmp_path / "out"), tflite=True)
+    assert os.path.getsize(os.path.join(path, "model.tflite")) > 0

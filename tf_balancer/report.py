@@ -27,6 +27,7 @@ from tf_balancer.metrics import macro_scores, output_tasks, task_metrics
 __all__ = [
     "measure_latency",
     "inference_fn",
+    "one_input",
     "saved_model_size",
     "gzip_size",
     "classification_scores",
@@ -211,11 +212,28 @@ def _multi_label_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, flo
     return {"accuracy": accuracy, "recall": float(recall.mean()), "f1": float(f1.mean())}
 
 
+def one_input(x: Any) -> Any:
+    """The samples of a one-input model as one array, however ``fit`` would take them:
+    an array, a dict of one (``{"image": x}``, keyed by the input's name) or a list
+    of one.
+
+    Example:
+        >>> one_input({"image": np.zeros((2, 4))}).shape
+        (2, 4)
+    """
+    if isinstance(x, Mapping) and len(x) == 1:
+        return next(iter(x.values()))
+    if isinstance(x, (list, tuple)) and len(x) == 1:
+        return x[0]
+    return x
+
+
 def _predict(model: Any, x: Any, predict: Callable[[Any], Any] | None) -> Any:
-    """``predict(x)`` when given (a traced serving function, by batches of 256), else
-    ``model.predict``."""
+    """``predict(x)`` when given (a traced serving function of the model's one input,
+    by batches of 256), else ``model.predict``."""
     if predict is None:
         return model.predict(x, verbose=0, batch_size=256)
+    x = one_input(x)
     dtype = predict.input_signature[0].dtype
     chunks = [predict(tf.cast(x[i : i + 256], dtype)) for i in range(0, len(x), 256)]
     return np.concatenate([np.asarray(c) for c in chunks])

@@ -45,6 +45,7 @@ from tf_balancer._quiet import quietly
 from tf_balancer.errors import ConfigError, ExportError, VerificationError
 from tf_balancer.graph.trace import freeze
 from tf_balancer.input_shapes import input_shapes
+from tf_balancer.report import one_input
 
 __all__ = [
     "TFLiteResult",
@@ -228,8 +229,8 @@ def _split(data: Any) -> tuple[np.ndarray | None, np.ndarray | None]:
     if data is None:
         return None, None
     if isinstance(data, (tuple, list)) and len(data) == 2:
-        return np.asarray(data[0]), None if data[1] is None else np.asarray(data[1])
-    return np.asarray(data), None
+        return np.asarray(one_input(data[0])), None if data[1] is None else np.asarray(data[1])
+    return np.asarray(one_input(data)), None
 
 
 def _require_one_input(model: Any) -> None:
