@@ -55,6 +55,23 @@ def test_a_second_table_reads_the_cache_instead_of_timing(measured, monkeypatch)
     np.testing.assert_allclose(again[1], slope)
 
 
+def test_times_measured_on_other_thread_pools_are_not_reused():
+    """A table timed on TensorFlow's default pools (two intra-op threads here) is not
+    read by a process on one thread: there the compacted reference CNN runs 0.44 of
+    the dense time where the two-thread table predicted 0.50 (bench_compaction)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import tensorflow as tf; tf.config.threading.set_intra_op_parallelism_threads(1); "
+        "from tf_balancer.graph import latency; print(latency._cpu())"
+    )
+    one_thread = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert one_thread and one_thread != latency._cpu()
+
+
 def test_latency_is_an_exact_quadratic_like_flops(measured):
     analysis, *_ = measured
     coster = analysis.coster

@@ -10,8 +10,9 @@ the keep counts and the allocator optimises it exactly as it does FLOPs. A layer
 that cannot be rebuilt alone is timed at full width only and scaled with its work.
 
 Measurements are cached on disk (``~/.cache/tf_balancer/latency.json``, or
-``$TF_BALANCER_CACHE``), keyed by layer type, config, input shapes, batch size
-and CPU: the second analysis of a model costs nothing.
+``$TF_BALANCER_CACHE``), keyed by layer type, config, input shapes, batch size,
+CPU, usable cores and TensorFlow's thread pools: the second analysis of a model
+costs nothing.
 
 Example:
     >>> table = measure_latency(analysis, batch_size=32)   # doctest: +SKIP
@@ -142,7 +143,18 @@ def _key_for(kind: str, config: dict, overrides: dict, shapes: list[tuple], batc
 
 
 def _cpu() -> str:
-    return f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}"
+    """What the measured times depend on besides the layer: the CPU, the cores this
+    process may use, and TensorFlow's thread pools (a layer timed on two intra-op
+    threads is not the same layer on one: at small sizes handing work to the second
+    thread costs more than it gains)."""
+    usable = getattr(os, "sched_getaffinity", None)
+    cores = len(usable(0)) if usable else os.cpu_count()
+    threading = tf.config.threading
+    pools = (
+        threading.get_intra_op_parallelism_threads(),
+        threading.get_inter_op_parallelism_threads(),
+    )
+    return f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{cores}|{pools}"
 
 
 def _time_layer(node: Any, shapes: list[tuple], overrides: dict, batch: int) -> float:
