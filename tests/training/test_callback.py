@@ -413,6 +413,33 @@ def test_one_hot_validation_labels_give_the_same_scores_as_class_ids(digits):
         assert one_hot[key] == pytest.approx(sparse[key])
 
 
+def test_subclassed_classifier_is_scored_as_a_classifier_on_validation_data(digits):
+    # A subclassed model has no `outputs`: the task must be read from its functional
+    # twin's, or a classifier is scored as a regression model and the epoch end raises.
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(8, 3, activation="relu")
+            self.pool = keras.layers.GlobalAveragePooling2D()
+            self.head = keras.layers.Dense(10)
+
+        def call(self, x):
+            return self.head(self.pool(self.conv(x)))
+
+    x, y = digits.x_val[:128], digits.y_val[:128]
+    model = Net()
+    model(x[:1])
+    model.compile(
+        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]
+    )
+    callback = BalanceCallback(importance="magnitude", validation_data=(x, y), verbose=0)
+    logs = _epoch(_start(callback, model, 3), 0)
+    accuracy = float(np.mean(model.predict(x, verbose=0).argmax(-1) == y))
+    assert logs["balancer/val_accuracy"] == pytest.approx(accuracy)
+    for key in VAL_KEYS:
+        assert key in logs
+
+
 def test_binary_sigmoid_model_with_flat_labels_works_with_taylor():
     rng = np.random.default_rng(0)
     x = rng.random((64, 8, 8, 1), dtype=np.float32)

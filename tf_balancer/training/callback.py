@@ -56,7 +56,7 @@ from tf_balancer.input_shapes import (
     set_nominal_shapes,
 )
 from tf_balancer.metrics import output_task_metrics
-from tf_balancer.report import log_layer_summaries, task_scores
+from tf_balancer.report import log_layer_summaries, task_of, task_scores
 from tf_balancer.training.cluster import Cluster
 from tf_balancer.training.cluster import supports as cluster_supports
 from tf_balancer.training.data_checks import check_callback_data, input_arrays
@@ -696,7 +696,10 @@ class BalanceCallback(keras.callbacks.Callback):
         logs["balancer/sparsity"] = sparsity
         if self.validation_data is not None:
             x, y = self.validation_data[0], self.validation_data[1]
-            scores = task_scores(self.model, x, y)  # accuracy/recall/f1, or mae/rmse
+            # The task is read from the compiled loss and the outputs: a subclassed
+            # model's are its functional twin's (it has no `outputs` of its own).
+            task = task_of(self.model, functional_twin(self.model).outputs)
+            scores = task_scores(self.model, x, y, **task)  # accuracy/recall/f1, or mae/rmse
             logs.update({f"balancer/val_{k}": v for k, v in scores.items()})
         if self._writer is not None:
             self._write_summaries(epoch)
