@@ -56,6 +56,7 @@ __all__ = [
     "load_model_file",
     "weight_attribute",
     "compute_dtype",
+    "compile_arguments",
 ]
 
 layers = keras.layers
@@ -849,3 +850,18 @@ def layers_of(model: Any) -> list[Any]:
         inner = getattr(layer, "layers", None)
         out.extend(layers_of(layer) if inner else [layer])
     return out
+
+
+def compile_arguments(model: Any) -> dict[str, Any] | None:
+    """The arguments ``model`` was compiled with, as the objects given (None when not
+    compiled or not recorded).
+
+    Both Kerases keep them for ``get_compile_config``, which serializes them; a
+    plain function given as a metric or loss serializes by name only and cannot be
+    deserialized again unless it is registered. These live objects can: the
+    functions are reused, and :class:`Metric` objects must be copied by the caller
+    (a metric's state belongs to one model).
+    """
+    config = getattr(model, "_compile_config", None)
+    arguments = getattr(config, "config", None)
+    return dict(arguments) if isinstance(arguments, dict) else None

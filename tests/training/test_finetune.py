@@ -102,3 +102,45 @@ def test_finetune_uses_the_given_batch_size(digits):
     compacted.fit = lambda *a, **k: original_fit(*a, callbacks=[Batches()], **k)
     finetune(compacted, trained, settings, (digits.x_val[:32], digits.y_val[:32]))
     assert len(seen) == 4  # 100 samples / 25
+
+
+def _match_rate(y_true, y_pred):
+    """A metric written as a plain function: Keras serializes it by name only."""
+    import tensorflow as tf
+
+    labels = tf.cast(tf.reshape(y_true, [-1]), tf.int64)
+    return tf.reduce_mean(tf.cast(tf.equal(labels, tf.argmax(y_pred, -1)), tf.float32))
+
+
+@pytest.mark.parametrize("keras_version", [2, 3])
+def test_compile_like_keeps_every_metric_when_one_is_a_plain_function(keras_version, digits):
+    """A plain-function metric cannot be deserialized from the compile config, and
+    compile_like then dropped *all* the user's metrics, weighted metrics and
+    steps_per_execution: the optimized model evaluated and trained with the loss only."""
+    import keras as keras3
+
+    from tf_balancer.training.finetune import compile_like
+
+    k = keras if keras_version == 2 else keras3
+    inp = k.Input((8, 8, 1))
+    hidden = k.layers.Dense(10)(k.layers.Flatten()(inp))
+    trained = k.Model(inp, hidden)
+    trained.compile(
+        optimizer=k.optimizers.Adam(1e-2),
+        loss=k.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=[k.metrics.SparseCategoricalAccuracy(name="acc"), _match_rate],
+        weighted_metrics=["accuracy"],
+        steps_per_execution=2,
+    )
+    x, y = digits.x_train[:64, ::2, ::2], digits.y_train[:64]
+    trained.fit(x, y, epochs=1, verbose=0)
+    copy = k.Model.from_config(trained.get_config())  # (Keras 3's clone_model recompiles)
+    compile_like(copy, trained, 1e-3)
+    scores = copy.evaluate(x, y, verbose=0, return_dict=True)
+    assert {"loss", "acc", "_match_rate", "accuracy"} <= set(scores)
+    assert scores["acc"] == pytest.approx(scores["_match_rate"])
+    assert int(np.asarray(copy.steps_per_execution)) == 2
+    # the Metric object is the copy's own (a metric's state belongs to one model)
+    given = trained._compile_config.config["metrics"][0]
+    copied = copy._compile_config.config["metrics"][0]
+    assert copied is not given and copied.name == "acc"

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import keras_of
+from tf_balancer._compat import compile_arguments, keras_of
 from tf_balancer.graph.walk import functional_twin
 from tf_balancer.report import classification_scores, task_of
 
@@ -87,19 +87,49 @@ def _fresh_optimizer(optimizer: Any, learning_rate: float) -> Any:
     return type(optimizer).from_config(config)
 
 
-def compile_like(model: Any, trained: Any, learning_rate: float) -> None:
-    """Compile ``model`` with ``trained``'s loss, loss weights and metrics and a fresh
-    optimizer of ``trained``'s type and config at ``learning_rate``."""
-    optimizer = _fresh_optimizer(trained.optimizer, learning_rate)
-    kwargs: dict[str, Any] = {"loss": trained.loss}
+def _copy_metric(metric: Any) -> Any:
+    """A fresh copy of a ``Metric`` object (its state belongs to one model); anything
+    else (a name, a function) as it is. Raises when the metric cannot be rebuilt."""
+    if callable(getattr(metric, "reset_state", None)) and hasattr(metric, "get_config"):
+        return type(metric).from_config(metric.get_config())
+    return metric
+
+
+def _compile_kwargs(trained: Any) -> dict[str, Any]:
+    """``trained``'s compile arguments (its optimizer left out), each rebuilt from its
+    serialized config, or, when that fails (a plain function as a metric or loss is
+    serialized by name only), the object ``compile`` was given (``Metric`` objects
+    copied). An argument neither can give is left out, and said so."""
     config = trained.get_compile_config() if hasattr(trained, "get_compile_config") else None
-    if config:
+    if not config:
+        return {"loss": trained.loss}
+    live = compile_arguments(trained) or {}
+    deserialize = keras_of(trained).saving.deserialize_keras_object
+    kwargs: dict[str, Any] = {}
+    for key, value in config.items():
+        if key == "optimizer":
+            continue
         try:
-            kwargs = dict(keras_of(trained).saving.deserialize_keras_object(config))
-        except Exception as err:  # a custom metric Keras cannot rebuild: keep the loss
-            logger.warning("fine-tuning without the compiled metrics (%s)", err)
-    kwargs["optimizer"] = optimizer
-    model.compile(**kwargs)
+            kwargs[key] = deserialize(value)
+            continue
+        except Exception as err:  # noqa: BLE001 - try the object compile was given
+            error = err
+        try:
+            kwargs[key] = tf.nest.map_structure(_copy_metric, live[key])
+        except Exception:  # noqa: BLE001 - not recorded, or a metric that cannot be copied
+            if key == "loss":
+                kwargs[key] = trained.loss
+            else:
+                logger.warning("the optimized model is compiled without %s (%s)", key, error)
+    return kwargs
+
+
+def compile_like(model: Any, trained: Any, learning_rate: float) -> None:
+    """Compile ``model`` with ``trained``'s compile arguments (loss, loss weights,
+    metrics, weighted metrics, steps per execution, ...) and a fresh optimizer of
+    ``trained``'s type and config at ``learning_rate``."""
+    optimizer = _fresh_optimizer(trained.optimizer, learning_rate)
+    model.compile(optimizer=optimizer, **_compile_kwargs(trained))
 
 
 def _score(model: Any, validation: Any, classifier: bool, multi_label: bool = False) -> float:
