@@ -144,3 +144,36 @@ def test_compile_like_keeps_every_metric_when_one_is_a_plain_function(keras_vers
     given = trained._compile_config.config["metrics"][0]
     copied = copy._compile_config.config["metrics"][0]
     assert copied is not given and copied.name == "acc"
+
+
+@pytest.mark.parametrize("save_as", ["m.h5", "saved_model"])
+def test_tf_keras_accuracy_stays_sparse_when_the_compiled_copy_is_saved_first(
+    save_as, digits, tmp_path
+):
+    """tf_keras resolves "accuracy" from the labels at the first batch, or, when the
+    model is saved before one, from its outputs alone (categorical_accuracy): the
+    optimized model, returned compiled and saved straight away, then scored sparse
+    labels at about 1/10 (keras-team/tf-keras#277)."""
+    from tf_balancer.training.finetune import compile_like
+
+    inp = keras.Input((8, 8, 1))
+    trained = keras.Model(inp, keras.layers.Dense(10)(keras.layers.Flatten()(inp)))
+    trained.compile(
+        "adam",
+        keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy", "ce"],
+    )
+    x, y = digits.x_train[:256, ::2, ::2], digits.y_train[:256]
+    trained.fit(x, y, epochs=3, verbose=0)
+    copy = keras.Model.from_config(trained.get_config())
+    copy.set_weights(trained.get_weights())
+    compile_like(copy, trained, 1e-3)
+    copy.save(str(tmp_path / save_as))
+    expected = trained.evaluate(x, y, verbose=0, return_dict=True)
+    scores = copy.evaluate(x, y, verbose=0, return_dict=True)
+    assert scores["accuracy"] == pytest.approx(expected["accuracy"])
+    assert scores["ce"] == pytest.approx(expected["ce"], rel=1e-5)
+    loaded = keras.models.load_model(str(tmp_path / save_as))
+    assert loaded.evaluate(x, y, verbose=0, return_dict=True)["accuracy"] == pytest.approx(
+        expected["accuracy"]
+    )

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import compile_arguments, keras_of
+from tf_balancer._compat import adapter_for, compile_arguments, keras_of
 from tf_balancer.graph.walk import functional_twin
+from tf_balancer.metrics import class_label_form
 from tf_balancer.report import classification_scores, task_of
 
 __all__ = [
@@ -124,12 +125,46 @@ def _compile_kwargs(trained: Any) -> dict[str, Any]:
     return kwargs
 
 
+_SPARSE_GUESSES = {
+    "accuracy": "SparseCategoricalAccuracy",
+    "acc": "SparseCategoricalAccuracy",
+    "crossentropy": "SparseCategoricalCrossentropy",
+    "ce": "SparseCategoricalCrossentropy",
+}
+"""Metric names tf_keras resolves from the labels' shape, and what they are for class ids."""
+
+
+def _resolve_sparse_guesses(kwargs: dict[str, Any], trained: Any) -> dict[str, Any]:
+    """tf_keras resolves ``"accuracy"``/``"crossentropy"`` from the labels' shape at the
+    first batch, or, when the model is saved before any batch, from its output's shape
+    alone: sparse labels are then scored with ``categorical_accuracy`` (about 1/C) for
+    the rest of the model's life (keras-team/tf-keras#277). The optimized model is
+    returned compiled and unbuilt, and saved first more often than not; with a sparse
+    cross-entropy loss its labels are class ids, so the names are resolved here as
+    ``fit`` would resolve them, under the same names."""
+    form = class_label_form(trained)
+    if adapter_for(trained).version != 2 or form is None or form[0] != "sparse":
+        return kwargs
+    metrics = keras_of(trained).metrics
+
+    def resolve(metric: Any) -> Any:
+        if isinstance(metric, str) and metric.lower() in _SPARSE_GUESSES:
+            return getattr(metrics, _SPARSE_GUESSES[metric.lower()])(name=metric)
+        return metric
+
+    for key in ("metrics", "weighted_metrics"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = tf.nest.map_structure(resolve, kwargs[key])
+    return kwargs
+
+
 def compile_like(model: Any, trained: Any, learning_rate: float) -> None:
     """Compile ``model`` with ``trained``'s compile arguments (loss, loss weights,
     metrics, weighted metrics, steps per execution, ...) and a fresh optimizer of
     ``trained``'s type and config at ``learning_rate``."""
     optimizer = _fresh_optimizer(trained.optimizer, learning_rate)
-    model.compile(optimizer=optimizer, **_compile_kwargs(trained))
+    kwargs = _resolve_sparse_guesses(_compile_kwargs(trained), trained)
+    model.compile(optimizer=optimizer, **kwargs)
 
 
 def _score(model: Any, validation: Any, classifier: bool, multi_label: bool = False) -> float:
