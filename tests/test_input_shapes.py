@@ -186,6 +186,23 @@ def test_one_shot_pruning_reads_the_image_size_from_the_data(kx):
     assert tuple(model.inputs[0].shape) == (None, None, None, 3)
 
 
+def test_each_one_shot_pruning_is_costed_at_its_own_data_size(kx):
+    """A second tfb.prune of the same model (or of its result) with images of another
+    size was costed at the size the first call's data left on the model: the report's
+    FLOPs were those of 16x16 images for 32x32 data."""
+    model = _fully_convolutional(kx)
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 32)
+    small = rng.random((32, 16, 16, 3)).astype("float32")
+    large = rng.random((32, 32, 32, 3)).astype("float32")
+    first, at_16 = tfb.prune(model, 0.5, data=(small, y), finetune_epochs=0)
+    _, at_32 = tfb.prune(model, 0.5, data=(large, y), finetune_epochs=0)
+    assert at_32["dense"]["flops"] == analyze(model, input_shape=(32, 32, 3)).cost.flops
+    assert at_32["dense"]["flops"] > 3 * at_16["dense"]["flops"]
+    _, again = tfb.prune(first, 0.5, data=(large, y), finetune_epochs=0)
+    assert again["dense"]["flops"] == analyze(first, input_shape=(32, 32, 3)).cost.flops
+
+
 @pytest.fixture(scope="module")
 def open_size_saved_models(tmp_path_factory):
     """The fully convolutional net trained a step, as a tf_keras SavedModel (Keras

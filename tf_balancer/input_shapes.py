@@ -139,12 +139,12 @@ def shapes_from_arrays(declared: Sequence[Shape], arrays: Sequence[Any]) -> list
     return [tuple(int(x) for x in n) for n in nominal]
 
 
-def adopt_data_shapes(model: Any, arrays: Sequence[Any]) -> None:
+def adopt_data_shapes(model: Any, arrays: Sequence[Any], replace: bool = False) -> None:
     """Give a Keras model whose input axes are open, and that has no nominal sizes
-    yet, the sizes of ``arrays`` (one array or tensor spec per input, in order)
-    where every one is fixed there."""
+    yet (or any, with ``replace``), the sizes of ``arrays`` (one array or tensor spec
+    per input, in order) where every one is fixed there."""
     declared = declared_shapes(model)
-    if nominal_shapes(model) is not None or not has_open_axes(declared):
+    if (nominal_shapes(model) is not None and not replace) or not has_open_axes(declared):
         return
     shapes = shapes_from_arrays(declared, arrays)
     if shapes is not None:

@@ -143,8 +143,8 @@ def prune(
     check_callback_data(graph_model, probe, validation_data, name="data", classes=True)
     if input_shape is not None:
         set_nominal_shapes(model, input_shape)
-    elif probe is not None:
-        adopt_data_shapes(model, input_arrays(graph_model, "data", probe.x))
+    elif probe is not None:  # this call's data, not the sizes an earlier call left
+        adopt_data_shapes(model, input_arrays(graph_model, "data", probe.x), replace=True)
     if finetune_epochs and getattr(model, "optimizer", None) is None:
         raise ConfigError(
             "fine-tuning needs the model's loss and optimizer: compile the model, "
