@@ -436,6 +436,22 @@ def test_weights_restored_after_the_callback_finished_are_pointed_out(early_stop
     assert (gap < 1e-4) == early_stopping_first
 
 
+def test_training_the_model_further_after_fit_is_not_blamed_on_early_stopping():
+    """Training the user's model on after ``fit`` (no callback) changes its weights too,
+    and reading ``optimized_model`` then warned that EarlyStopping had restored earlier
+    weights: the optimizer stepped, so it was more training, which is the user's own."""
+    model = _small_cnn()
+    rng = np.random.default_rng(0)
+    x, y = rng.random((128, 8, 8, 1), np.float32), rng.integers(0, 10, 128)
+    callback = tfb.BalanceCallback(verbose=0)
+    model.fit(x, y, epochs=4, batch_size=32, callbacks=[callback], verbose=0)
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert callback.optimized_model is not None
+    assert not [w for w in caught if "weights changed after" in str(w.message)]
+
+
 def _worsening(on_epoch_end):
     """``EarlyStopping.on_epoch_end`` seeing a loss that is best at epoch 1, then rises."""
 

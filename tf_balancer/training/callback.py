@@ -308,6 +308,7 @@ class BalanceCallback(keras.callbacks.Callback):
         self.applier: MaskApplier | None = None
         self._optimized_model = None
         self._trained_digest: bytes | None = None  # the model's weights when it was made
+        self._trained_steps: int | None = None  # and its optimizer's step count then
         self.report: dict[str, Any] | None = None
         self.dense_weights: dict[str, list[Any]] | None = None  # cloned at train end
         self.dense_epoch: int | None = None
@@ -767,6 +768,7 @@ class BalanceCallback(keras.callbacks.Callback):
         try:
             self.optimized_model, self.report = Finalizer(self.finalize_inputs()).run()
             self._trained_digest = _weights_digest(self.model)
+            self._trained_steps = _optimizer_steps(self.model)
         finally:
             if history is not None:
                 self.model.history = history
@@ -775,12 +777,16 @@ class BalanceCallback(keras.callbacks.Callback):
     def optimized_model(self) -> Any:
         """The compacted, folded and fused model ``fit`` ended with (None before).
 
-        Warns once if the trained model's weights changed after it was made (e.g. by
-        ``EarlyStopping(restore_best_weights=True)`` listed after this callback): the
-        optimized model stays the last epoch's pruned network.
+        Warns once if the trained model's weights changed after it was made by
+        something other than more training (e.g. ``EarlyStopping(restore_best_weights=True)``
+        listed after this callback): the optimized model stays the last epoch's pruned
+        network. Training the model further after ``fit`` (its optimizer stepped) is the
+        user's own business and is not warned about.
         """
         if self._trained_digest is not None and _weights_digest(self.model) != self._trained_digest:
             self._trained_digest = None  # said once
+            if _optimizer_steps(self.model) != self._trained_steps:  # trained on after fit
+                return self._optimized_model
             warnings.warn(
                 "BalanceCallback: the model's weights changed after the optimized model was "
                 "made from them (EarlyStopping(restore_best_weights=True) listed after "
@@ -907,6 +913,12 @@ class BalanceCallback(keras.callbacks.Callback):
             if x is not None:
                 return x
         return None
+
+
+def _optimizer_steps(model: Any) -> int | None:
+    """The step count of ``model``'s optimizer (None without one)."""
+    iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
+    return None if iterations is None else int(np.asarray(iterations))
 
 
 def _weights_digest(model: Any) -> bytes:
