@@ -60,7 +60,8 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
         ...     write_files(tmp)
 
     Raises:
-        ExportError: ``path`` exists and ``overwrite`` is False.
+        ExportError: ``path`` exists and ``overwrite`` is False, or its parent cannot
+            be created or written to (on entering).
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
@@ -74,8 +75,14 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
 
     def __enter__(self) -> str:
         parent = os.path.dirname(self.path)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=parent)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            self.tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(self.path)}.tmp-", dir=parent)
+        except OSError as err:  # read-only, not a directory, ...: the path is unusable
+            raise ExportError(
+                f"cannot write {self.path}: {parent} is not a directory this process can "
+                f"write to ({err.strerror or err}); choose another path"
+            ) from err
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
