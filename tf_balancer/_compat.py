@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,7 @@ __all__ = [
     "weight_attribute",
     "compute_dtype",
     "compile_arguments",
+    "as_model_inputs",
 ]
 
 layers = keras.layers
@@ -331,7 +332,7 @@ class KerasAdapter:
         # A tf.function with its signature, not a concrete function: under a
         # multi-worker strategy only that saves with distributed variables.
         return tf.function(
-            lambda *x: model(x[0] if len(x) == 1 else list(x), training=False),
+            lambda *x: model(as_model_inputs(model, x), training=False),
             input_signature=specs,
         )
 
@@ -865,3 +866,26 @@ def compile_arguments(model: Any) -> dict[str, Any] | None:
     config = getattr(model, "_compile_config", None)
     arguments = getattr(config, "config", None)
     return dict(arguments) if isinstance(arguments, dict) else None
+
+
+def as_model_inputs(model: Any, arrays: Sequence[Any]) -> Any:
+    """``arrays`` (one per input, in ``model.inputs`` order) in the structure ``model``
+    is called with: a dict by input name for a model built on a dict of inputs
+    (``keras.Model({"img": img, "aux": aux}, ...)``, which Keras 3 refuses to call
+    with a list), else a list, or the array itself for one input.
+
+    Example:
+        >>> img, aux = keras.Input((4,), name="img"), keras.Input((2,), name="aux")
+        >>> joined = keras.layers.Concatenate()([img, aux])
+        >>> model = keras.Model({"img": img, "aux": aux}, keras.layers.Dense(1)(joined))
+        >>> sorted(as_model_inputs(model, ["a", "i"]).items())  # model.inputs: aux, img
+        [('aux', 'a'), ('img', 'i')]
+    """
+    try:
+        structure = model.input
+    except Exception:  # noqa: BLE001 - a subclassed model, or not a model
+        structure = None
+    if isinstance(structure, Mapping) and len(structure) == len(arrays):
+        # a dict's inputs are flattened in key order, as Keras lists them in `inputs`
+        return dict(zip(sorted(structure), arrays, strict=True))
+    return list(arrays) if len(arrays) > 1 else arrays[0]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import adapter_for, is_keras_model
+from tf_balancer._compat import adapter_for, as_model_inputs, is_keras_model
 from tf_balancer.input_shapes import input_shapes
 from tf_balancer.metrics import macro_scores, output_tasks, task_metrics
 
@@ -77,7 +77,7 @@ def measure_latency(
         _timing_input([batch_size, *shape[1:]], tf.as_dtype(dtype))
         for shape, dtype in zip(shapes, dtypes or [tf.float32] * len(shapes), strict=True)
     ]
-    x = xs if len(xs) > 1 else xs[0]
+    x = as_model_inputs(model, xs)  # a dict for a model built on a dict of inputs
     for _ in range(3):
         fn(x)  # trace and warm up
     times: list[float] = []

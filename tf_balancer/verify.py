@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from tf_balancer._compat import compute_dtype, is_keras_model, is_layer, sublayers
+from tf_balancer._compat import as_model_inputs, compute_dtype, is_keras_model, is_layer, sublayers
 from tf_balancer.input_shapes import input_shapes
 
 __all__ = [
@@ -194,7 +194,7 @@ def random_inputs(model: Any, batch_size: int = 2, seed: int = 0) -> Any:
             arrays.append(rng.integers(0, bound, size).astype(dtype.as_numpy_dtype))
         else:
             arrays.append(rng.random(size, dtype=np.float32).astype(dtype.as_numpy_dtype))
-    return arrays if len(arrays) > 1 else arrays[0]
+    return as_model_inputs(model, arrays)
 
 
 def compare_outputs(

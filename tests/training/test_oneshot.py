@@ -125,6 +125,37 @@ def test_prune_of_a_built_subclassed_model_and_of_inputs_keyed_by_name(digits):
     assert "accuracy" in report["final"]
 
 
+def test_a_keras3_model_built_on_a_dict_of_inputs_is_pruned_and_reported(digits):
+    """``keras.Model({"img": img, "aux": aux}, ...)``: Keras 3 calls it with a dict
+    only, and the report's latency and SavedModel size, and the verification's random
+    inputs, called it with a list: tfb.prune raised ValueError, and the callback without
+    validation data rolled prune_channels back, then raised."""
+    import keras as keras3
+
+    keras3.utils.set_random_seed(0)
+    img, aux = keras3.Input((16, 16, 1), name="img"), keras3.Input((4,), name="aux")
+    y = keras3.layers.Conv2D(16, 3, activation="relu")(img)
+    y = keras3.layers.Conv2D(16, 3, activation="relu")(y)
+    merged = keras3.layers.Concatenate()(
+        [keras3.layers.GlobalAveragePooling2D()(y), keras3.layers.Dense(8, activation="relu")(aux)]
+    )
+    model = keras3.Model({"img": img, "aux": aux}, keras3.layers.Dense(10)(merged))
+    model.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = {"img": digits.x_train[:128], "aux": np.ones((128, 4), "float32")}
+    labels = digits.y_train[:128]
+    for validation in (None, (x, labels)):
+        small, report = tfb.prune(
+            model, 0.5, (x, labels), validation_data=validation, finetune_epochs=0
+        )
+        assert report["final"]["flops"] <= 0.5 * report["dense"]["flops"] * 1.01
+        assert ("latency_ms_b1" in report["final"]) == (validation is not None)
+        np.testing.assert_allclose(small.predict(x, verbose=0).shape, (128, 10))
+    callback = tfb.BalanceCallback(verbose=0)
+    model.fit(x, labels, epochs=3, batch_size=32, callbacks=[callback], verbose=0)
+    statuses = {r["name"]: r["status"] for r in callback.report["passes"]}
+    assert statuses["prune_channels"] == "applied"
+
+
 def test_prune_of_an_uncompiled_model_asks_for_compile_when_finetuning(digits):
     model = build_digits_cnn(width=8, seed=0)
     with pytest.raises(ConfigError, match="compile"):
