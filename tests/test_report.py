@@ -104,6 +104,19 @@ def test_atomic_directory_names_an_unusable_parent_in_an_export_error(tmp_path, 
             pass
 
 
+@pytest.mark.parametrize("target", [".", ".."])
+def test_atomic_directory_refuses_to_overwrite_the_working_directory(tmp_path, target, monkeypatch):
+    """cb.export(".", overwrite=True) replaced the working directory with the export,
+    deleting every file of the user's project in it."""
+    work = tmp_path / "project"
+    work.mkdir()
+    (work / "data.csv").write_text("mine")
+    monkeypatch.chdir(work)
+    with pytest.raises(ExportError, match="working directory"):
+        atomic_directory(target, overwrite=True)
+    assert (work / "data.csv").read_text() == "mine"
+
+
 def test_atomic_directory_overwrite_keeps_old_content_on_exception(tmp_path):
     path = tmp_path / "out"
     path.mkdir()

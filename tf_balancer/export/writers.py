@@ -60,8 +60,9 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
         ...     write_files(tmp)
 
     Raises:
-        ExportError: ``path`` exists and ``overwrite`` is False, or its parent cannot
-            be created or written to (on entering).
+        ExportError: ``path`` exists and ``overwrite`` is False, ``overwrite`` would
+            replace the working directory or one holding it, or ``path``'s parent
+            cannot be created or written to (on entering).
     """
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False):
@@ -70,6 +71,12 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
         if os.path.exists(self.path) and not overwrite:
             raise ExportError(
                 f"{self.path} already exists; pass overwrite=True (CLI: --overwrite) or choose another path"
+            )
+        cwd = os.path.realpath(os.getcwd())
+        if overwrite and os.path.isdir(self.path) and _contains(os.path.realpath(self.path), cwd):
+            raise ExportError(
+                f"{self.path} holds the working directory {cwd}: overwriting it would delete "
+                "everything in it; choose a new directory, e.g. a subdirectory such as ./out"
             )
         self.tmp = ""
 
@@ -99,6 +106,11 @@ class atomic_directory:  # noqa: N801  (used as a context manager, like tempfile
             shutil.rmtree(old, ignore_errors=True)
         elif old:  # a file (or link) stood at the path
             os.remove(old)
+
+
+def _contains(directory: str, path: str) -> bool:
+    """Whether ``path`` is ``directory`` or lies inside it (both real paths)."""
+    return os.path.commonpath([directory, path]) == directory
 
 
 def _has_data(options: Mapping[str, Any]) -> bool:
