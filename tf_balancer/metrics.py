@@ -56,6 +56,7 @@ __all__ = [
     "output_tasks",
     "OutputMetric",
     "per_output",
+    "sparse_label_outputs",
 ]
 
 LABEL_MODES = ("auto", "sparse", "one_hot", "multi_label")
@@ -609,3 +610,28 @@ def output_tasks(model: Any) -> list[dict[str, Any]]:
             }
         )
     return tasks
+
+
+def sparse_label_outputs(model: Any, outputs: Any = None) -> list[tuple[str, bool]]:
+    """``(output name, whether its labels are class ids)`` per output, in output order:
+    an output compiled with a sparse categorical cross-entropy over ``C > 1`` classes
+    takes class ids. ``outputs``: the output tensors (a subclassed model's twin's);
+    defaults to ``model.outputs``. ``[]`` for a model without a compiled loss.
+
+    Example:
+        >>> inp = keras.Input((4,))
+        >>> model = keras.Model(inp, [keras.layers.Dense(3, name="cls")(inp),
+        ...                           keras.layers.Dense(1, name="reg")(inp)])
+        >>> model.compile(loss={"cls": "sparse_categorical_crossentropy", "reg": "mse"})
+        >>> sparse_label_outputs(model)
+        [('cls', True), ('reg', False)]
+    """
+    outputs = outputs or getattr(model, "outputs", None) or []
+    if getattr(model, "loss", None) is None or not outputs:
+        return []
+    heads = []
+    for _, name, tensor, loss in _heads(model, outputs):
+        width = tensor.shape[-1]
+        sparse = loss is not None and _loss_name_and_logits(loss)[0] in _SPARSE_LOSSES
+        heads.append((name, bool(sparse and width and width > 1)))
+    return heads

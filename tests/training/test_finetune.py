@@ -177,3 +177,32 @@ def test_tf_keras_accuracy_stays_sparse_when_the_compiled_copy_is_saved_first(
     assert loaded.evaluate(x, y, verbose=0, return_dict=True)["accuracy"] == pytest.approx(
         expected["accuracy"]
     )
+
+
+def test_tf_keras_accuracy_of_a_sparse_head_stays_sparse_when_the_copy_is_saved_first(
+    digits, tmp_path
+):
+    """The same for one head of a model with several outputs (metrics by output name)."""
+    from tf_balancer.training.finetune import compile_like
+
+    inp = keras.Input((8, 8, 1))
+    hidden = keras.layers.Flatten()(inp)
+    outputs = {"cls": keras.layers.Dense(10, name="cls")(hidden)}
+    outputs["reg"] = keras.layers.Dense(1, name="reg")(hidden)
+    trained = keras.Model(inp, outputs)
+    trained.compile(
+        "adam",
+        {"cls": keras.losses.SparseCategoricalCrossentropy(from_logits=True), "reg": "mse"},
+        metrics={"cls": ["accuracy"], "reg": ["mae"]},
+    )
+    x, y = digits.x_train[:256, ::2, ::2], digits.y_train[:256]
+    labels = {"cls": y, "reg": x.mean(axis=(1, 2, 3))[:, None]}
+    trained.fit(x, labels, epochs=3, verbose=0)
+    copy = keras.Model.from_config(trained.get_config())
+    copy.set_weights(trained.get_weights())
+    compile_like(copy, trained, 1e-3)
+    copy.save(str(tmp_path / "m.h5"))
+    expected = trained.evaluate(x, labels, verbose=0, return_dict=True)
+    scores = copy.evaluate(x, labels, verbose=0, return_dict=True)
+    assert scores["cls_accuracy"] == pytest.approx(expected["cls_accuracy"])
+    assert scores["reg_mae"] == pytest.approx(expected["reg_mae"], rel=1e-5)

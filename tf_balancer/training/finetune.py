@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from tf_balancer._compat import adapter_for, compile_arguments, keras_of
 from tf_balancer.graph.walk import functional_twin
-from tf_balancer.metrics import class_label_form
+from tf_balancer.metrics import sparse_label_outputs
 from tf_balancer.report import classification_scores, task_of
 
 __all__ = [
@@ -136,25 +136,50 @@ _SPARSE_GUESSES = {
 
 def _resolve_sparse_guesses(kwargs: dict[str, Any], trained: Any) -> dict[str, Any]:
     """tf_keras resolves ``"accuracy"``/``"crossentropy"`` from the labels' shape at the
-    first batch, or, when the model is saved before any batch, from its output's shape
-    alone: sparse labels are then scored with ``categorical_accuracy`` (about 1/C) for
+    first batch, or, when the model is saved before any batch, from its outputs' shapes
+    alone: class-id labels are then scored with ``categorical_accuracy`` (about 1/C) for
     the rest of the model's life (keras-team/tf-keras#277). The optimized model is
-    returned compiled and unbuilt, and saved first more often than not; with a sparse
-    cross-entropy loss its labels are class ids, so the names are resolved here as
-    ``fit`` would resolve them, under the same names."""
-    form = class_label_form(trained)
-    if adapter_for(trained).version != 2 or form is None or form[0] != "sparse":
+    returned compiled and unbuilt, and saved first more often than not; an output
+    compiled with a sparse cross-entropy takes class ids, so its names are resolved
+    here as ``fit`` would resolve them, under the same names (per output: metrics as a
+    dict by output name, a list per output, or one list for every output)."""
+    if adapter_for(trained).version != 2:  # Keras 3 resolves them from the loss
         return kwargs
-    metrics = keras_of(trained).metrics
+    heads = sparse_label_outputs(trained, functional_twin(trained).outputs)
+    if not any(sparse for _, sparse in heads):
+        return kwargs
+    classes = keras_of(trained).metrics
 
     def resolve(metric: Any) -> Any:
         if isinstance(metric, str) and metric.lower() in _SPARSE_GUESSES:
-            return getattr(metrics, _SPARSE_GUESSES[metric.lower()])(name=metric)
+            return getattr(classes, _SPARSE_GUESSES[metric.lower()])(name=metric)
         return metric
+
+    def for_heads(metrics: Any) -> Any:
+        sparse = dict(heads)
+        if isinstance(metrics, dict):  # by output name
+            return {
+                name: tf.nest.map_structure(resolve, value) if sparse.get(name) else value
+                for name, value in metrics.items()
+            }
+        per_output = (
+            isinstance(metrics, (list, tuple))
+            and len(heads) > 1
+            and len(metrics) == len(heads)
+            and all(isinstance(m, (list, tuple)) for m in metrics)
+        )
+        if per_output:  # one list per output, in output order
+            return [
+                tf.nest.map_structure(resolve, value) if is_sparse else value
+                for value, (_, is_sparse) in zip(metrics, heads, strict=True)
+            ]
+        if all(is_sparse for _, is_sparse in heads):  # one list for every output
+            return tf.nest.map_structure(resolve, metrics)
+        return metrics
 
     for key in ("metrics", "weighted_metrics"):
         if kwargs.get(key) is not None:
-            kwargs[key] = tf.nest.map_structure(resolve, kwargs[key])
+            kwargs[key] = for_heads(kwargs[key])
     return kwargs
 
 
