@@ -918,7 +918,8 @@ class BalanceCallback(keras.callbacks.Callback):
 def _optimizer_steps(model: Any) -> int | None:
     """The step count of ``model``'s optimizer (None without one)."""
     iterations = getattr(getattr(model, "optimizer", None), "iterations", None)
-    return None if iterations is None else int(np.asarray(iterations))
+    # convert_to_tensor reads a Keras 3 variable and, under a strategy, a mirrored one
+    return None if iterations is None else int(tf.convert_to_tensor(iterations))
 
 
 def _weights_digest(model: Any) -> bytes:
