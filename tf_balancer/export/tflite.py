@@ -311,9 +311,22 @@ def _run_converter(converter: Any, quantize: str | None, calib_x: np.ndarray | N
         return converter.convert()
     except Exception as err:  # the converter raises several types; one line for the user
         raise ExportError(
-            f"TFLite cannot convert this model ({_conversion_problem(err)}); export "
-            "without TFLite, or try quantize=None if a quantized kernel is missing"
+            f"TFLite cannot convert this model ({_conversion_problem(err)}); "
+            f"{_conversion_hint(err, quantize)}"
         ) from err
+
+
+def _conversion_hint(err: Exception, quantize: str | None) -> str:
+    """What to do about a failed conversion, from what the converter refused."""
+    if re.search(r"x(b?f16)>", str(err)):  # an MLIR tensor type such as tensor<1x8x8x16xf16>
+        return (
+            "the model computes in 16-bit floats (mixed precision), which the converter's "
+            "kernels do not take: export a float32 copy (set_global_policy('float32'), build "
+            "the model again and load these weights), then quantize it if you want it smaller"
+        )
+    if quantize is not None:
+        return "try quantize=None if a quantized kernel is missing, or export without TFLite"
+    return "export without TFLite"
 
 
 def _conversion_problem(err: Exception) -> str:
