@@ -164,6 +164,23 @@ def test_an_op_tflite_cannot_run_is_named_and_nothing_is_written(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["saved"]
 
 
+@pytest.mark.parametrize("kx", ["tf_keras", "keras3"])
+def test_a_mixed_precision_model_is_refused_naming_the_float32_copy(kx, tmp_path):
+    """The converter has no float16 kernels; the message said to try quantize=None,
+    which was already the case. It now says what to do."""
+    from tf_balancer._compat import keras
+
+    k = keras if kx == "tf_keras" else keras3
+    inp = k.Input((8, 8, 1))
+    h = k.layers.Conv2D(8, 3, activation="relu", dtype="mixed_float16")(inp)
+    pooled = k.layers.GlobalAveragePooling2D(dtype="mixed_float16")(h)
+    model = k.Model(inp, k.layers.Dense(4, dtype="float32")(pooled))
+    with pytest.raises(ExportError, match="16-bit floats.*float32 copy") as raised:
+        export_tflite(model, tmp_path / "m.tflite")
+    assert "quantize=None" not in str(raised.value) and "\n" not in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_model_outside_tolerance_is_not_written(trained, digits, tmp_path, monkeypatch):
     """The check is real: a converted model whose outputs differ is refused."""
     from tf_balancer.export import tflite
