@@ -37,6 +37,23 @@ def profiler_flops(graph) -> int:
     return total
 
 
+def subclassed_cnn(k, filters: int = 8, classes: int = 10):
+    """The TensorFlow tutorial's kind of subclassed model, in Keras ``k``: Conv2D, global
+    average pooling, Dense logits (not built)."""
+
+    class Net(k.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = k.layers.Conv2D(filters, 3, activation="relu")
+            self.pool = k.layers.GlobalAveragePooling2D()
+            self.head = k.layers.Dense(classes)
+
+        def call(self, x):
+            return self.head(self.pool(self.conv(x)))
+
+    return Net()
+
+
 def randomize_batchnorm(model, seed: int = 0):
     """Give every BatchNormalization non-trivial statistics (in place; test models only)."""
     rng = np.random.default_rng(seed)

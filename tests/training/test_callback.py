@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import subclassed_model
+from conftest import subclassed_cnn, subclassed_model
 
 from tf_balancer._compat import keras
 from tf_balancer.demo import build_digits_cnn, compile_classifier
@@ -416,18 +416,8 @@ def test_one_hot_validation_labels_give_the_same_scores_as_class_ids(digits):
 def test_subclassed_classifier_is_scored_as_a_classifier_on_validation_data(digits):
     # A subclassed model has no `outputs`: the task must be read from its functional
     # twin's, or a classifier is scored as a regression model and the epoch end raises.
-    class Net(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.conv = keras.layers.Conv2D(8, 3, activation="relu")
-            self.pool = keras.layers.GlobalAveragePooling2D()
-            self.head = keras.layers.Dense(10)
-
-        def call(self, x):
-            return self.head(self.pool(self.conv(x)))
-
     x, y = digits.x_val[:128], digits.y_val[:128]
-    model = Net()
+    model = subclassed_cnn(keras)
     model(x[:1])
     model.compile(
         "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), ["accuracy"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import subclassed_cnn
 
 import tf_balancer as tfb
 from tf_balancer.analysis import analyze
@@ -95,18 +96,8 @@ def test_prune_of_a_built_subclassed_model_and_of_inputs_keyed_by_name(digits):
     (the report's samples were sliced as a list: TypeError)."""
     import keras as keras3
 
-    class Net(keras3.Model):
-        def __init__(self):
-            super().__init__()
-            self.conv = keras3.layers.Conv2D(16, 3, activation="relu")
-            self.pool = keras3.layers.GlobalAveragePooling2D()
-            self.head = keras3.layers.Dense(10)
-
-        def call(self, x):
-            return self.head(self.pool(self.conv(x)))
-
     keras3.utils.set_random_seed(0)
-    net = Net()
+    net = subclassed_cnn(keras3, filters=16)
     net(digits.x_train[:1])
     net.compile("adam", keras3.losses.SparseCategoricalCrossentropy(from_logits=True))
     data = (digits.x_train[:128], digits.y_train[:128])
