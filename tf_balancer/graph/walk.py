@@ -295,13 +295,12 @@ def composite_twin(adapter: KerasAdapter, layer: Any, node: Any) -> Any | None:
     return _LAYER_TWINS[node]
 
 
-def _same_outputs(adapter: KerasAdapter, layer: Any, node: Any, twin: Any) -> bool:
-    """The twin computes the layer's call on a seeded sample batch (inference mode), and
-    the layer adds no loss of its own (``add_loss``) that the twin would not."""
+def _sample_batch(tensors: Sequence[Any]) -> list[Any]:
+    """A seeded batch of 2 for symbolic ``tensors`` (open axes 4): floats uniform in
+    [0, 1), other dtypes zeros (valid token ids and indices)."""
     import numpy as np
 
     rng = np.random.default_rng(0)
-    tensors = adapter.node_inputs(node)
     values = []
     for t in tensors:
         shape = [2 if i == 0 else (d or 4) for i, d in enumerate(t.shape)]
@@ -309,6 +308,16 @@ def _same_outputs(adapter: KerasAdapter, layer: Any, node: Any, twin: Any) -> bo
         values.append(
             tf.constant(rng.random(shape), dtype) if dtype.is_floating else tf.zeros(shape, dtype)
         )
+    return values
+
+
+def _same_outputs(adapter: KerasAdapter, layer: Any, node: Any, twin: Any) -> bool:
+    """The twin computes the layer's call on a seeded sample batch (inference mode), and
+    the layer adds no loss of its own (``add_loss``) that the twin would not."""
+    import numpy as np
+
+    tensors = adapter.node_inputs(node)
+    values = _sample_batch(tensors)
     by_id = {id(t): v for t, v in zip(tensors, values, strict=True)}
     args, kwargs = tf.nest.map_structure(lambda v: by_id.get(id(v), v), adapter.node_call(node))
     if training_parameter(layer) is not None:
@@ -371,14 +380,7 @@ def _check_twin(model: Any, twin: Any) -> None:
         )
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    values = []
-    for t in twin.inputs:
-        shape = [2 if i == 0 else (d or 4) for i, d in enumerate(t.shape)]
-        dtype = tf.as_dtype(t.dtype)
-        values.append(
-            tf.constant(rng.random(shape), dtype) if dtype.is_floating else tf.zeros(shape, dtype)
-        )
+    values = _sample_batch(twin.inputs)
     x = values[0] if len(values) == 1 else values
     expected = [np.asarray(v) for v in tf.nest.flatten(model(x, training=False))]
     actual = [np.asarray(v) for v in tf.nest.flatten(twin(x, training=False))]
