@@ -315,7 +315,7 @@ class KerasAdapter:
             import shutil
 
             shutil.rmtree(path, ignore_errors=True)
-            self.save_serving_model(model, path, self.serving_function(model))
+            self.save_serving_model(model, path)
 
     def serving_function(self, model: Any) -> Any:
         """``model`` in inference mode as one ``tf.function`` over ``model.inputs``

@@ -17,9 +17,17 @@ Example:
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
-__all__ = ["simd_lanes"]
+__all__ = ["simd_lanes", "usable_cores"]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: a container's or ``taskset``'s share, not the
+    host's count (``os.cpu_count``) where the platform says (``sched_getaffinity``)."""
+    usable = getattr(os, "sched_getaffinity", None)
+    return max(len(usable(0)) if usable else os.cpu_count() or 1, 1)
 
 
 @functools.lru_cache(maxsize=1)

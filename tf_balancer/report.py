@@ -21,6 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_balancer._compat import adapter_for, as_model_inputs, is_keras_model
+from tf_balancer.hardware import usable_cores
 from tf_balancer.input_shapes import input_shapes
 from tf_balancer.metrics import macro_scores, output_tasks, task_metrics
 
@@ -139,10 +140,7 @@ def gzip_size(path: str, level: int = 6, chunk: int = GZIP_CHUNK) -> int:
         42781351
     """
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names)
-    # the cores this process may run on (a container's share, not the host's count):
-    # each worker holds two chunks in the window below
-    usable = getattr(os, "sched_getaffinity", None)
-    workers = max(len(usable(0)) if usable else os.cpu_count() or 1, 1)
+    workers = usable_cores()  # each holds two chunks in the window below
     total = 0
     with ThreadPoolExecutor(workers) as pool:
         pending: list[Any] = []

@@ -35,6 +35,7 @@ import tensorflow as tf
 from tf_balancer._compat import adapter_for
 from tf_balancer.graph.layer_specs import plan_overrides
 from tf_balancer.graph.walk import clone_layer
+from tf_balancer.hardware import usable_cores
 
 __all__ = ["measure_latency", "cache_path"]
 
@@ -147,14 +148,13 @@ def _cpu() -> str:
     process may use, and TensorFlow's thread pools (a layer timed on two intra-op
     threads is not the same layer on one: at small sizes handing work to the second
     thread costs more than it gains)."""
-    usable = getattr(os, "sched_getaffinity", None)
-    cores = len(usable(0)) if usable else os.cpu_count()
     threading = tf.config.threading
     pools = (
         threading.get_intra_op_parallelism_threads(),
         threading.get_inter_op_parallelism_threads(),
     )
-    return f"{platform.machine()}|{platform.processor()}|{os.cpu_count()}|{cores}|{pools}"
+    cores = f"{os.cpu_count()}|{usable_cores()}"
+    return f"{platform.machine()}|{platform.processor()}|{cores}|{pools}"
 
 
 def _time_layer(node: Any, shapes: list[tuple], overrides: dict, batch: int) -> float:

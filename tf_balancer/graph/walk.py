@@ -314,8 +314,6 @@ def _sample_batch(tensors: Sequence[Any]) -> list[Any]:
 def _same_outputs(adapter: KerasAdapter, layer: Any, node: Any, twin: Any) -> bool:
     """The twin computes the layer's call on a seeded sample batch (inference mode), and
     the layer adds no loss of its own (``add_loss``) that the twin would not."""
-    import numpy as np
-
     tensors = adapter.node_inputs(node)
     values = _sample_batch(tensors)
     by_id = {id(t): v for t, v in zip(tensors, values, strict=True)}
@@ -329,9 +327,21 @@ def _same_outputs(adapter: KerasAdapter, layer: Any, node: Any, twin: Any) -> bo
         return False
     if len(layer.losses) > len(twin.losses):  # add_loss in call: the twin would drop it
         return False
-    return len(expected) == len(actual) and all(
-        np.allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5)
-        for a, e in zip(actual, expected, strict=True)
+    return _largest_gap(actual, expected) is None
+
+
+def _largest_gap(actual: Sequence[Any], expected: Sequence[Any]) -> float | None:
+    """None when a twin's outputs equal the original's (rtol 1e-4, atol 1e-5), else
+    the largest absolute difference (inf when their numbers differ)."""
+    import numpy as np
+
+    actual, expected = [np.asarray(a) for a in actual], [np.asarray(e) for e in expected]
+    if len(actual) != len(expected):
+        return float("inf")
+    if all(np.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected, strict=True)):
+        return None
+    return max(
+        float(np.max(np.abs(a - e), initial=0.0)) for a, e in zip(actual, expected, strict=True)
     )
 
 
@@ -378,19 +388,11 @@ def _check_twin(model: Any, twin: Any) -> None:
             "Create them in a layer of their own (a keras.layers.Layer subclass that makes "
             "them with add_weight and applies them in call) and call that layer in the model"
         )
-    import numpy as np
-
     values = _sample_batch(twin.inputs)
     x = values[0] if len(values) == 1 else values
-    expected = [np.asarray(v) for v in tf.nest.flatten(model(x, training=False))]
-    actual = [np.asarray(v) for v in tf.nest.flatten(twin(x, training=False))]
-    gap = max(
-        (float(np.max(np.abs(a - e), initial=0.0)) for a, e in zip(actual, expected, strict=True)),
-        default=0.0,
-    )
-    if len(actual) != len(expected) or not all(
-        np.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected, strict=True)
-    ):
+    expected = tf.nest.flatten(model(x, training=False))
+    gap = _largest_gap(tf.nest.flatten(twin(x, training=False)), expected)
+    if gap is not None:
         raise UnsupportedModelError(
             f"model {model.name!r}: its call, recorded on symbolic inputs, computes something "
             f"else than the model in inference (max abs difference {gap:.3g} on a sample "
